@@ -1,0 +1,1 @@
+"""The admin listener: metrics, health, status and explain (aiohttp)."""

@@ -1,0 +1,197 @@
+"""The `turnout` command: argument parsing and wiring only.
+
+User errors print one line (or the list of config problems) and exit non-zero;
+no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .config import ConfigError, load
+
+DEFAULT_ADMIN = "http://127.0.0.1:9901"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except CommandError as err:
+        print(f"turnout: {err}", file=sys.stderr)
+        return 1
+
+
+class CommandError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="turnout", description="Traffic-splitting reverse proxy")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", required=True)
+    run.add_argument("--log-level", default=os.environ.get("TURNOUT_LOG_LEVEL", "info"))
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="play a release on demo upstreams")
+    demo.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--admin", default=os.environ.get("TURNOUT_ADMIN", DEFAULT_ADMIN))
+        c.add_argument("--token", default=os.environ.get("TURNOUT_TOKEN"))
+        return c
+
+    status = client("status", "show the proxy's status")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    explain = client("explain", "which version a request would get, and why")
+    explain.add_argument("--key")
+    explain.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+    explain.add_argument("--path", default="/")
+    explain.add_argument("--method", default="GET")
+    explain.set_defaults(func=cmd_explain)
+    return p
+
+
+# -- server-side commands -----------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load(args.config)
+    except ConfigError as err:
+        print(f"{args.config}: invalid", file=sys.stderr)
+        print(str(err), file=sys.stderr)
+        return 2
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    names = ", ".join(cfg.versions)
+    print(f"{args.config}: ok (versions {names}; stable {cfg.stable}, canary {cfg.canary})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load(args.config)
+    except ConfigError as err:
+        print(f"{args.config}: invalid", file=sys.stderr)
+        print(str(err), file=sys.stderr)
+        return 2
+    for warning in cfg.warnings:
+        logging.getLogger("turnout").warning("%s", warning)
+    import uvloop
+
+    from .server import Server
+
+    async def serve() -> None:
+        await Server(cfg).serve_forever()
+
+    try:
+        uvloop.run(serve())
+    except OSError as err:
+        print(f"turnout: cannot listen: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(duration=args.duration)
+
+
+# -- client commands -------------------------------------------------------------------
+
+
+def admin_get(args: argparse.Namespace, path: str) -> dict:
+    url = args.admin.rstrip("/") + path
+    req = urllib.request.Request(url)
+    if args.token:
+        req.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            detail = json.loads(err.read()).get("error", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise CommandError(f"{url}: HTTP {err.code} {detail}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise CommandError(f"cannot reach the admin API at {args.admin}: {reason}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    doc = admin_get(args, "/status")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(render_status(doc))
+    return 0
+
+
+def render_status(doc: dict) -> str:
+    cfg = doc["config"]
+    w = doc["weight"]
+    lines = [
+        f"stable {doc['stable']} · canary {doc['canary']} · weight {w['effective']}% "
+        f"(configured {w['configured']}%)",
+        f"config {cfg['path']} generation {cfg['generation']} loaded {cfg['loaded_at']}",
+    ]
+    if cfg.get("last_error"):
+        lines.append(f"last reload FAILED at {cfg.get('last_error_at')}:")
+        lines.extend("  " + line for line in cfg["last_error"].splitlines())
+    rb = doc["rollback"]
+    lines.append(f"rollback latch: {'SET — ' + str(rb['reason']) if rb['active'] else 'clear'}")
+    lines.append(f"rollout: {doc['rollout']['state']}")
+    lines.append(f"{'version':<12}{'requests':>10}{'errors':>8}{'err%':>8}{'p99 ms':>9}")
+    for name, v in doc["versions"].items():
+        p99 = "-" if v["p99_ms"] is None else f"{v['p99_ms']:.1f}"
+        lines.append(
+            f"{name:<12}{v['requests']:>10}{v['errors']:>8}{100 * v['error_rate']:>7.2f}%{p99:>9}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    params: list[tuple[str, str]] = [("path", args.path), ("method", args.method)]
+    if args.key is not None:
+        params.append(("key", args.key))
+    for h in args.header:
+        if ":" not in h:
+            raise CommandError(f"--header must be NAME:VALUE, got {h!r}")
+        params.append(("header", h))
+    doc = admin_get(args, "/explain?" + urllib.parse.urlencode(params))
+    bucket = "" if doc.get("bucket") is None else f" (bucket {doc['bucket']})"
+    print(f"{doc['version']} — reason {doc['reason']}{bucket}")
+    if doc.get("note"):
+        print(doc["note"])
+    return 0

@@ -1,0 +1,681 @@
+"""The config file: YAML in, frozen dataclasses out.
+
+Rules:
+- `load(path)` returns a `Config` or raises `ConfigError` carrying *every* problem
+  found, each with its dotted key path and the line it sits on.
+- Unknown keys are errors: a typo must never pass silently.
+- Durations are seconds (float) once loaded; sizes are bytes (int).
+- Relative paths (`state_file`, cohort `file`) are resolved against the config
+  file's folder.
+- Nothing here does network I/O; reading cohort files is the only file I/O
+  besides the config itself.
+- Every mapping is parsed through a table of key -> parser (`SECTIONS` and the
+  `*_FIELDS` tables at the bottom): a new section is one parser and one entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str  # as written, e.g. "http://127.0.0.1:9001"
+    host: str  # "127.0.0.1"
+    port: int  # 9001
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    release: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    kind: str  # "header" | "cookie" | "query" | "ip"
+    name: str  # header/cookie/query name as written ("" for ip)
+    group: str  # hash namespace; defaults to the canary's name
+    anonymous: str = "random"  # "random" | "stable" | "cookie"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    header: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
+    cookie: tuple[tuple[str, str], ...] = ()  # (name, exact value)
+    cohort: str | None = None
+    path_prefix: str | None = None
+    method: tuple[str, ...] = ()  # upper-case; empty = any
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    match: Match
+    to: str  # "stable" | "canary"
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    weight: int = 0
+    sticky: Sticky | None = None
+    rules: tuple[Rule, ...] = ()
+    # cohort name -> keys (inline keys and file keys merged)
+    cohorts: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+    cohort_files: tuple[str, ...] = ()  # absolute paths, watched for reloads
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    connect_timeout: float = 2.0
+    response_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 100 * 1024 * 1024
+    drain_timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str  # absolute path of the file this came from
+    stable: str
+    canary: str
+    versions: Mapping[str, Version]
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    admin: Admin = Admin()
+    state_file: str = ""  # absolute
+    routing: Routing = Routing()
+    limits: Limits = Limits()
+    expose_version: bool = True
+    warnings: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------ problems
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str  # dotted key path, e.g. "routing.rules[0].to"; "" for the file itself
+    message: str
+    line: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return where + self.message + (f" (line {self.line})" if self.line else "")
+
+
+class ConfigError(Exception):
+    """An unusable config file; `.problems` holds every problem found, in line order."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None) -> None:
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = list(problems)
+        self.source = source  # the config file's path, when known
+
+
+def render_problems(err: ConfigError) -> str:
+    """A heading naming the file and the count, then one indented problem a line."""
+    n = len(err.problems)
+    head = f"{err.source or 'config'}: {n} problem{'' if n == 1 else 's'}"
+    return "\n".join([head, *(f"  {p}" for p in err.problems)])
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def load(path: str) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError([Problem("", f"cannot read config file {path}: {why}")], path) from e
+    return parse(text, path)
+
+
+def parse(text: str, path: str) -> Config:
+    """Validate YAML `text` as read from `path` (relative paths resolve next to it)."""
+    path = os.path.abspath(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        why = getattr(e, "problem", None) or e
+        problem = Problem("", f"invalid YAML: {why}", mark.line + 1 if mark else None)
+        raise ConfigError([problem], path) from e
+    if root is None:
+        empty = Problem("", "the file is empty: versions, stable and canary are required")
+        raise ConfigError([empty], path)
+    ctx = _Ctx(os.path.dirname(path))
+    kw = _config(ctx, root)
+    if ctx.problems:
+        raise ConfigError(sorted(ctx.problems, key=lambda p: p.line or 0), path)
+    return Config(path=path, warnings=tuple(ctx.warnings), **kw)
+
+
+# -------------------------------------------------------------------------- walker
+
+Parser = Callable[["_Ctx", Node, str], Any]  # (ctx, node, key path) -> value or _BAD
+_BAD: Any = object()  # "invalid, and the problem is already recorded"
+_NULL, _STR = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header names, methods
+_VERSION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")  # rules and cohorts
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _got(node: Node) -> str:
+    """A value as shown in messages: `150`, `'fast'`, `null`, `a list`."""
+    if not isinstance(node, ScalarNode):
+        return "a mapping" if isinstance(node, MappingNode) else "a list"
+    if node.tag == _NULL:
+        return "null"
+    return repr(node.value) if node.tag == _STR else node.value
+
+
+def _hint(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _child(node: Node, key: str) -> Node | None:
+    """The value node under `key` of a mapping node, if there is one."""
+    if isinstance(node, MappingNode):
+        for knode, vnode in node.value:
+            if isinstance(knode, ScalarNode) and knode.value == key:
+                return vnode
+    return None
+
+
+class _Ctx:
+    """What one parse accumulates: problems, warnings, and what cross-checks need."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+        self.warnings: list[str] = []  # nothing warns yet; `turnout check` prints these
+        self.cohort_refs: list[tuple[str, Node, str]] = []  # (path, node, cohort name)
+        self._constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, path: str, node: Node | None, message: str) -> Any:
+        self.problems.append(Problem(path, message, _line(node) if node is not None else None))
+        return _BAD
+
+    def warn(self, path: str, node: Node, message: str) -> None:
+        self.warnings.append(str(Problem(path, message, _line(node))))
+
+    def value(self, node: Node) -> Any:
+        """The Python value of a scalar node; _BAD for mappings, lists and bad tags."""
+        if not isinstance(node, ScalarNode):
+            return _BAD
+        try:
+            return self._constructor.construct_object(node)
+        except yaml.YAMLError:
+            return _BAD
+
+    def entries(self, node: Node, path: str) -> list[tuple[str, Node, Node]] | None:
+        """(key, key node, value node) of a mapping, duplicates dropped; None if no mapping."""
+        if not isinstance(node, MappingNode):
+            self.error(path, node, f"must be a mapping, got {_got(node)}")
+            return None
+        seen: dict[str, int] = {}
+        out = []
+        for knode, vnode in node.value:
+            if not isinstance(knode, ScalarNode):
+                self.error(path, knode, f"keys must be strings, got {_got(knode)}")
+            elif knode.value in seen:
+                message = f"duplicate key (first on line {seen[knode.value]})"
+                self.error(_join(path, knode.value), knode, message)
+            else:
+                seen[knode.value] = _line(knode)
+                out.append((knode.value, knode, vnode))
+        return out
+
+
+def _fields(
+    ctx: _Ctx, node: Node, path: str, table: Mapping[str, Parser], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Parse a mapping whose keys are those of `table`; return the valid values by key."""
+    entries = ctx.entries(node, path)
+    if entries is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key, knode, vnode in entries:
+        if key not in table:
+            ctx.error(_join(path, key), knode, f"unknown key{_hint(key, table)}")
+        elif (value := table[key](ctx, vnode, _join(path, key))) is not _BAD:
+            out[key] = value
+    present = {key for key, _, _ in entries}
+    for key in (key for key in required if key not in present):
+        ctx.error(_join(path, key), node, "is required")
+    return out
+
+
+def _list(
+    ctx: _Ctx, node: Node, path: str, item: Parser, what: str, key: Callable | None = None
+) -> Any:
+    """A non-empty list of `item`s (the valid ones); `key(value)` says what must be unique."""
+    if not isinstance(node, SequenceNode) or not node.value:
+        return ctx.error(path, node, f"must be a non-empty list of {what}, got {_got(node)}")
+    out, first = [], {}
+    for i, sub in enumerate(node.value):
+        if (value := item(ctx, sub, f"{path}[{i}]")) is _BAD:
+            continue
+        out.append(value)
+        if key and (k := key(value)) in first:
+            ctx.error(f"{path}[{i}]", sub, f"duplicate {k} (first on line {first[k]})")
+        elif key:
+            first[k] = _line(sub)
+    return out
+
+
+# ---------------------------------------------------------------- scalar parsers
+
+
+def _text(ctx: _Ctx, node: Node, path: str, empty: bool = False) -> Any:
+    """A string as written; plain numbers and booleans count (`release: 2.10` is '2.10')."""
+    if not isinstance(node, ScalarNode) or node.tag == _NULL:
+        return ctx.error(path, node, f"must be a string, got {_got(node)}")
+    if not node.value and not empty:
+        return ctx.error(path, node, "must not be empty")
+    return node.value
+
+
+def _named(pattern: re.Pattern[str], what: str) -> Parser:
+    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+        text = _text(ctx, node, path)
+        if text is not _BAD and not pattern.fullmatch(text):
+            return ctx.error(path, node, f"must be {what} ({pattern.pattern}), got {_got(node)}")
+        return text
+
+    return parse
+
+
+def _choice(*options: str) -> Parser:
+    shown = ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"
+
+    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+        if ctx.value(node) not in options:
+            return ctx.error(path, node, f"must be {shown}, got {_got(node)}")
+        return node.value
+
+    return parse
+
+
+def _bool(ctx: _Ctx, node: Node, path: str) -> Any:
+    if not isinstance(value := ctx.value(node), bool):
+        return ctx.error(path, node, f"must be true or false, got {_got(node)}")
+    return value
+
+
+def _path(ctx: _Ctx, node: Node, path: str) -> Any:
+    text = _text(ctx, node, path)
+    return text if text is _BAD else os.path.normpath(os.path.join(ctx.base_dir, text))
+
+
+_HOSTPORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]/]*)):(\d{1,5})")
+
+
+def _hostport(ctx: _Ctx, node: Node, path: str) -> Any:
+    """'HOST:PORT', '[::1]:PORT' or ':PORT' (all interfaces) -> (host, port)."""
+    text = _text(ctx, node, path)
+    if text is _BAD:
+        return _BAD
+    m = _HOSTPORT.fullmatch(text)
+    if not m or int(m[3]) > 65535:
+        like = "HOST:PORT like 127.0.0.1:8080, [::1]:8080 or :8080"
+        return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+    return (m[1] or m[2] or "0.0.0.0", int(m[3]))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def _duration(ctx: _Ctx, node: Node, path: str) -> Any:
+    """'500ms', '2s', '1.5m', or a bare number of seconds -> seconds (float, > 0)."""
+    value = ctx.value(node)
+    if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
+        value = float(m[1]) * _DURATION_UNITS[m[2]]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ctx.error(path, node, f"must be a duration like 500ms, 2s or 1m, got {_got(node)}")
+    if not 0 < value < float("inf"):
+        return ctx.error(path, node, f"must be a duration greater than 0, got {_got(node)}")
+    return float(value)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _size(low: int, high: int, bounds: str) -> Parser:
+    """Bytes: an integer, or a number with B, KiB, MiB or GiB (binary units only)."""
+
+    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+        value = ctx.value(node)
+        if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
+            value = int(float(m[1]) * _SIZE_UNITS[m[2]])
+        if type(value) is not int:
+            like = "a size like 16384, 64KiB or 100MiB (units B, KiB, MiB, GiB; not KB/MB/GB)"
+            return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+        if not low <= value <= high:
+            return ctx.error(path, node, f"must be {bounds}, got {_got(node)}")
+        return value
+
+    return parse
+
+
+# ----------------------------------------------------------------------- top level
+
+
+def _config(ctx: _Ctx, root: Node) -> dict[str, Any]:
+    """Config keyword arguments from the document's root node."""
+    kw: dict[str, Any] = {"state_file": os.path.join(ctx.base_dir, "turnout-state.json")}
+    for part in _fields(ctx, root, "", SECTIONS, ("versions", "stable", "canary")).values():
+        kw.update(part)
+    versions, stable, canary = kw.get("versions"), kw.get("stable"), kw.get("canary")
+    for role, name in (("stable", stable), ("canary", canary)):
+        if name is not None and versions is not None and name not in versions:
+            hint = _hint(name, versions)
+            ctx.error(role, _child(root, role), f"no version named {name!r} in versions{hint}")
+    if stable is not None and stable == canary:
+        ctx.error("canary", _child(root, "canary"), f"must differ from stable ({stable!r})")
+    sticky = kw.get("routing", Routing()).sticky
+    if sticky is not None and not sticky.group and canary is not None:
+        kw["routing"] = replace(kw["routing"], sticky=replace(sticky, group=canary))
+    return kw
+
+
+def _as(*names: str, parse: Parser) -> Parser:
+    """A top-level parser: `parse`'s value (a tuple when several) as Config keyword arguments."""
+
+    def section(ctx: _Ctx, node: Node, path: str) -> Any:
+        value = parse(ctx, node, path)
+        values = value if len(names) > 1 else (value,)
+        return value if value is _BAD else dict(zip(names, values, strict=True))
+
+    return section
+
+
+def _admin(ctx: _Ctx, node: Node, path: str) -> Admin:
+    fields = _fields(ctx, node, path, ADMIN_FIELDS)
+    return Admin(*fields["listen"]) if "listen" in fields else Admin()
+
+
+def _limits(ctx: _Ctx, node: Node, path: str) -> Limits:
+    return Limits(**_fields(ctx, node, path, LIMITS_FIELDS))
+
+
+def _versions(ctx: _Ctx, node: Node, path: str) -> Any:
+    out: dict[str, Version] = {}
+    for name, knode, vnode in ctx.entries(node, path) or ():
+        sub = _join(path, name)
+        if not _VERSION_NAME.fullmatch(name):
+            ctx.error(sub, knode, f"version names must match {_VERSION_NAME.pattern}")
+        fields = _fields(ctx, vnode, sub, VERSION_FIELDS, ("endpoints",))
+        out[name] = Version(name, tuple(fields.get("endpoints", ())), fields.get("release"))
+    if isinstance(node, MappingNode) and not node.value:
+        ctx.error(path, node, "must name at least one version")
+    return MappingProxyType(out)
+
+
+def _endpoints(ctx: _Ctx, node: Node, path: str) -> Any:
+    return _list(ctx, node, path, _endpoint, "http://HOST:PORT URLs", lambda e: f"endpoint {e.key}")
+
+
+def _endpoint(ctx: _Ctx, node: Node, path: str) -> Any:
+    url = _text(ctx, node, path)
+    if url is _BAD:
+        return _BAD
+    hostport = _split_url(url)
+    if isinstance(hostport, str):
+        like = "a URL like http://127.0.0.1:9001"
+        return ctx.error(path, node, f"must be {like}, got {url!r} ({hostport})")
+    return Endpoint(url, *hostport)
+
+
+def _split_url(url: str) -> tuple[str, int] | str:
+    """(host, port) of an upstream URL, or why it is not one."""
+    if "://" not in url:
+        return "the http:// scheme is missing"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return str(e)
+    if parts.scheme != "http":
+        return f"only http is supported, not {parts.scheme}"
+    if parts.username is not None or parts.password is not None:
+        return "user info is not allowed"
+    if not parts.hostname:
+        return "the host is missing"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "a path, query or fragment is not allowed"
+    return (parts.hostname, port or 80) if port != 0 else "port 0 is not a valid port"
+
+
+# ------------------------------------------------------------------------- routing
+
+
+def _routing(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, ROUTING_FIELDS)
+    cohorts, files = fields.get("cohorts", ({}, ()))
+    for ref_path, ref_node, name in ctx.cohort_refs:
+        if name not in cohorts:
+            hint = _hint(name, cohorts)
+            ctx.error(ref_path, ref_node, f"no cohort named {name!r} in routing.cohorts{hint}")
+        elif _child(node, "sticky") is None:
+            why = "cohorts are compared with the sticky key"
+            ctx.error(ref_path, ref_node, f"needs routing.sticky.key ({why})")
+    rules, sticky = tuple(fields.get("rules", ())), fields.get("sticky")
+    cohort_map = MappingProxyType(cohorts)
+    return Routing(fields.get("weight", 0), sticky, rules, cohort_map, files)
+
+
+def _weight(ctx: _Ctx, node: Node, path: str) -> Any:
+    if type(value := ctx.value(node)) is not int or not 0 <= value <= 100:
+        return ctx.error(path, node, f"must be an integer 0..100, got {_got(node)}")
+    return value
+
+
+def _sticky(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, STICKY_FIELDS, ("key",))
+    if "key" not in fields:
+        return _BAD
+    group, anonymous = fields.get("group", ""), fields.get("anonymous", "random")
+    return Sticky(*fields["key"], group, anonymous)  # group "" = the canary's name
+
+
+_QUERY_NAME = re.compile(r"[^\s&=#]+")
+
+
+def _sticky_key(ctx: _Ctx, node: Node, path: str) -> Any:
+    """'header:NAME' | 'cookie:NAME' | 'query:NAME' | 'ip' -> (kind, name)."""
+    if (text := _text(ctx, node, path)) is _BAD:
+        return _BAD
+    kind, _, name = text.partition(":")
+    if text == "ip":
+        return ("ip", "")
+    if (_QUERY_NAME if kind == "query" else _TOKEN).fullmatch(name) and kind in STICKY_KINDS:
+        return (kind, name)
+    like = "header:NAME, cookie:NAME, query:NAME or ip"
+    return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+
+
+def _rules(ctx: _Ctx, node: Node, path: str) -> Any:
+    return _list(ctx, node, path, _rule, "rules", lambda r: f"rule name {r.name!r}")
+
+
+def _rule(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, RULE_FIELDS, ("name", "match", "to"))
+    return Rule(**fields) if len(fields) == 3 else _BAD
+
+
+def _match(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, MATCH_FIELDS)
+    if isinstance(node, MappingNode) and not any(_child(node, k) for k in MATCH_FIELDS):
+        conditions = ", ".join(MATCH_FIELDS)
+        return ctx.error(path, node, f"must have at least one condition ({conditions})")
+    return Match(**fields)
+
+
+def _pairs(lower: bool) -> Parser:
+    """A mapping of header or cookie names to exact values -> ((name, value), ...)."""
+
+    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+        out = []
+        for name, knode, vnode in ctx.entries(node, path) or ():
+            if not _TOKEN.fullmatch(name):
+                ctx.error(_join(path, name), knode, f"names must match {_TOKEN.pattern}")
+            elif (value := _text(ctx, vnode, _join(path, name), empty=True)) is not _BAD:
+                out.append((name.lower() if lower else name, value))
+        if isinstance(node, MappingNode) and not node.value:
+            return ctx.error(path, node, "must name at least one")
+        return tuple(out)
+
+    return parse
+
+
+def _cohort_ref(ctx: _Ctx, node: Node, path: str) -> Any:
+    if (name := _text(ctx, node, path)) is not _BAD:
+        ctx.cohort_refs.append((path, node, name))  # checked by _routing, once cohorts are known
+    return name
+
+
+def _path_prefix(ctx: _Ctx, node: Node, path: str) -> Any:
+    prefix = _text(ctx, node, path)
+    if prefix is not _BAD and not prefix.startswith("/"):
+        return ctx.error(path, node, f"must start with '/', got {_got(node)}")
+    return prefix
+
+
+def _methods(ctx: _Ctx, node: Node, path: str) -> Any:
+    """'POST' or [GET, HEAD] -> ('POST',) / ('GET', 'HEAD')."""
+    if isinstance(node, SequenceNode):
+        found = _list(ctx, node, path, _method, "HTTP methods")
+    else:
+        found = [_method(ctx, node, path)]
+    return _BAD if found is _BAD or _BAD in found else tuple(m.upper() for m in found)
+
+
+_method = _named(_TOKEN, "an HTTP method")
+
+
+def _cohorts(ctx: _Ctx, node: Node, path: str) -> Any:
+    """name -> {keys, file} -> ({name: frozenset(keys)}, (absolute file, ...))."""
+    cohorts: dict[str, frozenset[str]] = {}
+    files: list[str] = []
+    for name, knode, vnode in ctx.entries(node, path) or ():
+        sub = _join(path, name)
+        if not _RULE_NAME.fullmatch(name):
+            ctx.error(sub, knode, f"cohort names must match {_RULE_NAME.pattern}")
+        fields = _fields(ctx, vnode, sub, COHORT_FIELDS)
+        if isinstance(vnode, MappingNode) and not (_child(vnode, "keys") or _child(vnode, "file")):
+            ctx.error(sub, vnode, "must have keys, file or both")
+        file, file_keys = fields.get("file", (None, ()))
+        files += [file] if file else []
+        cohorts[name] = frozenset([*fields.get("keys", ()), *file_keys])
+    return cohorts, tuple(files)
+
+
+def _cohort_keys(ctx: _Ctx, node: Node, path: str) -> Any:
+    if isinstance(node, SequenceNode) and not node.value:
+        return []  # an empty inline list is fine: the file may hold the keys
+    return _list(ctx, node, path, _text, "keys")
+
+
+def _cohort_file(ctx: _Ctx, node: Node, path: str) -> Any:
+    """(absolute path, keys): one key a line; blank lines and '#' lines are skipped."""
+    if (resolved := _path(ctx, node, path)) is _BAD:
+        return _BAD
+    try:
+        with open(resolved, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        return ctx.error(path, node, f"cannot read cohort file {resolved}: {why}")
+    return resolved, frozenset(s for s in lines if s and not s.startswith("#"))
+
+
+# -------------------------------------------------------------------------- tables
+# One entry per key. A new section (mirror, guard, rollout) or admin.tokens is one
+# parser and one entry here, plus a Config field with a default, added at the end.
+
+SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arguments
+    "listen": _as("listen_host", "listen_port", parse=_hostport),
+    "admin": _as("admin", parse=_admin),
+    "state_file": _as("state_file", parse=_path),
+    "stable": _as("stable", parse=_text),
+    "canary": _as("canary", parse=_text),
+    "versions": _as("versions", parse=_versions),
+    "routing": _as("routing", parse=_routing),
+    "limits": _as("limits", parse=_limits),
+    "expose_version": _as("expose_version", parse=_bool),
+}
+ADMIN_FIELDS: dict[str, Parser] = {"listen": _hostport}
+VERSION_FIELDS: dict[str, Parser] = {"endpoints": _endpoints, "release": _text}
+ROUTING_FIELDS: dict[str, Parser] = {
+    "weight": _weight,
+    "sticky": _sticky,
+    "rules": _rules,
+    "cohorts": _cohorts,
+}
+STICKY_KINDS = ("header", "cookie", "query")  # plus "ip", which has no name
+STICKY_FIELDS: dict[str, Parser] = {
+    "key": _sticky_key,
+    "group": _text,
+    "anonymous": _choice("random", "stable", "cookie"),
+}
+RULE_FIELDS: dict[str, Parser] = {
+    "name": _named(_RULE_NAME, "a rule name"),
+    "match": _match,
+    "to": _choice("stable", "canary"),
+}
+MATCH_FIELDS: dict[str, Parser] = {
+    "header": _pairs(lower=True),
+    "cookie": _pairs(lower=False),
+    "cohort": _cohort_ref,
+    "path_prefix": _path_prefix,
+    "method": _methods,
+}
+COHORT_FIELDS: dict[str, Parser] = {"keys": _cohort_keys, "file": _cohort_file}
+LIMITS_FIELDS: dict[str, Parser] = {
+    "connect_timeout": _duration,
+    "response_timeout": _duration,
+    "idle_timeout": _duration,
+    "drain_timeout": _duration,
+    "max_header_bytes": _size(1024, 1 << 20, "between 1KiB (1024) and 1MiB (1048576) bytes"),
+    "max_body_bytes": _size(1, 1 << 62, "greater than 0"),
+}

@@ -1,0 +1,411 @@
+"""One exchange: a client request forwarded to one upstream endpoint and back.
+
+Rules:
+- Callback driven: with a pooled connection no coroutine is created; only a
+  fresh connect runs as a task.
+- Bodies stream both ways; nothing holds a whole body. Request bytes that
+  arrive before the upstream connection is ready are buffered, and the client
+  is paused past `CONNECT_BUFFER` bytes.
+- A refused connect is retried once on another endpoint of the same version
+  (nothing was sent); any failure after the request was sent is never retried.
+- Proxy-made answers (400/413/502/504) carry a short JSON body naming the
+  version and the cause, and are counted like upstream answers.
+- Exactly one `Recorder.finished` per exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING
+
+from .headers import RequestHead, scan_response
+from .http.upstream import Pool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .http.downstream import ClientConnection
+    from .routing import Decision
+    from .runtime import Snapshot
+
+CONNECT_BUFFER = 256 * 1024
+NO_BODY_STATUS = frozenset({204, 304})
+
+# Response body framing towards the client.
+LENGTH, CHUNKED, UNTIL_CLOSE, NONE = 0, 1, 2, 3
+
+REASONS = {
+    400: b"Bad Request",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+    405: b"Method Not Allowed",
+}
+
+
+def error_response(status: int, version: str | None, cause: str, expose: bool) -> bytes:
+    body = json.dumps({"error": REASONS[status].decode(), "version": version, "cause": cause})
+    data = body.encode() + b"\n"
+    extra = b"X-Turnout-Version: %s\r\n" % version.encode() if version and expose else b""
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n%s\r\n%s"
+    ) % (status, REASONS[status], len(data), extra, data)
+
+
+class Exchange:
+    __slots__ = (
+        "client", "snap", "decision", "version", "method", "head_bytes", "head",
+        "keep_alive", "http11", "t0", "conn", "pool", "req_buf", "req_buffered",
+        "req_done", "req_bytes", "sent", "timer", "resp_pending", "resp_mode",
+        "resp_started", "status", "done", "tunnel", "upgrade", "tunnel_buf",
+        "interim", "is_head", "tried", "close_client", "resp_keep_alive",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        snap: Snapshot,
+        decision: Decision,
+        method: bytes,
+        head_bytes: bytes,
+        head: RequestHead,
+        keep_alive: bool,
+        http11: bool,
+        upgrade: bool,
+    ) -> None:
+        self.client = client
+        self.snap = snap
+        self.decision = decision
+        self.version = decision.version
+        self.method = method
+        self.head_bytes = head_bytes
+        self.head = head
+        self.keep_alive = keep_alive
+        self.http11 = http11
+        self.upgrade = upgrade
+        self.t0 = time.perf_counter()
+        self.conn: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.req_buf: list[bytes] = [head_bytes]
+        self.req_buffered = 0
+        self.req_done = False
+        self.req_bytes = 0
+        self.sent = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.resp_pending: bytes | None = None
+        self.resp_mode = NONE
+        self.resp_started = False
+        self.resp_keep_alive = True
+        self.status = 0
+        self.done = False
+        self.tunnel = False
+        self.tunnel_buf = b""
+        self.interim = False
+        self.is_head = method == b"HEAD"
+        self.tried: Pool | None = None
+        self.close_client = False
+
+    # -- start ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        snap = self.snap
+        rec = self.client.recorder
+        rec.decided(self.decision.label)
+        rec.started(self.version)
+        length = self.head.content_length
+        if length is not None and length > snap.config.limits.max_body_bytes:
+            self.fail(413, None, "request body exceeds max_body_bytes")
+            return
+        self.dispatch(None)
+
+    def dispatch(self, exclude: Pool | None) -> None:
+        pool = self.snap.upstreams.versions[self.version].pick(exclude)
+        if pool is None:
+            self.fail(502, "connect", "no endpoint available")
+            return
+        self.pool = pool
+        conn = pool.take()
+        if conn is not None:
+            self.attach(conn)
+        else:
+            asyncio.get_running_loop().create_task(self.connect(pool))
+
+    async def connect(self, pool: Pool) -> None:
+        try:
+            conn = await pool.connect(self.snap.config.limits.connect_timeout)
+        except TimeoutError:
+            pool.refused()
+            self.connect_failed(pool, 504, "timeout", "upstream connect timeout")
+            return
+        except OSError as exc:
+            pool.refused()
+            self.connect_failed(pool, 502, "connect", f"connect failed: {exc.strerror or exc}")
+            return
+        if self.done:
+            pool.give(conn)
+            return
+        self.attach(conn)
+
+    def connect_failed(self, pool: Pool, status: int, kind: str, cause: str) -> None:
+        if self.done:
+            return
+        if self.tried is None:
+            self.tried = pool
+            if self.snap.upstreams.versions[self.version].pick(pool) is not None:
+                self.dispatch(pool)
+                return
+        self.fail(status, kind, cause)
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self
+        buf = self.req_buf
+        conn.send(buf[0] if len(buf) == 1 else b"".join(buf))
+        self.req_buf = []
+        self.sent = True
+        if self.req_buffered > CONNECT_BUFFER:
+            self.client.resume_reading(4)
+        self.req_buffered = 0
+        if self.req_done:
+            self.arm_timer()
+
+    def arm_timer(self) -> None:
+        if self.timer is None and not self.upgrade:
+            loop = asyncio.get_running_loop()
+            timeout = self.snap.config.limits.response_timeout
+            self.timer = loop.call_later(timeout, self.timed_out)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if not self.done and not self.resp_started and self.resp_pending is None:
+            self.upstream_failed("timeout", "upstream response timeout", 504)
+
+    # -- request body (client -> upstream) ----------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.req_bytes += len(data)
+        if self.req_bytes > self.snap.config.limits.max_body_bytes:
+            self.fail(413, None, "request body exceeds max_body_bytes")
+            return
+        if self.head.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self.sent:
+            self.conn.send(data)  # type: ignore[union-attr]
+        else:
+            self.req_buf.append(data)
+            self.req_buffered += len(data)
+            if self.req_buffered > CONNECT_BUFFER:
+                self.client.pause_reading(4)
+
+    def request_complete(self) -> None:
+        self.req_done = True
+        if self.done:
+            return
+        if self.head.chunked:
+            if self.sent:
+                self.conn.send(b"0\r\n\r\n")  # type: ignore[union-attr]
+            else:
+                self.req_buf.append(b"0\r\n\r\n")
+        if self.sent:
+            self.arm_timer()
+
+    # -- response (upstream -> client) ----------------------------------------------------
+
+    def response_head(self, status: int, head: bytes, keep_alive: bool) -> None:
+        """`head` is the upstream's status line and header lines, each ending CRLF."""
+        sle = head.find(b"\r\n")
+        status_line = head[:sle]
+        if status_line[:8] != b"HTTP/1.1":
+            status_line = b"HTTP/1.1" + status_line[8:]
+        if status < 200 and status != 101:
+            self.interim = True
+            if self.http11 and (status != 100 or self.head.expect_continue):
+                self.client.transport.write(status_line + b"\r\n\r\n")
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.status = status
+        self.resp_keep_alive = keep_alive
+        upgrading = status == 101 and self.upgrade
+        rh = scan_response(head[sle:], upgrading)
+        client_close = self.close_client or not self.keep_alive or self.client.closing()
+        if upgrading:
+            mode = NONE
+            framing = b"Connection: upgrade\r\n"
+        elif self.is_head or status in NO_BODY_STATUS:
+            mode = NONE
+            framing = b""  # a Content-Length from the upstream is relayed as it is
+        elif rh.content_length is not None and not rh.chunked:
+            mode = LENGTH
+            framing = b""  # the upstream's Content-Length line is relayed as it is
+        elif self.http11:
+            mode = CHUNKED
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            mode = UNTIL_CLOSE
+            framing = b""
+            client_close = True
+        if self.upgrade and not upgrading:
+            client_close = True  # a refused upgrade: the client may already be sending frames
+        self.close_client = client_close
+        if not upgrading:
+            if client_close:
+                framing += b"Connection: close\r\n"
+            elif not self.http11:
+                framing += b"Connection: keep-alive\r\n"
+        self.resp_mode = mode
+        if self.snap.config.expose_version:
+            framing += self.decision.version_header
+        if self.decision.set_cookie is not None:
+            framing += (
+                b"Set-Cookie: turnout_id=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000\r\n"
+                % self.decision.set_cookie.encode()
+            )
+        parts = (status_line, rh.block, framing, b"\r\n")
+        self.resp_pending = b"".join(parts)
+        if self.is_head and not upgrading:
+            # httptools cannot be told the response had no body: finish here and
+            # give the connection a fresh parser before it is reused.
+            self.conn.stale_parser = True  # type: ignore[union-attr]
+            self.response_complete()
+
+    def flush_response_head(self) -> None:
+        pending = self.resp_pending
+        if pending is not None:
+            self.resp_pending = None
+            self.resp_started = True
+            self.client.transport.write(pending)
+
+    def response_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.resp_mode == CHUNKED:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        pending = self.resp_pending
+        if pending is not None:
+            self.resp_pending = None
+            self.resp_started = True
+            data = pending + data
+        self.client.transport.write(data)
+
+    def response_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.done or self.status == 101:
+            return  # 101 completes via upgraded()
+        out = self.resp_pending or b""
+        self.resp_pending = None
+        if self.resp_mode == CHUNKED:
+            out += b"0\r\n\r\n"
+        self.resp_started = True
+        if out:
+            self.client.transport.write(out)
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            if self.req_done and self.resp_keep_alive and not self.upgrade:
+                self.pool.give(conn)  # type: ignore[union-attr]
+            else:
+                conn.close()
+        if not self.req_done:
+            self.close_client = True
+        self.finish(self.status, None)
+
+    # -- upgrade tunnel -----------------------------------------------------------------
+
+    def upgraded(self, rest: bytes) -> None:
+        """The upstream answered 101: relay the head, then copy bytes both ways."""
+        if self.status != 101 or not self.upgrade:
+            self.upstream_failed("protocol", "unexpected protocol switch")
+            return
+        self.tunnel = True
+        self.resp_started = True
+        pending, self.resp_pending = self.resp_pending, None
+        self.client.transport.write((pending or b"") + rest)
+        if self.tunnel_buf:
+            self.conn.send(self.tunnel_buf)  # type: ignore[union-attr]
+            self.tunnel_buf = b""
+        self.client.start_tunnel(self)
+        self.finish(101, None)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        if self.tunnel and self.conn is not None:
+            self.conn.send(data)
+        else:
+            self.tunnel_buf += data
+
+    # -- failures -----------------------------------------------------------------------
+
+    def upstream_lost(self) -> None:
+        """The upstream connection closed under this exchange."""
+        self.conn = None
+        if self.tunnel:
+            self.client.transport.close()
+            return
+        if self.done:
+            return
+        if self.resp_mode == UNTIL_CLOSE and self.status:
+            self.response_complete()
+            return
+        if self.status and self.resp_mode == CHUNKED and not self.is_head:
+            self.upstream_failed("reset", "upstream closed mid-response")
+            return
+        self.upstream_failed("reset", "upstream closed the connection")
+
+    def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None:
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self.fail(status, kind, cause)
+
+    def fail(self, status: int, kind: str | None, cause: str) -> None:
+        """Answer with a proxy-made error, or cut the client off if bytes already went."""
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.close_client = True
+        if self.resp_started:
+            self.client.transport.abort()
+            self.finish(self.status or status, kind)
+            return
+        self.resp_pending = None
+        expose = self.snap.config.expose_version
+        self.client.transport.write(error_response(status, self.version, cause, expose))
+        self.resp_started = True
+        self.finish(status, kind)
+
+    def client_lost(self) -> None:
+        """The client went away: abandon the upstream side."""
+        if self.tunnel:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.close()
+            return
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.finish(499, None)
+
+    def finish(self, status: int, error: str | None) -> None:
+        self.done = True
+        rec = self.client.recorder
+        rec.finished(self.version, status, time.perf_counter() - self.t0, error)
+        self.client.exchange_done(self)

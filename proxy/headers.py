@@ -1,0 +1,196 @@
+"""Header rewriting for both directions of an exchange.
+
+Rules:
+- Hop-by-hop headers (RFC 9110 §7.6.1) and every header named in `Connection`
+  are removed in both directions; the proxy writes its own framing headers.
+- `TE` is dropped unless it is exactly `trailers`.
+- `X-Forwarded-For` appends the peer; `X-Forwarded-Proto` and `X-Forwarded-Host`
+  are set by the proxy, replacing what the client sent. `Host` passes through.
+- An Upgrade handshake keeps `Upgrade` and gets `Connection: upgrade`.
+
+Headers are handled as one block of bytes, `\\r\\nName: value` per line, with
+C-speed searches (`bytes.find`, compiled regexes) instead of a Python loop per
+header: the common request and response need no per-line work at all.
+Pure functions; no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Lines the proxy removes or rewrites. Matching one sends a head down the slow path.
+_REQ_SPECIAL = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|x-forwarded-(?:for|proto|host)|expect|x-turnout-shadow)[ \t]*:",
+    re.I,
+)
+_RESP_HOP = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|x-turnout-version)[ \t]*:[^\r]*",
+    re.I,
+)
+_LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*?)[ \t]*(?=\r\n)")
+
+
+class HeaderError(ValueError):
+    """A request whose headers cannot be forwarded safely (answered with 400)."""
+
+
+def header_value(block: bytes, low: bytes, name: bytes) -> bytes | None:
+    """First value of `name` (lower-case) in a block and its lower-cased copy."""
+    i = low.find(b"\r\n" + name + b":")
+    if i == -1:
+        return None
+    start = i + len(name) + 3
+    end = low.find(b"\r\n", start)
+    return block[start:end].strip()
+
+
+def _tokens(value: bytes | None) -> frozenset[bytes]:
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def _drop_named(block: bytes, names: frozenset[bytes]) -> bytes:
+    """Remove every line whose (lower-case) name is in `names`."""
+    keep = []
+    for m in _LINE.finditer(block):
+        if m.group(1).strip().lower() not in names:
+            keep.append(m.group(0))
+    return b"".join(keep) + b"\r\n"
+
+
+class RequestHead:
+    """What the proxy learns from the client's request headers."""
+
+    __slots__ = (
+        "host", "content_length", "chunked", "expect_continue", "upgrade", "xff",
+        "te_trailers", "block", "routing",
+    )  # fmt: skip
+
+    def __init__(self, block: bytes) -> None:
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.xff: bytes | None = None
+        self.te_trailers = False
+        self.block = block  # "\r\nName: value" lines to forward, ending with "\r\n"
+        self.routing: dict[str, str] = {}  # lower-case name -> value, for decide()
+
+
+def scan_request(headers: list[tuple[bytes, bytes]], wanted: tuple[bytes, ...]) -> RequestHead:
+    """Classify the client's headers: framing, routing inputs, the block to forward.
+
+    `wanted` holds the lower-case names that routing reads.
+    """
+    block = b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n" if headers else b"\r\n"
+    low = block.lower()
+    head = RequestHead(block)
+    for name in wanted:
+        if name == b"cookie":  # several Cookie lines are one list of cookies
+            values = [v for n, v in headers if n.lower() == b"cookie"]
+            value = b"; ".join(values) if values else None
+        else:
+            value = header_value(block, low, name)
+        if value is not None:
+            head.routing[name.decode("latin-1")] = value.decode("latin-1")
+    i = low.find(b"\r\nhost:")
+    if i != -1:
+        if low.find(b"\r\nhost:", i + 7) != -1:
+            raise HeaderError("duplicate Host header")
+        head.host = block[i + 7 : low.find(b"\r\n", i + 7)].strip()
+    if b"\r\ncontent-length:" in low:
+        head.content_length = _content_length(headers)
+    if _REQ_SPECIAL.search(low) is not None:
+        _scan_special(head, headers, low)
+    return head
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    values = {v.strip() for n, v in headers if n.lower() == b"content-length"}
+    if len(values) != 1:
+        raise HeaderError("conflicting Content-Length headers")
+    (value,) = values
+    if not value.isdigit():
+        raise HeaderError("invalid Content-Length")
+    return int(value)
+
+
+def _scan_special(head: RequestHead, headers: list[tuple[bytes, bytes]], low: bytes) -> None:
+    """The slow path: hop-by-hop, forwarding and upgrade headers are present."""
+    block = head.block
+    te = header_value(block, low, b"transfer-encoding")
+    if te is not None:
+        head.chunked = te.lower().endswith(b"chunked")
+    head.upgrade = header_value(block, low, b"upgrade")
+    te_value = header_value(block, low, b"te")
+    head.te_trailers = te_value is not None and te_value.lower() == b"trailers"
+    expect = header_value(block, low, b"expect")
+    head.expect_continue = expect is not None and expect.lower() == b"100-continue"
+    xff = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+    head.xff = b", ".join(xff) if xff else None
+    drop = set(_tokens(header_value(block, low, b"connection")))
+    drop.update(
+        (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+         b"transfer-encoding", b"upgrade", b"x-forwarded-for", b"x-forwarded-proto",
+         b"x-forwarded-host", b"x-turnout-shadow")
+    )  # fmt: skip
+    drop.discard(b"host")
+    drop.discard(b"content-length")
+    head.block = _drop_named(block, frozenset(drop))
+
+
+def upstream_request(
+    method: bytes, target: bytes, head: RequestHead, peer: bytes, upgrade: bool
+) -> bytes:
+    """Serialize the request head sent to the upstream (always HTTP/1.1)."""
+    xff = peer if head.xff is None else head.xff + b", " + peer
+    extra = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % xff
+    if head.host is not None:
+        extra += b"X-Forwarded-Host: %s\r\n" % head.host
+    if head.te_trailers:
+        extra += b"TE: trailers\r\n"
+    if upgrade:
+        extra += b"Connection: upgrade\r\nUpgrade: %s\r\n" % head.upgrade
+    elif head.chunked:
+        extra += b"Transfer-Encoding: chunked\r\n"
+    return b"%s %s HTTP/1.1%s%s\r\n" % (method, target, head.block, extra)
+
+
+class ResponseHead:
+    """Framing facts of an upstream response, and the header block to relay."""
+
+    __slots__ = ("content_length", "chunked", "block")
+
+    def __init__(self, block: bytes) -> None:
+        self.content_length: int | None = None
+        self.chunked = False
+        self.block = block  # "\r\nName: value" lines, ending with "\r\n"
+
+
+def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
+    """`block` is the raw header lines of a response, starting "\\r\\n" (no status line)."""
+    low = block.lower()
+    head = ResponseHead(block)
+    if _RESP_HOP.search(low) is not None:
+        te = header_value(block, low, b"transfer-encoding")
+        head.chunked = te is not None and te.lower().endswith(b"chunked")
+        tokens = _tokens(header_value(block, low, b"connection"))
+        upgrade = header_value(block, low, b"upgrade") if keep_upgrade else None
+        block = _RESP_HOP.sub(b"", block)
+        extra = tokens - {b"close", b"keep-alive", b"upgrade", b"content-length"}
+        if extra:
+            block = _drop_named(block, frozenset(extra))
+        if upgrade is not None:
+            block = block + b"Upgrade: %s\r\n" % upgrade
+        head.block = block
+        low = block.lower()
+    i = low.find(b"\r\ncontent-length:")
+    if i != -1:
+        value = block[i + 17 : low.find(b"\r\n", i + 17)].strip()
+        if value.isdigit():
+            head.content_length = int(value)
+    return head

@@ -1,0 +1,1 @@
+"""The forwarding path: client-side and upstream-side asyncio Protocols."""

@@ -1,0 +1,191 @@
+"""The one owner of metrics: a Recorder with methods named for what they record.
+
+Rules:
+- The hot path only bumps plain ints in dicts and lists (no locks, no label
+  lookups in prometheus_client); a custom collector turns them into Prometheus
+  families when `/metrics` is scraped.
+- Label values are bounded: versions and reasons come from the config, codes
+  are HTTP status codes, kinds are a fixed set.
+- This is the only module that imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+# Request duration buckets in seconds: fine below 10 ms, where a proxy lives.
+BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+
+class Recorder:
+    """Per-version counters for the proxy; cheap enough for every request."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, _Histogram] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.in_flight: dict[str, int] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.generation = 0
+        self.canary_weight = 0
+        # Called with (version, status, seconds, error_kind) once per finished exchange.
+        self.outcome_listeners: list[Callable[[str, int, float, str | None], None]] = []
+
+    # -- hot path -----------------------------------------------------------------
+
+    def decided(self, label: tuple[str, str]) -> None:
+        d = self.decisions
+        d[label] = d.get(label, 0) + 1
+
+    def started(self, version: str) -> None:
+        f = self.in_flight
+        f[version] = f.get(version, 0) + 1
+
+    def finished(self, version: str, status: int, seconds: float, error: str | None) -> None:
+        """One exchange is over: count it, time it, and tell the listeners."""
+        f = self.in_flight
+        f[version] = f.get(version, 1) - 1
+        key = (version, status)
+        r = self.requests
+        r[key] = r.get(key, 0) + 1
+        h = self.durations.get(version)
+        if h is None:
+            h = self.durations[version] = _Histogram()
+        h.counts[bisect_left(BUCKETS, seconds)] += 1
+        h.total += seconds
+        h.count += 1
+        if error is not None:
+            ek = (version, error)
+            e = self.upstream_errors
+            e[ek] = e.get(ek, 0) + 1
+        for listener in self.outcome_listeners:
+            listener(version, status, seconds, error)
+
+    def rejected(self, status: int) -> None:
+        """A request refused before routing (400, 431): no version served it."""
+        key = ("none", status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    # -- control plane ------------------------------------------------------------
+
+    def reloaded(self, ok: bool, generation: int) -> None:
+        self.reloads["success" if ok else "failure"] += 1
+        self.generation = generation
+
+    def version_totals(self) -> dict[str, dict[str, int]]:
+        """Requests and errors (status >= 500) per version, for /status."""
+        out: dict[str, dict[str, int]] = {}
+        for (version, code), n in self.requests.items():
+            if version == "none":
+                continue
+            v = out.setdefault(version, {"requests": 0, "errors": 0})
+            v["requests"] += n
+            if code >= 500:
+                v["errors"] += n
+        return out
+
+    def p99_ms(self, version: str) -> float | None:
+        """The 99th percentile since start, as the upper bound of its bucket."""
+        h = self.durations.get(version)
+        if h is None or not h.count:
+            return None
+        rank, seen = 0.99 * h.count, 0
+        for bound, n in zip((*BUCKETS, BUCKETS[-1] * 2), h.counts, strict=True):
+            seen += n
+            if seen >= rank:
+                return bound * 1000
+        return BUCKETS[-1] * 2000
+
+    def registry(self) -> CollectorRegistry:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(_Collector(self))
+        return reg
+
+
+class _Collector(Collector):
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def collect(self) -> Iterator:
+        rec = self.rec
+        c = CounterMetricFamily(
+            "turnout_requests", "Requests answered, by version and status code",
+            labels=["version", "code"],
+        )  # fmt: skip
+        for (version, code), n in sorted(rec.requests.items()):
+            c.add_metric([version, str(code)], n)
+        yield c
+        h = HistogramMetricFamily(
+            "turnout_request_duration_seconds",
+            "Time from request head to the end of the response, by version",
+            labels=["version"],
+        )
+        for version, hist in sorted(rec.durations.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*BUCKETS, float("inf")), hist.counts, strict=True):
+                cumulative += n
+                buckets.append((_bound(bound), cumulative))
+            h.add_metric([version], buckets, hist.total)
+        yield h
+        e = CounterMetricFamily(
+            "turnout_upstream_errors", "Upstream failures, by version and kind",
+            labels=["version", "kind"],
+        )  # fmt: skip
+        for (version, kind), n in sorted(rec.upstream_errors.items()):
+            e.add_metric([version, kind], n)
+        yield e
+        d = CounterMetricFamily(
+            "turnout_route_decisions", "Routing decisions, by version and reason",
+            labels=["version", "reason"],
+        )  # fmt: skip
+        for (version, reason), n in sorted(rec.decisions.items()):
+            d.add_metric([version, reason], n)
+        yield d
+        g = GaugeMetricFamily(
+            "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]
+        )
+        for version, n in sorted(rec.in_flight.items()):
+            g.add_metric([version], n)
+        yield g
+        yield GaugeMetricFamily(
+            "turnout_canary_weight", "Effective canary weight (%)", value=rec.canary_weight
+        )
+        r = CounterMetricFamily(
+            "turnout_config_reloads", "Config reloads, by result", labels=["result"]
+        )
+        for result, n in sorted(rec.reloads.items()):
+            r.add_metric([result], n)
+        yield r
+        yield GaugeMetricFamily(
+            "turnout_config_generation", "Config generation in force", value=rec.generation
+        )
+
+
+def _bound(b: float) -> str:
+    return "+Inf" if b == float("inf") else repr(b)
+
+
+def exposition(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)

@@ -1,0 +1,118 @@
+"""The running proxy: listener, admin, reloads, idle sweeps, signals, drain.
+
+Rules:
+- `turnout run` = `Server.run()`: load or exit 2, listen, serve until SIGTERM
+  or SIGINT, then drain: stop accepting, close idle keep-alive connections,
+  let exchanges in flight finish up to `limits.drain_timeout`, exit 0.
+- SIGHUP reloads. `listen` and `admin.listen` are read at start only; a
+  reload that changes them is applied otherwise and the log says a restart
+  is needed for the new address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+from .admin.app import AdminServer
+from .config import Config
+from .http.downstream import ClientConnection
+from .reload import Reloader
+from .runtime import Runtime
+
+log = logging.getLogger("turnout")
+
+SWEEP_INTERVAL = 1.0
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.runtime = Runtime(config)
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.max_header_bytes = config.limits.max_header_bytes
+        self.listener: asyncio.base_events.Server | None = None
+        self.admin: AdminServer | None = None
+        self.reloader = Reloader(self.runtime, on_swap=self.applied)
+        self.stopped = asyncio.Event()
+        self.ready = False
+
+    def applied(self, old: Config, new: Config) -> None:
+        self.max_header_bytes = new.limits.max_header_bytes
+        if (old.listen_host, old.listen_port) != (new.listen_host, new.listen_port):
+            log.warning(
+                "listen changed to %s:%s: restart to apply", new.listen_host, new.listen_port
+            )
+        if old.admin != new.admin:
+            log.warning("admin.listen changed: restart to apply")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.runtime.config
+        self.listener = await loop.create_server(
+            lambda: ClientConnection(self),
+            cfg.listen_host,
+            cfg.listen_port,
+            backlog=2048,
+            reuse_address=True,
+        )
+        for sock in self.listener.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.admin = AdminServer(self)
+        await self.admin.start(cfg.admin.host, cfg.admin.port)
+        self.reloader.start()
+        loop.create_task(self.sweep())
+        self.ready = True
+        log.info(
+            "turnout listening on %s:%s, admin on %s:%s (config %s, generation %d)",
+            cfg.listen_host, cfg.listen_port, cfg.admin.host, cfg.admin.port,
+            cfg.path, self.runtime.snapshot.generation,
+        )  # fmt: skip
+
+    async def sweep(self) -> None:
+        """Close connections idle past `idle_timeout`, client side and pooled."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(SWEEP_INTERVAL)
+            snap = self.runtime.snapshot
+            timeout = snap.config.limits.idle_timeout
+            cutoff = time.monotonic() - timeout
+            for conn in list(self.connections):
+                if conn.idle() and conn.idle_since < cutoff:
+                    conn.close()
+            snap.upstreams.sweep(timeout)
+
+    async def drain(self) -> None:
+        """Stop accepting, finish what is in flight (bounded), then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        self.ready = False
+        log.info("draining %d connections", len(self.connections))
+        if self.listener is not None:
+            self.listener.close()
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close()
+        deadline = time.monotonic() + self.runtime.config.limits.drain_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        await self.reloader.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        self.runtime.snapshot.upstreams.close()
+        self.stopped.set()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.drain()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reloader.reload("SIGHUP"))
+        await self.stopped.wait()

@@ -1,0 +1,495 @@
+"""proxy.config: YAML in, frozen dataclasses out, every problem with path and line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.config import ConfigError, Endpoint, Match, Problem, Rule, Sticky
+
+MINIMAL = """\
+stable: blue
+canary: green
+versions:
+  blue:
+    endpoints: [http://127.0.0.1:9001]
+  green:
+    endpoints: [http://127.0.0.1:9002]
+"""
+
+FULL = """\
+listen: 0.0.0.0:8080
+admin:
+  listen: 127.0.0.1:9901
+state_file: turnout-state.json     # rollback latch and rollout progress
+
+stable: blue
+canary: green
+versions:
+  blue:
+    endpoints: [http://127.0.0.1:9001]
+  green:
+    endpoints: [http://127.0.0.1:9002, http://127.0.0.1:9003]
+    release: "2.4.0"
+
+routing:
+  weight: 10
+  sticky:
+    key: header:X-User-Id
+    group: checkout
+    anonymous: random
+  rules:
+    - name: qa
+      match: {header: {X-Canary: always}}
+      to: canary
+    - name: beta
+      match: {cohort: beta}
+      to: canary
+    - name: no-canary-for-payments
+      match: {path_prefix: /payments, method: POST}
+      to: stable
+  cohorts:
+    beta:
+      keys: [alice, bob]
+      file: cohorts/beta.txt
+
+limits:
+  connect_timeout: 2s
+  response_timeout: 30s
+  idle_timeout: 60s
+  max_header_bytes: 16384
+  max_body_bytes: 100MiB
+  drain_timeout: 20s
+expose_version: true
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "turnout.yaml") -> str:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    """The rendered problems of a config that must be rejected."""
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    assert str(info.value) == "\n".join(str(p) for p in info.value.problems)
+    return [str(p) for p in info.value.problems]
+
+
+def with_routing(routing: str) -> str:
+    return MINIMAL + "routing:\n" + textwrap.indent(textwrap.dedent(routing), "  ")
+
+
+# ------------------------------------------------------------------------- valid
+
+
+def test_full_example_parses_into_the_expected_values(tmp_path: Path) -> None:
+    write(tmp_path, "# beta testers\n\n  carol  \ndave\n   \n#erin\n", "cohorts/beta.txt")
+    cfg = config.load(write(tmp_path, FULL))
+
+    assert cfg.path == str(tmp_path / "turnout.yaml")
+    assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 8080)
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9901)
+    assert cfg.state_file == str(tmp_path / "turnout-state.json")
+    assert (cfg.stable, cfg.canary) == ("blue", "green")
+    assert cfg.versions["blue"].endpoints == (Endpoint("http://127.0.0.1:9001", "127.0.0.1", 9001),)
+    assert [e.key for e in cfg.versions["green"].endpoints] == ["127.0.0.1:9002", "127.0.0.1:9003"]
+    assert cfg.versions["green"].release == "2.4.0"
+    assert cfg.versions["blue"].release is None
+
+    routing = cfg.routing
+    assert routing.weight == 10
+    assert routing.sticky == Sticky("header", "X-User-Id", "checkout", "random")
+    assert routing.rules == (
+        Rule("qa", Match(header=(("x-canary", "always"),)), "canary"),
+        Rule("beta", Match(cohort="beta"), "canary"),
+        Rule("no-canary-for-payments", Match(path_prefix="/payments", method=("POST",)), "stable"),
+    )
+    assert dict(routing.cohorts) == {"beta": frozenset({"alice", "bob", "carol", "dave"})}
+    assert routing.cohort_files == (str(tmp_path / "cohorts" / "beta.txt"),)
+
+    limits = cfg.limits
+    assert (limits.connect_timeout, limits.response_timeout) == (2.0, 30.0)
+    assert (limits.idle_timeout, limits.drain_timeout) == (60.0, 20.0)
+    assert limits.max_header_bytes == 16384
+    assert limits.max_body_bytes == 100 * 1024 * 1024
+    assert cfg.expose_version is True
+    assert cfg.warnings == ()
+
+
+def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL))
+    assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 8080)
+    assert cfg.admin == config.Admin("127.0.0.1", 9901)
+    assert cfg.state_file == str(tmp_path / "turnout-state.json")
+    assert cfg.routing == config.Routing()
+    assert cfg.routing.sticky is None
+    assert cfg.limits == config.Limits()
+    assert cfg.expose_version is True
+    assert cfg.warnings == ()
+
+
+def test_parse_resolves_relative_paths_next_to_the_named_file(tmp_path: Path) -> None:
+    cfg = config.parse(MINIMAL + "state_file: state/s.json\n", str(tmp_path / "c.yaml"))
+    assert cfg.path == str(tmp_path / "c.yaml")
+    assert cfg.state_file == str(tmp_path / "state" / "s.json")
+
+
+def test_sticky_defaults_group_to_the_canary_and_anonymous_to_random(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, with_routing("sticky: {key: ip}\n")))
+    assert cfg.routing.sticky == Sticky("ip", "", "green", "random")
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "name"),
+    [("header:X-User-Id", "header", "X-User-Id"), ("cookie:uid", "cookie", "uid")]
+    + [("query:user", "query", "user"), ("ip", "ip", "")],
+)
+def test_sticky_key_forms(tmp_path: Path, key: str, kind: str, name: str) -> None:
+    text = with_routing(f"sticky: {{key: '{key}', anonymous: cookie}}\n")
+    sticky = config.load(write(tmp_path, text)).routing.sticky
+    assert sticky == Sticky(kind, name, "green", "cookie")
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [("127.0.0.1:9000", "127.0.0.1", 9000), ("'[::1]:8443'", "::1", 8443)]
+    + [("':9000'", "0.0.0.0", 9000), ("localhost:0", "localhost", 0)],
+)
+def test_listen_forms(tmp_path: Path, listen: str, host: str, port: int) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL + f"listen: {listen}\nadmin: {{listen: {listen}}}\n"))
+    assert (cfg.listen_host, cfg.listen_port) == (host, port)
+    assert (cfg.admin.host, cfg.admin.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [("500ms", 0.5), ("2s", 2.0), ("1.5m", 90.0), ("3", 3.0), ("0.25", 0.25)],
+)
+def test_durations(tmp_path: Path, written: str, seconds: float) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL + f"limits: {{connect_timeout: {written}}}\n"))
+    assert cfg.limits.connect_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("4096", 4096), ("2048B", 2048), ("64KiB", 65536), ("1MiB", 1 << 20)],
+)
+def test_sizes(tmp_path: Path, written: str, size: int) -> None:
+    text = MINIMAL + f"limits: {{max_header_bytes: {written}, max_body_bytes: {written}}}\n"
+    limits = config.load(write(tmp_path, text)).limits
+    assert (limits.max_header_bytes, limits.max_body_bytes) == (size, size)
+    big = MINIMAL + "limits: {max_body_bytes: 2GiB}\n"
+    assert config.load(write(tmp_path, big)).limits.max_body_bytes == 2 << 30
+
+
+def test_scalars_written_as_numbers_keep_their_text(tmp_path: Path) -> None:
+    text = MINIMAL.replace("blue:\n", "blue:\n    release: 2.10\n") + textwrap.dedent(
+        """\
+        routing:
+          sticky: {key: header:X-User}
+          rules:
+            - {name: r1, match: {header: {X-Canary: 1}, method: [get, Head]}, to: canary}
+            - {name: r2, match: {cohort: vip, cookie: {Beta: yes}}, to: stable}
+          cohorts:
+            vip: {keys: [1001, 1002]}
+        """
+    )
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.versions["blue"].release == "2.10"
+    assert cfg.routing.rules[0].match == Match(header=(("x-canary", "1"),), method=("GET", "HEAD"))
+    assert cfg.routing.rules[1].match == Match(cookie=(("Beta", "yes"),), cohort="vip")
+    assert cfg.routing.cohorts["vip"] == frozenset({"1001", "1002"})
+
+
+def test_expose_version_false(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL + "expose_version: false\n")).expose_version is False
+
+
+# ------------------------------------------------------------------------ errors
+
+
+def test_weight_out_of_range_renders_exactly(tmp_path: Path) -> None:
+    text = MINIMAL + "routing:\n  weight: 150\n"
+    assert problems(tmp_path, text) == [
+        "routing.weight: must be an integer 0..100, got 150 (line 9)"
+    ]
+
+
+@pytest.mark.parametrize("weight", ["true", "'10'", "10.5", "-1", "[10]"])
+def test_weight_must_be_a_plain_integer(tmp_path: Path, weight: str) -> None:
+    [problem] = problems(tmp_path, MINIMAL + f"routing:\n  weight: {weight}\n")
+    assert problem.startswith("routing.weight: must be an integer 0..100, got ")
+    assert problem.endswith("(line 9)")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = """\
+    listen: nowhere
+    stable: blue
+    canary: green
+    versions:
+      blue:
+        endpoints: [https://127.0.0.1:9001]
+      green: {}
+    routing:
+      weight: 150
+      sticky: {key: 'head:X', anonymous: sometimes}
+    limits:
+      connect_timeout: fast
+      max_body_bytes: 10MB
+    expose_version: maybe
+    """
+    found = problems(tmp_path, text)
+    assert found == [
+        "listen: must be HOST:PORT like 127.0.0.1:8080, [::1]:8080 or :8080, "
+        "got 'nowhere' (line 1)",
+        "versions.blue.endpoints[0]: must be a URL like http://127.0.0.1:9001, "
+        "got 'https://127.0.0.1:9001' (only http is supported, not https) (line 6)",
+        "versions.green.endpoints: is required (line 7)",
+        "routing.weight: must be an integer 0..100, got 150 (line 9)",
+        "routing.sticky.key: must be header:NAME, cookie:NAME, query:NAME or ip, "
+        "got 'head:X' (line 10)",
+        "routing.sticky.anonymous: must be 'random', 'stable' or 'cookie', "
+        "got 'sometimes' (line 10)",
+        "limits.connect_timeout: must be a duration like 500ms, 2s or 1m, got 'fast' (line 12)",
+        "limits.max_body_bytes: must be a size like 16384, 64KiB or 100MiB "
+        "(units B, KiB, MiB, GiB; not KB/MB/GB), got '10MB' (line 13)",
+        "expose_version: must be true or false, got 'maybe' (line 14)",
+    ]
+
+
+def test_unknown_top_level_keys_are_errors_with_a_suggestion(tmp_path: Path) -> None:
+    found = problems(tmp_path, MINIMAL + "expose_versoin: true\nfoo: 1\n")
+    assert found == [
+        "expose_versoin: unknown key (did you mean 'expose_version'?) (line 8)",
+        "foo: unknown key (line 9)",
+    ]
+
+
+def test_unknown_nested_keys_are_errors_with_a_suggestion(tmp_path: Path) -> None:
+    text = MINIMAL + "routing:\n  sticky: {key: ip}\n  wieght: 5\nlimits:\n  idle_timout: 5s\n"
+    assert problems(tmp_path, text) == [
+        "routing.wieght: unknown key (did you mean 'weight'?) (line 10)",
+        "limits.idle_timout: unknown key (did you mean 'idle_timeout'?) (line 12)",
+    ]
+    text = MINIMAL.replace("    endpoints: [http://127.0.0.1:9002]", "    endpoint: []")
+    assert problems(tmp_path, text) == [
+        "versions.green.endpoint: unknown key (did you mean 'endpoints'?) (line 7)",
+        "versions.green.endpoints: is required (line 7)",
+    ]
+
+
+@pytest.mark.parametrize("section", ["mirror", "guard", "rollout"])
+def test_sections_not_supported_yet_are_unknown(tmp_path: Path, section: str) -> None:
+    [problem] = problems(tmp_path, MINIMAL + f"{section}: {{}}\n")
+    assert problem.startswith(f"{section}: unknown key")
+
+
+def test_admin_tokens_not_supported_yet(tmp_path: Path) -> None:
+    text = MINIMAL + "admin:\n  listen: 127.0.0.1:9901\n  tokens: []\n"
+    assert problems(tmp_path, text) == ["admin.tokens: unknown key (line 10)"]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://127.0.0.1:9001", "only http is supported, not https"),
+        ("http://:9001", "the host is missing"),
+        ("http://127.0.0.1:9001/api", "a path, query or fragment is not allowed"),
+        ("http://127.0.0.1:9001/?a=1", "a path, query or fragment is not allowed"),
+        ("http://user:pw@127.0.0.1:9001", "user info is not allowed"),
+        ("127.0.0.1:9001", "the http:// scheme is missing"),
+        ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+    ],
+)
+def test_bad_endpoint_urls(tmp_path: Path, url: str, why: str) -> None:
+    text = MINIMAL.replace("[http://127.0.0.1:9001]", f"['{url}']")
+    assert problems(tmp_path, text) == [
+        f"versions.blue.endpoints[0]: must be a URL like http://127.0.0.1:9001, "
+        f"got {url!r} ({why}) (line 5)"
+    ]
+
+
+def test_endpoint_port_defaults_to_80_and_a_slash_is_allowed(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[http://127.0.0.1:9001]", "[http://blue.internal/]")
+    [endpoint] = config.load(write(tmp_path, text)).versions["blue"].endpoints
+    assert (endpoint.host, endpoint.port, endpoint.url) == (
+        "blue.internal",
+        80,
+        "http://blue.internal/",
+    )
+
+
+def test_endpoints_must_be_a_non_empty_list_without_duplicates(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[http://127.0.0.1:9001]", "[]").replace(
+        "[http://127.0.0.1:9002]", "[http://h:1, 'http://h:1/']"
+    )
+    assert problems(tmp_path, text) == [
+        "versions.blue.endpoints: must be a non-empty list of http://HOST:PORT URLs, "
+        "got a list (line 5)",
+        "versions.green.endpoints[1]: duplicate endpoint h:1 (first on line 7) (line 7)",
+    ]
+
+
+def test_stable_and_canary_must_differ(tmp_path: Path) -> None:
+    text = MINIMAL.replace("canary: green", "canary: blue")
+    assert problems(tmp_path, text) == ["canary: must differ from stable ('blue') (line 2)"]
+
+
+def test_stable_must_name_a_version(tmp_path: Path) -> None:
+    text = MINIMAL.replace("stable: blue", "stable: bleu")
+    assert problems(tmp_path, text) == [
+        "stable: no version named 'bleu' in versions (did you mean 'blue'?) (line 1)"
+    ]
+
+
+def test_required_keys(tmp_path: Path) -> None:
+    assert problems(tmp_path, "listen: :8080\n") == [
+        "versions: is required (line 1)",
+        "stable: is required (line 1)",
+        "canary: is required (line 1)",
+    ]
+
+
+def test_version_names_are_restricted(tmp_path: Path) -> None:
+    text = MINIMAL + "  'blue green':\n    endpoints: [http://127.0.0.1:9009]\n"
+    assert problems(tmp_path, text) == [
+        "versions.blue green: version names must match [A-Za-z0-9_.-]+ (line 8)"
+    ]
+
+
+def test_cohort_file_missing(tmp_path: Path) -> None:
+    text = with_routing("sticky: {key: ip}\ncohorts:\n  beta:\n    file: cohorts/beta.txt\n")
+    missing = tmp_path / "cohorts" / "beta.txt"
+    assert problems(tmp_path, text) == [
+        f"routing.cohorts.beta.file: cannot read cohort file {missing}: "
+        "No such file or directory (line 12)"
+    ]
+
+
+def test_cohort_conditions_need_a_known_cohort_and_a_sticky_key(tmp_path: Path) -> None:
+    text = with_routing(
+        """\
+        rules:
+          - {name: beta, match: {cohort: beta}, to: canary}
+          - {name: gamma, match: {cohort: gama}, to: canary}
+        cohorts:
+          beta: {keys: [alice]}
+          gamma: {keys: [bob]}
+        """
+    )
+    assert problems(tmp_path, text) == [
+        "routing.rules[0].match.cohort: needs routing.sticky.key "
+        "(cohorts are compared with the sticky key) (line 10)",
+        "routing.rules[1].match.cohort: no cohort named 'gama' in routing.cohorts "
+        "(did you mean 'gamma'?) (line 11)",
+    ]
+
+
+def test_rule_problems(tmp_path: Path) -> None:
+    text = with_routing(
+        """\
+        rules:
+          - {name: qa, match: {header: {X-Canary: always}}, to: canry}
+          - {name: qa, match: {path_prefix: /x}, to: stable}
+          - {name: qa, match: {}, to: canary}
+          - {name: 'bad name', match: {path_prefix: x}, to: canary}
+          - {match: {method: POST}}
+        """
+    )
+    assert problems(tmp_path, text) == [
+        "routing.rules[0].to: must be 'stable' or 'canary', got 'canry' (line 10)",
+        "routing.rules[2].match: must have at least one condition "
+        "(header, cookie, cohort, path_prefix, method) (line 12)",
+        "routing.rules[3].name: must be a rule name ([A-Za-z0-9_.:-]+), got 'bad name' (line 13)",
+        "routing.rules[3].match.path_prefix: must start with '/', got 'x' (line 13)",
+        "routing.rules[4].name: is required (line 14)",
+        "routing.rules[4].to: is required (line 14)",
+    ]
+
+
+def test_duplicate_rule_names(tmp_path: Path) -> None:
+    text = with_routing(
+        """\
+        rules:
+          - {name: qa, match: {path_prefix: /a}, to: canary}
+          - {name: qa, match: {path_prefix: /b}, to: stable}
+        """
+    )
+    assert problems(tmp_path, text) == [
+        "routing.rules[1]: duplicate rule name 'qa' (first on line 10) (line 11)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "written", "message"),
+    [
+        ("idle_timeout", "0", "must be a duration greater than 0, got 0"),
+        ("idle_timeout", "-1s", "must be a duration like 500ms, 2s or 1m, got '-1s'"),
+        ("drain_timeout", "2h", "must be a duration like 500ms, 2s or 1m, got '2h'"),
+        (
+            "max_header_bytes",
+            "100",
+            "must be between 1KiB (1024) and 1MiB (1048576) bytes, got 100",
+        ),
+        (
+            "max_header_bytes",
+            "2MiB",
+            "must be between 1KiB (1024) and 1MiB (1048576) bytes, got '2MiB'",
+        ),
+        ("max_body_bytes", "0", "must be greater than 0, got 0"),
+        (
+            "max_body_bytes",
+            "1KB",
+            "must be a size like 16384, 64KiB or 100MiB (units B, KiB, MiB, GiB; not KB/MB/GB), "
+            "got '1KB'",
+        ),
+    ],
+)
+def test_bad_limits(tmp_path: Path, key: str, written: str, message: str) -> None:
+    text = MINIMAL + f"limits:\n  {key}: {written}\n"
+    assert problems(tmp_path, text) == [f"limits.{key}: {message} (line 9)"]
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, MINIMAL + "routing:\n  weight: [10\n  sticky: x\n")
+    assert problem.startswith("invalid YAML: ")
+    assert problem.endswith("(line 10)")
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    text = MINIMAL + "routing:\n  weight: 5\n  weight: 10\n"
+    assert problems(tmp_path, text) == ["routing.weight: duplicate key (first on line 9) (line 10)"]
+    assert problems(tmp_path, MINIMAL + "stable: green\n") == [
+        "stable: duplicate key (first on line 1) (line 8)"
+    ]
+
+
+def test_the_document_must_be_a_mapping(tmp_path: Path) -> None:
+    assert problems(tmp_path, "- 1\n") == ["must be a mapping, got a list (line 1)"]
+    assert problems(tmp_path, "") == ["the file is empty: versions, stable and canary are required"]
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(str(missing))
+    assert str(info.value) == f"cannot read config file {missing}: No such file or directory"
+
+
+def test_problem_and_render_problems() -> None:
+    assert str(Problem("routing.weight", "bad", 3)) == "routing.weight: bad (line 3)"
+    assert str(Problem("", "bad", None)) == "bad"
+    err = ConfigError([Problem("a", "x", 1), Problem("b", "y", 2)], "/etc/turnout.yaml")
+    assert (
+        config.render_problems(err)
+        == "/etc/turnout.yaml: 2 problems\n  a: x (line 1)\n  b: y (line 2)"
+    )
+    assert err.problems[1] == Problem("b", "y", 2)
