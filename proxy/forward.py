@@ -55,13 +55,26 @@ def error_response(status: int, version: str | None, cause: str, expose: bool) -
 
 
 class Exchange:
-    __slots__ = (
-        "client", "snap", "decision", "version", "method", "head_bytes", "head",
-        "keep_alive", "http11", "t0", "conn", "pool", "req_buf", "req_buffered",
-        "req_done", "req_bytes", "sent", "timer", "resp_pending", "resp_mode",
-        "resp_started", "status", "done", "tunnel", "upgrade", "tunnel_buf",
-        "interim", "is_head", "tried", "close_client", "resp_keep_alive",
-    )  # fmt: skip
+    # No __slots__: most fields keep their class-level default for the whole
+    # exchange, and not assigning them makes construction cheaper.
+    conn: UpstreamConnection | None = None
+    pool: Pool | None = None
+    req_buffered = 0
+    req_done = False
+    req_bytes = 0
+    sent = False
+    timer: asyncio.TimerHandle | None = None
+    resp_pending: bytes | None = None
+    resp_mode = NONE
+    resp_started = False
+    resp_keep_alive = True
+    status = 0
+    done = False
+    tunnel = False
+    tunnel_buf = b""
+    interim = False
+    tried: Pool | None = None
+    close_client = False
 
     def __init__(
         self,
@@ -80,40 +93,19 @@ class Exchange:
         self.decision = decision
         self.version = decision.version
         self.method = method
-        self.head_bytes = head_bytes
         self.head = head
         self.keep_alive = keep_alive
         self.http11 = http11
         self.upgrade = upgrade
-        self.t0 = time.perf_counter()
-        self.conn: UpstreamConnection | None = None
-        self.pool: Pool | None = None
-        self.req_buf: list[bytes] = [head_bytes]
-        self.req_buffered = 0
-        self.req_done = False
-        self.req_bytes = 0
-        self.sent = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.resp_pending: bytes | None = None
-        self.resp_mode = NONE
-        self.resp_started = False
-        self.resp_keep_alive = True
-        self.status = 0
-        self.done = False
-        self.tunnel = False
-        self.tunnel_buf = b""
-        self.interim = False
         self.is_head = method == b"HEAD"
-        self.tried: Pool | None = None
-        self.close_client = False
+        self.req_buf: list[bytes] = [head_bytes]
+        self.t0 = time.perf_counter()
 
     # -- start ------------------------------------------------------------------------
 
     def start(self) -> None:
         snap = self.snap
-        rec = self.client.recorder
-        rec.decided(self.decision.label)
-        rec.started(self.version)
+        self.client.recorder.begin(self.decision.label, self.version)
         length = self.head.content_length
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
@@ -130,7 +122,7 @@ class Exchange:
         if conn is not None:
             self.attach(conn)
         else:
-            asyncio.get_running_loop().create_task(self.connect(pool))
+            self.client.loop.create_task(self.connect(pool))
 
     async def connect(self, pool: Pool) -> None:
         try:
@@ -173,9 +165,8 @@ class Exchange:
 
     def arm_timer(self) -> None:
         if self.timer is None and not self.upgrade:
-            loop = asyncio.get_running_loop()
             timeout = self.snap.config.limits.response_timeout
-            self.timer = loop.call_later(timeout, self.timed_out)
+            self.timer = self.client.loop.call_later(timeout, self.timed_out)
 
     def timed_out(self) -> None:
         self.timer = None

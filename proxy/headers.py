@@ -81,42 +81,58 @@ class RequestHead:
         self.routing: dict[str, str] = {}  # lower-case name -> value, for decide()
 
 
-def scan_request(headers: list[tuple[bytes, bytes]], wanted: tuple[bytes, ...]) -> RequestHead:
+_REQ_NAMES = (
+    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+    b"proxy-connection", b"te", b"trailer", b"upgrade", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"x-turnout-shadow",
+)  # fmt: skip
+_SLOW = frozenset(_REQ_NAMES[2:])
+
+
+def request_scanner(wanted: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """One regex that finds, in a header block, every line the proxy must look at."""
+    names = sorted(set(_REQ_NAMES) | set(wanted), key=len, reverse=True)
+    alt = b"|".join(re.escape(n) for n in names)
+    return re.compile(rb"\r\n(" + alt + rb")[ \t]*:[ \t]*([^\r]*)", re.I)
+
+
+def scan_request(
+    headers: list[tuple[bytes, bytes]], scanner: re.Pattern[bytes], wanted: frozenset[bytes]
+) -> RequestHead:
     """Classify the client's headers: framing, routing inputs, the block to forward.
 
-    `wanted` holds the lower-case names that routing reads.
+    `scanner` comes from `request_scanner(wanted)`; `wanted` holds the lower-case
+    names that routing reads.
     """
     block = b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n" if headers else b"\r\n"
-    low = block.lower()
     head = RequestHead(block)
-    for name in wanted:
-        if name == b"cookie":  # several Cookie lines are one list of cookies
-            values = [v for n, v in headers if n.lower() == b"cookie"]
-            value = b"; ".join(values) if values else None
-        else:
-            value = header_value(block, low, name)
-        if value is not None:
-            head.routing[name.decode("latin-1")] = value.decode("latin-1")
-    i = low.find(b"\r\nhost:")
-    if i != -1:
-        if low.find(b"\r\nhost:", i + 7) != -1:
-            raise HeaderError("duplicate Host header")
-        head.host = block[i + 7 : low.find(b"\r\n", i + 7)].strip()
-    if b"\r\ncontent-length:" in low:
-        head.content_length = _content_length(headers)
-    if _REQ_SPECIAL.search(low) is not None:
-        _scan_special(head, headers, low)
+    slow = False
+    routing = head.routing
+    for name, value in scanner.findall(block):
+        name = name.lower()
+        value = value.rstrip()
+        if name in wanted:
+            key = name.decode("latin-1")
+            if name == b"cookie" and key in routing:  # several Cookie lines: one list
+                routing[key] += "; " + value.decode("latin-1")
+            elif key not in routing:
+                routing[key] = value.decode("latin-1")
+        if name == b"host":
+            if head.host is not None:
+                raise HeaderError("duplicate Host header")
+            head.host = value
+        elif name == b"content-length":
+            if not value.isdigit():
+                raise HeaderError("invalid Content-Length")
+            length = int(value)
+            if head.content_length is not None and head.content_length != length:
+                raise HeaderError("conflicting Content-Length headers")
+            head.content_length = length
+        elif name in _SLOW:
+            slow = True
+    if slow:
+        _scan_special(head, headers, block.lower())
     return head
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    values = {v.strip() for n, v in headers if n.lower() == b"content-length"}
-    if len(values) != 1:
-        raise HeaderError("conflicting Content-Length headers")
-    (value,) = values
-    if not value.isdigit():
-        raise HeaderError("invalid Content-Length")
-    return int(value)
 
 
 def _scan_special(head: RequestHead, headers: list[tuple[bytes, bytes]], low: bytes) -> None:
@@ -171,26 +187,41 @@ class ResponseHead:
         self.block = block  # "\r\nName: value" lines, ending with "\r\n"
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+_RESP_SCAN = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|x-turnout-version|content-length)[ \t]*:[ \t]*([^\r]*)",
+    re.I,
+)
+
+
 def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
     """`block` is the raw header lines of a response, starting "\\r\\n" (no status line)."""
-    low = block.lower()
     head = ResponseHead(block)
-    if _RESP_HOP.search(low) is not None:
-        te = header_value(block, low, b"transfer-encoding")
-        head.chunked = te is not None and te.lower().endswith(b"chunked")
-        tokens = _tokens(header_value(block, low, b"connection"))
-        upgrade = header_value(block, low, b"upgrade") if keep_upgrade else None
+    hop = False
+    tokens: frozenset[bytes] = frozenset()
+    upgrade = None
+    for name, value in _RESP_SCAN.findall(block):
+        name = name.lower()
+        if name == b"content-length":
+            value = value.rstrip()
+            if value.isdigit():
+                head.content_length = int(value)
+            continue
+        hop = True
+        if name == b"transfer-encoding":
+            head.chunked = value.lower().endswith(b"chunked")
+        elif name == b"connection":
+            if value.rstrip().lower() not in _PLAIN_CONNECTION:
+                tokens = tokens | _tokens(value)
+        elif name == b"upgrade":
+            upgrade = value
+    if hop:
         block = _RESP_HOP.sub(b"", block)
         extra = tokens - {b"close", b"keep-alive", b"upgrade", b"content-length"}
         if extra:
             block = _drop_named(block, frozenset(extra))
-        if upgrade is not None:
+        if keep_upgrade and upgrade is not None:
             block = block + b"Upgrade: %s\r\n" % upgrade
         head.block = block
-        low = block.lower()
-    i = low.find(b"\r\ncontent-length:")
-    if i != -1:
-        value = block[i + 17 : low.find(b"\r\n", i + 17)].strip()
-        if value.isdigit():
-            head.content_length = int(value)
     return head

@@ -55,11 +55,10 @@ class Recorder:
 
     # -- hot path -----------------------------------------------------------------
 
-    def decided(self, label: tuple[str, str]) -> None:
+    def begin(self, label: tuple[str, str], version: str) -> None:
+        """A routing decision was made and its exchange started."""
         d = self.decisions
         d[label] = d.get(label, 0) + 1
-
-    def started(self, version: str) -> None:
         f = self.in_flight
         f[version] = f.get(version, 0) + 1
 

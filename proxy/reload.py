@@ -103,7 +103,7 @@ class Reloader:
             folders = self._folders()
             try:
                 async for _ in awatch(
-                    *folders, stop_event=self.stop_event, debounce=50, step=20,
+                    *folders, stop_event=self.stop_event, debounce=100, step=250,
                     recursive=False, yield_on_timeout=False,
                 ):  # fmt: skip
                     self._check("file change")

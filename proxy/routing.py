@@ -22,6 +22,7 @@ from urllib.parse import unquote
 import mmh3
 
 from .config import Config, Rule
+from .headers import request_scanner
 
 COOKIE_NAME = "turnout_id"
 
@@ -145,7 +146,8 @@ class Table:
             wanted.add(self.key_name)
         if self.needs_cookies:
             wanted.add("cookie")
-        self.wanted = tuple(sorted(w.encode("latin-1") for w in wanted))
+        self.wanted = frozenset(w.encode("latin-1") for w in wanted)
+        self.scanner = request_scanner(tuple(sorted(self.wanted)))
         self.rollback = Decision(stable, "rollback")
         self.random_decisions = (Decision(stable, "random"), Decision(canary, "random"))
         self.anonymous_decision = Decision(stable, "anonymous")

@@ -42,12 +42,13 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "recorder", "transport", "parser", "peer", "peer_bytes", "url",
         "headers", "header_bytes", "current", "queue", "paused", "tunnel", "closed",
-        "idle_since", "reject", "last", "writing_paused",
+        "idle_since", "reject", "last", "writing_paused", "loop",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.recorder = server.runtime.recorder
+        self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpRequestParser(self)
         self.peer = ""
@@ -174,7 +175,7 @@ class ClientConnection(asyncio.Protocol):
             target = _origin_form(target)
         snap = self.server.runtime.snapshot
         table = snap.table
-        head = scan_request(self.headers, table.wanted)
+        head = scan_request(self.headers, table.scanner, table.wanted)
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
         if head.chunked and head.content_length is not None:

@@ -1,0 +1,118 @@
+"""Header rewriting, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.headers import (
+    HeaderError,
+    request_scanner,
+    scan_request,
+    scan_response,
+    upstream_request,
+)
+
+WANTED = frozenset({b"x-user-id", b"cookie"})
+SCANNER = request_scanner(tuple(sorted(WANTED)))
+
+
+def scan(headers):
+    return scan_request(headers, SCANNER, WANTED)
+
+
+def test_plain_request_keeps_every_header_and_adds_forwarding():
+    head = scan([(b"Host", b"shop.example"), (b"X-User-Id", b"alice"), (b"Accept", b"*/*")])
+    assert head.host == b"shop.example"
+    assert head.routing == {"x-user-id": "alice"}
+    out = upstream_request(b"GET", b"/a?b=1", head, b"10.1.2.3", False)
+    assert out.startswith(b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\n")
+    assert b"X-User-Id: alice\r\nAccept: */*\r\n" in out
+    assert b"X-Forwarded-For: 10.1.2.3\r\n" in out
+    assert b"X-Forwarded-Proto: http\r\n" in out
+    assert b"X-Forwarded-Host: shop.example\r\n" in out
+    assert out.endswith(b"\r\n\r\n")
+
+
+def test_hop_by_hop_and_connection_listed_headers_are_removed():
+    head = scan(
+        [
+            (b"Host", b"h"),
+            (b"Connection", b"keep-alive, X-Secret"),
+            (b"X-Secret", b"s"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Proxy-Connection", b"keep-alive"),
+            (b"TE", b"gzip"),
+            (b"Upgrade", b"h2c"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"evil"),
+            (b"X-Forwarded-For", b"1.1.1.1"),
+            (b"X-Keep", b"yes"),
+        ]
+    )
+    out = upstream_request(b"GET", b"/", head, b"127.0.0.1", False).lower()
+    for gone in (
+        b"x-secret",
+        b"keep-alive:",
+        b"proxy-connection",
+        b"te:",
+        b"upgrade",
+        b"https",
+        b"evil",
+    ):
+        assert gone not in out, gone
+    assert b"x-keep: yes" in out
+    assert b"x-forwarded-for: 1.1.1.1, 127.0.0.1\r\n" in out
+
+
+def test_te_trailers_is_kept_and_chunked_reframed():
+    head = scan([(b"Host", b"h"), (b"TE", b"trailers"), (b"Transfer-Encoding", b"chunked")])
+    assert head.chunked
+    out = upstream_request(b"POST", b"/", head, b"p", False)
+    assert b"TE: trailers\r\n" in out and b"Transfer-Encoding: chunked\r\n" in out
+
+
+def test_several_cookie_lines_are_one_list():
+    head = scan([(b"Host", b"h"), (b"Cookie", b"a=1"), (b"Cookie", b"b=2")])
+    assert head.routing["cookie"] == "a=1; b=2"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Host", b"a"), (b"Host", b"b")],
+        [(b"Host", b"a"), (b"Content-Length", b"5"), (b"Content-Length", b"6")],
+        [(b"Host", b"a"), (b"Content-Length", b"-1")],
+    ],
+)
+def test_unsafe_requests_are_refused(headers):
+    with pytest.raises(HeaderError):
+        scan(headers)
+
+
+def test_upgrade_keeps_upgrade_and_sets_connection():
+    head = scan([(b"Host", b"h"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")])
+    out = upstream_request(b"GET", b"/ws", head, b"p", True)
+    assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in out
+
+
+def test_response_hop_by_hop_removed_and_length_found():
+    block = (
+        b"\r\nServer: x\r\nContent-Length: 12\r\nConnection: keep-alive, X-Drop\r\n"
+        b"X-Drop: 1\r\nKeep-Alive: timeout=5\r\nX-Turnout-Version: spoofed\r\nX-Ok: 1\r\n"
+    )
+    rh = scan_response(block, False)
+    assert rh.content_length == 12 and not rh.chunked
+    low = rh.block.lower()
+    assert b"connection" not in low and b"x-drop" not in low and b"keep-alive" not in low
+    assert b"spoofed" not in low
+    assert b"x-ok: 1\r\n" in low and b"content-length: 12\r\n" in low
+
+
+def test_response_chunked_detected_and_te_removed():
+    rh = scan_response(b"\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n", False)
+    assert rh.chunked and b"transfer-encoding" not in rh.block.lower()
+
+
+def test_plain_response_block_untouched():
+    block = b"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+    assert scan_response(block, False).block is block
