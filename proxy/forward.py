@@ -75,6 +75,7 @@ class Exchange:
     interim = False
     tried: Pool | None = None
     close_client = False
+    held = False  # a chunked request body is being collected before dispatch
 
     def __init__(
         self,
@@ -109,6 +110,11 @@ class Exchange:
         length = self.head.content_length
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
+            return
+        if self.head.chunked and not self.head.expect_continue:
+            # Hold a chunked body until it has parsed whole (or grown past the
+            # connect buffer), so a malformed small body never reaches an upstream.
+            self.held = True
             return
         self.dispatch(None)
 
@@ -154,6 +160,12 @@ class Exchange:
         self.conn = conn
         conn.exchange = self
         buf = self.req_buf
+        if self.head.host is None:
+            # An HTTP/1.0 request may lack Host; HTTP/1.1 upstreams require one
+            # (RFC 9112 §3.2): name the endpoint being dialled.
+            line_end = buf[0].index(b"\r\n") + 2
+            host = conn.pool.endpoint.key.encode()
+            buf[0] = b"%sHost: %s\r\n%s" % (buf[0][:line_end], host, buf[0][line_end:])
         conn.send(buf[0] if len(buf) == 1 else b"".join(buf))
         self.req_buf = []
         self.sent = True
@@ -190,7 +202,11 @@ class Exchange:
             self.req_buf.append(data)
             self.req_buffered += len(data)
             if self.req_buffered > CONNECT_BUFFER:
-                self.client.pause_reading(4)
+                if self.held:
+                    self.held = False
+                    self.dispatch(None)
+                if not self.sent:
+                    self.client.pause_reading(4)
 
     def request_complete(self) -> None:
         self.req_done = True
@@ -201,7 +217,10 @@ class Exchange:
                 self.conn.send(b"0\r\n\r\n")  # type: ignore[union-attr]
             else:
                 self.req_buf.append(b"0\r\n\r\n")
-        if self.sent:
+        if self.held:
+            self.held = False
+            self.dispatch(None)
+        elif self.sent:
             self.arm_timer()
 
     # -- response (upstream -> client) ----------------------------------------------------

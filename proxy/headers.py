@@ -66,7 +66,7 @@ class RequestHead:
 
     __slots__ = (
         "host", "content_length", "chunked", "expect_continue", "upgrade", "xff",
-        "te_trailers", "block", "routing",
+        "te_trailers", "block", "routing", "special",
     )  # fmt: skip
 
     def __init__(self, block: bytes) -> None:
@@ -79,6 +79,7 @@ class RequestHead:
         self.te_trailers = False
         self.block = block  # "\r\nName: value" lines to forward, ending with "\r\n"
         self.routing: dict[str, str] = {}  # lower-case name -> value, for decide()
+        self.special = False  # hop-by-hop, forwarding or framing headers were present
 
 
 _REQ_NAMES = (
@@ -96,15 +97,19 @@ def request_scanner(wanted: tuple[bytes, ...]) -> re.Pattern[bytes]:
     return re.compile(rb"\r\n(" + alt + rb")[ \t]*:[ \t]*([^\r]*)", re.I)
 
 
-def scan_request(
-    headers: list[tuple[bytes, bytes]], scanner: re.Pattern[bytes], wanted: frozenset[bytes]
-) -> RequestHead:
+def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Parsed (name, value) pairs back into a block of lines."""
+    if not headers:
+        return b"\r\n"
+    return b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
+
+
+def scan_request(block: bytes, scanner: re.Pattern[bytes], wanted: frozenset[bytes]) -> RequestHead:
     """Classify the client's headers: framing, routing inputs, the block to forward.
 
-    `scanner` comes from `request_scanner(wanted)`; `wanted` holds the lower-case
-    names that routing reads.
+    `block` is "\\r\\nName: value" lines ending "\\r\\n"; `scanner` comes from
+    `request_scanner(wanted)`; `wanted` holds the lower-case names routing reads.
     """
-    block = b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n" if headers else b"\r\n"
     head = RequestHead(block)
     slow = False
     routing = head.routing
@@ -131,11 +136,15 @@ def scan_request(
         elif name in _SLOW:
             slow = True
     if slow:
-        _scan_special(head, headers, block.lower())
+        head.special = True
+        _scan_special(head, block.lower())
     return head
 
 
-def _scan_special(head: RequestHead, headers: list[tuple[bytes, bytes]], low: bytes) -> None:
+_XFF = re.compile(rb"\r\nx-forwarded-for[ \t]*:[ \t]*([^\r]*)", re.I)
+
+
+def _scan_special(head: RequestHead, low: bytes) -> None:
     """The slow path: hop-by-hop, forwarding and upgrade headers are present."""
     block = head.block
     te = header_value(block, low, b"transfer-encoding")
@@ -146,7 +155,7 @@ def _scan_special(head: RequestHead, headers: list[tuple[bytes, bytes]], low: by
     head.te_trailers = te_value is not None and te_value.lower() == b"trailers"
     expect = header_value(block, low, b"expect")
     head.expect_continue = expect is not None and expect.lower() == b"100-continue"
-    xff = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
+    xff = [v.rstrip() for v in _XFF.findall(block)]
     head.xff = b", ".join(xff) if xff else None
     drop = set(_tokens(header_value(block, low, b"connection")))
     drop.update(

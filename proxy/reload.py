@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load
 from .runtime import Runtime
 
 log = logging.getLogger("turnout.reload")
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every event at INFO
 
 POLL_INTERVAL = 2.0  # a backstop for filesystems where change events are lost
 
@@ -91,6 +92,17 @@ class Reloader:
         if fingerprint(self.runtime.config) != self.seen:
             self.reload(reason)
 
+    def _relevant(self, change: object, path: str) -> bool:
+        """Only the config, its ConfigMap `..` entries and cohort files matter."""
+        cfg = self.runtime.config
+        name = os.path.basename(path)
+        return (
+            name == os.path.basename(cfg.path)
+            or name.startswith("..")
+            or path in cfg.routing.cohort_files
+            or any(name == os.path.basename(p) for p in cfg.routing.cohort_files)
+        )
+
     def _folders(self) -> list[str]:
         cfg = self.runtime.config
         folders = {os.path.dirname(cfg.path)}
@@ -103,8 +115,8 @@ class Reloader:
             folders = self._folders()
             try:
                 async for _ in awatch(
-                    *folders, stop_event=self.stop_event, debounce=100, step=250,
-                    recursive=False, yield_on_timeout=False,
+                    *folders, watch_filter=self._relevant, stop_event=self.stop_event,
+                    debounce=100, step=250, recursive=False, yield_on_timeout=False,
                 ):  # fmt: skip
                     self._check("file change")
                     if self._folders() != folders:

@@ -6,6 +6,7 @@ import pytest
 
 from proxy.headers import (
     HeaderError,
+    header_block,
     request_scanner,
     scan_request,
     scan_response,
@@ -17,7 +18,7 @@ SCANNER = request_scanner(tuple(sorted(WANTED)))
 
 
 def scan(headers):
-    return scan_request(headers, SCANNER, WANTED)
+    return scan_request(header_block(headers), SCANNER, WANTED)
 
 
 def test_plain_request_keeps_every_header_and_adds_forwarding():

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -22,13 +23,21 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from ..forward import Exchange, error_response
-from ..headers import HeaderError, scan_request, upstream_request
+from ..headers import HeaderError, RequestHead, header_block, scan_request, upstream_request
 from ..routing import RequestView, decide
 
 if TYPE_CHECKING:
+    from ..runtime import Snapshot
     from ..server import Server
 
 PAUSE_PIPELINE = 1  # other bits: 2 upstream back-pressure, 4 connect buffer
+
+# One whole bodiless request in strict RFC 9112 grammar: origin-form target,
+# token header names, visible-ASCII/obs-text values. Anything else goes to httptools.
+_FAST_REQUEST = re.compile(
+    rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.([01])"
+    rb"((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*)\r\n\r\n"
+)
 
 
 class _Reject(Exception):
@@ -42,7 +51,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "recorder", "transport", "parser", "peer", "peer_bytes", "url",
         "headers", "header_bytes", "current", "queue", "paused", "tunnel", "closed",
-        "idle_since", "reject", "last", "writing_paused", "loop",
+        "idle_since", "reject", "last", "writing_paused", "loop", "in_message", "eof",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -65,6 +74,8 @@ class ClientConnection(asyncio.Protocol):
         self.reject: _Reject | None = None
         self.last: Exchange | None = None  # the exchange whose request is being read
         self.writing_paused = False
+        self.in_message = False  # httptools holds part of a request
+        self.eof = False  # the client half-closed its side
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -79,6 +90,14 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
+        if (
+            self.current is None
+            and not self.in_message
+            and data[-4:] == b"\r\n\r\n"
+            and len(data) <= self.server.max_header_bytes
+            and self.fast_request(data)
+        ):
+            return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as up:
@@ -87,7 +106,11 @@ class ClientConnection(asyncio.Protocol):
             self.bad_request(self.reject or _Reject(400, _parse_cause(exc)))
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel.client_lost()  # a tunnel ends when either side ends it
+            return None
         # A half-closed client may still be waiting for its answer.
+        self.eof = True
         return True if self.current is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -116,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
     # -- parser callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.in_message = True
         self.url = b""
         self.headers = []
         self.header_bytes = 0
@@ -157,12 +181,36 @@ class ClientConnection(asyncio.Protocol):
             ex.request_body(body)
 
     def on_message_complete(self) -> None:
+        self.in_message = False
         ex = self.last
         self.last = None
         if ex is not None:
             ex.request_complete()
 
     # -- exchanges --------------------------------------------------------------------
+
+    def fast_request(self, data: bytes) -> bool:
+        """Serve a lone, bodiless, plainly formed request without httptools.
+
+        Returns False, having changed nothing, when the request needs the full parser.
+        """
+        m = _FAST_REQUEST.fullmatch(data)
+        if m is None:
+            return False
+        method, target, minor, block = m.groups()
+        snap = self.server.runtime.snapshot
+        try:
+            head = scan_request(block + b"\r\n", snap.table.scanner, snap.table.wanted)
+        except HeaderError:
+            return False
+        if head.special or head.content_length is not None or head.host is None:
+            return False
+        ex = self.exchange_for(snap, method, target, head, minor == b"1", minor == b"1", False)
+        self.last = None
+        self.current = ex
+        ex.start()
+        ex.request_complete()
+        return True
 
     def new_exchange(self) -> Exchange:
         p = self.parser
@@ -174,13 +222,24 @@ class ClientConnection(asyncio.Protocol):
         if target[:1] != b"/":
             target = _origin_form(target)
         snap = self.server.runtime.snapshot
-        table = snap.table
-        head = scan_request(self.headers, table.scanner, table.wanted)
+        head = scan_request(header_block(self.headers), snap.table.scanner, snap.table.wanted)
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
         if head.chunked and head.content_length is not None:
             raise _Reject(400, "both Content-Length and Transfer-Encoding")
         upgrade = head.upgrade is not None and p.should_upgrade()
+        return self.exchange_for(snap, method, target, head, http11, p.should_keep_alive(), upgrade)
+
+    def exchange_for(
+        self,
+        snap: Snapshot,
+        method: bytes,
+        target: bytes,
+        head: RequestHead,
+        http11: bool,
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> Exchange:
         path, _, query = target.partition(b"?")
         view = RequestView(
             method.decode("latin-1"),
@@ -189,16 +248,16 @@ class ClientConnection(asyncio.Protocol):
             head.routing,
             self.peer,
         )
-        decision = decide(view, table)
+        decision = decide(view, snap.table)
         head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
-        keep_alive = p.should_keep_alive() and not self.server.draining
+        keep_alive = keep_alive and not self.server.draining
         return Exchange(self, snap, decision, method, head_bytes, head, keep_alive, http11, upgrade)
 
     def exchange_done(self, ex: Exchange) -> None:
         if ex is not self.current or self.tunnel is not None:
             return
         self.current = None
-        if ex.close_client or self.closed or self.server.draining:
+        if ex.close_client or self.closed or self.server.draining or self.eof:
             self.close()
             return
         self.idle_since = time.monotonic()
