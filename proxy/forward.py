@@ -15,12 +15,12 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import TYPE_CHECKING
 
-from .headers import RequestHead, scan_response
+from .headers import STRICT_BLOCK as _STRICT_BLOCK
+from .headers import RequestHead, ResponseHead, scan_response
 from .http.upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Exchange:
     req_done = False
     req_bytes = 0
     sent = False
-    timer: asyncio.TimerHandle | None = None
+    deadline = 0.0  # perf_counter() by which the response head must arrive; 0: none
     resp_pending: bytes | None = None
     resp_mode = NONE
     resp_started = False
@@ -176,12 +176,22 @@ class Exchange:
             self.arm_timer()
 
     def arm_timer(self) -> None:
-        if self.timer is None and not self.upgrade:
-            timeout = self.snap.config.limits.response_timeout
-            self.timer = self.client.loop.call_later(timeout, self.timed_out)
+        """Wait for the response head at most `response_timeout` from now.
+
+        A deadline in a shared table that the server checks ten times a second
+        costs less than a timer per request.
+        """
+        if not self.upgrade and not self.status:
+            self.deadline = time.perf_counter() + self.snap.config.limits.response_timeout
+            self.client.server.awaiting[self] = None
+
+    def awaiting_done(self) -> None:
+        if self.deadline:
+            self.deadline = 0.0
+            self.client.server.awaiting.pop(self, None)
 
     def timed_out(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         if not self.done and not self.resp_started and self.resp_pending is None:
             self.upstream_failed("timeout", "upstream response timeout", 504)
 
@@ -236,13 +246,23 @@ class Exchange:
             if self.http11 and (status != 100 or self.head.expect_continue):
                 self.client.transport.write(status_line + b"\r\n\r\n")
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.awaiting_done()
+        upgrading = status == 101 and self.upgrade
+        self.resp_pending = self.client_head(
+            status, status_line, scan_response(head[sle:], upgrading), keep_alive, upgrading
+        )
+        if self.is_head and not upgrading:
+            # httptools cannot be told the response had no body: finish here and
+            # give the connection a fresh parser before it is reused.
+            self.conn.stale_parser = True  # type: ignore[union-attr]
+            self.response_complete()
+
+    def client_head(
+        self, status: int, status_line: bytes, rh: ResponseHead, keep_alive: bool, upgrading: bool
+    ) -> bytes:
+        """The response head for the client; sets the framing of the body to follow."""
         self.status = status
         self.resp_keep_alive = keep_alive
-        upgrading = status == 101 and self.upgrade
-        rh = scan_response(head[sle:], upgrading)
         client_close = self.close_client or not self.keep_alive or self.client.closing()
         if upgrading:
             mode = NONE
@@ -276,13 +296,36 @@ class Exchange:
                 b"Set-Cookie: turnout_id=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000\r\n"
                 % self.decision.set_cookie.encode()
             )
-        parts = (status_line, rh.block, framing, b"\r\n")
-        self.resp_pending = b"".join(parts)
-        if self.is_head and not upgrading:
-            # httptools cannot be told the response had no body: finish here and
-            # give the connection a fresh parser before it is reused.
-            self.conn.stale_parser = True  # type: ignore[union-attr]
-            self.response_complete()
+        return b"".join((status_line, rh.block, framing, b"\r\n"))
+
+    def whole_response(self, data: bytes, end: int) -> bool:
+        """Relay a complete, plainly formed response read in one piece, without httptools.
+
+        `end` is where its head ends. Returns False, having changed nothing, when
+        the response needs the full parser.
+        """
+        if data[:9] != b"HTTP/1.1 " or self.is_head or self.upgrade:
+            return False
+        code = data[9:12]
+        if not code.isdigit() or data[12:13] not in (b" ", b"\r"):
+            return False
+        status = int(code)
+        if status < 200 or status in NO_BODY_STATUS:
+            return False
+        sle = data.find(b"\r\n")
+        block = data[sle : end + 2]
+        if _STRICT_BLOCK.fullmatch(block) is None:
+            return False
+        rh = scan_response(block, False)
+        length = rh.content_length
+        if length is None or rh.chunked or len(data) != end + 4 + length:
+            return False
+        self.awaiting_done()
+        head = self.client_head(status, data[:sle], rh, not rh.close, False)
+        self.client.transport.write(head + data[end + 4 :] if length else head)
+        self.resp_started = True
+        self.release()
+        return True
 
     def flush_response_head(self) -> None:
         pending = self.resp_pending
@@ -316,6 +359,10 @@ class Exchange:
         self.resp_started = True
         if out:
             self.client.transport.write(out)
+        self.release()
+
+    def release(self) -> None:
+        """The response went out whole: return the upstream connection and finish."""
         conn = self.conn
         self.conn = None
         if conn is not None:
@@ -383,9 +430,7 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.awaiting_done()
         self.close_client = True
         if self.resp_started:
             self.client.transport.abort()
@@ -409,9 +454,7 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.close()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.awaiting_done()
         self.finish(499, None)
 
     def finish(self, status: int, error: str | None) -> None:

@@ -188,14 +188,17 @@ def upstream_request(
 class ResponseHead:
     """Framing facts of an upstream response, and the header block to relay."""
 
-    __slots__ = ("content_length", "chunked", "block")
+    __slots__ = ("content_length", "chunked", "block", "close")
 
     def __init__(self, block: bytes) -> None:
         self.content_length: int | None = None
         self.chunked = False
+        self.close = False  # the upstream will close the connection after this response
         self.block = block  # "\r\nName: value" lines, ending with "\r\n"
 
 
+# Header lines in strict RFC 9110 grammar: token names, visible ASCII/obs-text values.
+STRICT_BLOCK = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*\r\n")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 _RESP_SCAN = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
@@ -221,8 +224,12 @@ def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
         if name == b"transfer-encoding":
             head.chunked = value.lower().endswith(b"chunked")
         elif name == b"connection":
-            if value.rstrip().lower() not in _PLAIN_CONNECTION:
+            plain = value.rstrip().lower()
+            if plain == b"close":
+                head.close = True
+            elif plain not in _PLAIN_CONNECTION:
                 tokens = tokens | _tokens(value)
+                head.close = head.close or b"close" in tokens
         elif name == b"upgrade":
             upgrade = value
     if hop:

@@ -20,6 +20,7 @@ import time
 
 from .admin.app import AdminServer
 from .config import Config
+from .forward import Exchange
 from .http.downstream import ClientConnection
 from .reload import Reloader
 from .runtime import Runtime
@@ -27,6 +28,7 @@ from .runtime import Runtime
 log = logging.getLogger("turnout")
 
 SWEEP_INTERVAL = 1.0
+DEADLINE_INTERVAL = 0.1
 
 
 class Server:
@@ -34,6 +36,8 @@ class Server:
         self.runtime = Runtime(config)
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
+        # Exchanges waiting for a response head, in the order they started to wait.
+        self.awaiting: dict[Exchange, None] = {}
         self.draining = False
         self.max_header_bytes = config.limits.max_header_bytes
         self.listener: asyncio.base_events.Server | None = None
@@ -68,6 +72,7 @@ class Server:
         await self.admin.start(cfg.admin.host, cfg.admin.port)
         self.reloader.start()
         loop.create_task(self.sweep())
+        loop.create_task(self.expire())
         # Startup objects never die: keep them out of the collector's way, and
         # collect the young generation less often (the hot path makes few cycles).
         gc.freeze()
@@ -90,6 +95,18 @@ class Server:
                 if conn.idle() and conn.idle_since < cutoff:
                     conn.close()
             snap.upstreams.sweep(timeout)
+
+    async def expire(self) -> None:
+        """Answer 504 for exchanges whose response head is overdue."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(DEADLINE_INTERVAL)
+            if not self.awaiting:
+                continue
+            now = time.perf_counter()
+            late = [ex for ex in self.awaiting if 0 < ex.deadline <= now]
+            for ex in late:
+                self.awaiting.pop(ex, None)
+                ex.timed_out()
 
     async def drain(self) -> None:
         """Stop accepting, finish what is in flight (bounded), then stop."""

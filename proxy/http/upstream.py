@@ -60,6 +60,10 @@ class UpstreamConnection(asyncio.Protocol):
             ex.client.transport.write(data)
             return
         if self.want_head:
+            if not self.head_buf:
+                end = data.find(b"\r\n\r\n")
+                if end != -1 and ex.whole_response(data, end):
+                    return
             self.head_buf = self.head_buf + data if self.head_buf else data
             if len(self.head_buf) > MAX_HEAD:
                 ex.upstream_failed("protocol", "upstream response head too large")
