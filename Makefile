@@ -1,0 +1,55 @@
+# Turnout: developer entry points.
+#
+#   make demo    create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
+#   make test    create .venv if needed, then run the whole test suite
+#   make lint    ruff check + ruff format --check
+#   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
+#   make clean   remove caches and build output; `make distclean` also removes .venv
+#
+# .venv is (re)installed only when pyproject.toml is newer than its stamp file.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test lint bench clean distclean
+
+help:
+	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/python -m pip install -e '.[test,bench]'
+	@touch $@
+
+demo: venv
+	$(BIN)/turnout demo
+
+test: venv
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: venv
+	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light wrk; \
+	  else \
+	    echo "bench: nginx and wrk are missing and this is not root;" \
+	         "install them (sudo apt-get install nginx-light wrk) for the full comparison"; \
+	  fi; \
+	fi
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,234 @@
+"""`turnout demo`: plays the release, narrates it, keeps users sticky, stops cleanly on Ctrl-C.
+
+The demo runs as `python -m proxy demo` in a subprocess on free ports
+(TURNOUT_DEMO_PORTS="PROXY,ADMIN,BLUE,GREEN"), so it never collides with a
+demo or proxy already running on the default ports.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from proxy import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARE_LINE = re.compile(
+    r"^\s+(\d+)s\s+weight (\d+)%\s+blue\s+(\d+)% \S+\s+green\s+(\d+)% \S+"
+    r"\s+\(req/s (\d+), errors (\d+)\)$",
+    re.M,
+)
+ARROW = "(?:→|->)"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def demo_env(ports: list[int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        TURNOUT_DEMO_PORTS=",".join(map(str, ports)),
+        PYTHONUNBUFFERED="1",
+        PYTHONIOENCODING="utf-8",
+    )
+    return env
+
+
+def command(duration: float) -> list[str]:
+    return [sys.executable, "-m", "proxy", "demo", "--duration", str(duration)]
+
+
+def assert_ports_released(ports: list[int]) -> None:
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))  # raises if the demo left a listener behind
+
+
+# ------------------------------------------------------------------- the whole demo
+
+
+def test_demo_plays_the_release_and_keeps_users_sticky() -> None:
+    ports = free_ports(4)
+    started = time.monotonic()
+    result = subprocess.run(
+        command(6),
+        cwd=ROOT,
+        env=demo_env(ports),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert elapsed < 60
+    assert "Traceback" not in result.stderr, result.stderr
+
+    # the header says what runs where
+    assert f"http://127.0.0.1:{ports[0]}" in out
+    assert f"http://127.0.0.1:{ports[1]}/status" in out
+    assert f"http://127.0.0.1:{ports[1]}/metrics" in out
+
+    # one live line a second, with each version's share
+    shares = SHARE_LINE.findall(out)
+    assert len(shares) >= 5, out
+    for _second, _weight, blue, green, rate, errors in shares:
+        assert int(blue) + int(green) in (99, 100, 101)
+        assert int(errors) == 0
+        assert int(rate) > 20
+    first, last = shares[0], shares[-1]
+    assert first[1] == "10" and 3 <= int(first[3]) <= 20  # 4 of 40 users at weight 10
+    assert last[1] == "50" and 40 <= int(last[3]) <= 65  # 21 of 40 users at weight 50
+
+    # the weight changes, hot-applied through the file watcher
+    for old, new in (("10", "30"), ("30", "50")):
+        assert re.search(rf"routing\.weight {old} {ARROW} {new}", out), out
+    applied = re.findall(r"applied: generation (\d+) in force after (\d+) ms", out)
+    assert [g for g, _ in applied] == ["2", "3"], out
+    assert all(int(ms) < 5000 for _, ms in applied)
+
+    # stickiness: nobody went from green back to blue
+    assert re.search(r"\b0 flipped from green back to blue\b", out), out
+    assert "misbehave" not in out
+    assert_ports_released(ports)
+
+
+def test_ctrl_c_stops_the_demo_cleanly() -> None:
+    ports = free_ports(4)
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    with subprocess.Popen(
+        command(30),
+        cwd=ROOT,
+        env=demo_env(ports),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+    ) as proc:
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not any(SHARE_LINE.match(line.rstrip("\n")) for line in seen):
+                assert time.monotonic() < deadline, "no live line within 30 s:\n" + "".join(seen)
+                try:
+                    seen.append(lines.get(timeout=1))
+                except queue.Empty:
+                    assert proc.poll() is None, "the demo exited early:\n" + "".join(seen)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            stopped_in = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=5)
+    while not lines.empty():
+        seen.append(lines.get())
+    out = "".join(seen)
+    assert proc.returncode == 0, out
+    assert stopped_in < 15, f"stopping took {stopped_in:.1f} s"
+    assert out.rstrip().splitlines()[-1] == "stopped", out
+    assert "Traceback" not in out, out
+    assert_ports_released(ports)
+
+
+def test_a_busy_port_is_one_line_and_exit_1() -> None:
+    ports = free_ports(4)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[0]))
+        taken.listen()
+        result = subprocess.run(
+            command(5),
+            cwd=ROOT,
+            env=demo_env(ports),
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"{ports[0]} already in use" in result.stderr
+    assert "TURNOUT_DEMO_PORTS" in result.stderr
+
+
+def test_bad_port_override_is_rejected() -> None:
+    env = demo_env([1, 2, 3, 4])
+    env["TURNOUT_DEMO_PORTS"] = "8080,9901"
+    result = subprocess.run(
+        command(5), cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1
+    assert "TURNOUT_DEMO_PORTS must be four ports" in result.stderr
+
+
+# ------------------------------------------------------------------------- pieces
+
+
+def test_ports_default_and_override() -> None:
+    assert demo.ports_from_env({}) == demo.Ports(8080, 9901, 9001, 9002)
+    override = {"TURNOUT_DEMO_PORTS": "18080, 19901,19001,19002"}
+    assert demo.ports_from_env(override) == demo.Ports(18080, 19901, 19001, 19002)
+
+
+def test_builtin_config_matches_config_demo_yaml() -> None:
+    """The copy used when the source tree is absent (an installed wheel) must not drift."""
+    in_repo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    assert in_repo == demo.BUILTIN_CONFIG
+
+
+def test_share_line_shape() -> None:
+    window = demo.Tally(by_version={"blue": 91, "green": 9}, requests=100, errors=0)
+    line = demo.share_line(12, 10, window, ("blue", "green"))
+    m = SHARE_LINE.match(line)
+    assert m, line
+    assert m.groups() == ("12", "10", "91", "9", "100", "0")
+
+
+async def test_upstream_names_itself_and_injects_faults() -> None:
+    port = free_ports(1)[0]
+    green = demo.DemoUpstream("green", port)
+    await green.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{green.url}/cart?x=1") as resp:
+                assert resp.status == 200
+                assert await resp.json() == {
+                    "version": "green",
+                    "path": "/cart?x=1",
+                    "method": "POST",
+                }
+            green.fault_rate = 1.0
+            async with session.get(f"{green.url}/") as resp:
+                assert resp.status == 500
+                assert (await resp.json())["version"] == "green"
+        assert (green.served, green.faults) == (2, 1)
+    finally:
+        await green.stop()
