@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 CONNECT_BUFFER = 256 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 # Response body framing towards the client.
 LENGTH, CHUNKED, UNTIL_CLOSE, NONE = 0, 1, 2, 3
@@ -76,6 +77,8 @@ class Exchange:
     tried: Pool | None = None
     close_client = False
     held = False  # a chunked request body is being collected before dispatch
+    reused = False  # the upstream connection came from the pool
+    body_until_close = False  # the upstream frames its body by closing the connection
 
     def __init__(
         self,
@@ -99,6 +102,7 @@ class Exchange:
         self.http11 = http11
         self.upgrade = upgrade
         self.is_head = method == b"HEAD"
+        self.head_bytes = head_bytes
         self.req_buf: list[bytes] = [head_bytes]
         self.t0 = time.perf_counter()
 
@@ -111,7 +115,7 @@ class Exchange:
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
             return
-        if self.head.chunked and not self.head.expect_continue:
+        if self.head.chunked and not self.head.expect_continue and not self.req_done:
             # Hold a chunked body until it has parsed whole (or grown past the
             # connect buffer), so a malformed small body never reaches an upstream.
             self.held = True
@@ -126,6 +130,7 @@ class Exchange:
         self.pool = pool
         conn = pool.take()
         if conn is not None:
+            self.reused = True
             self.attach(conn)
         else:
             self.client.loop.create_task(self.connect(pool))
@@ -276,7 +281,9 @@ class Exchange:
         elif self.http11:
             mode = CHUNKED
             framing = b"Transfer-Encoding: chunked\r\n"
+            self.body_until_close = not rh.chunked
         else:
+            self.body_until_close = not rh.chunked
             mode = UNTIL_CLOSE
             framing = b""
             client_close = True
@@ -399,21 +406,44 @@ class Exchange:
 
     # -- failures -----------------------------------------------------------------------
 
-    def upstream_lost(self) -> None:
-        """The upstream connection closed under this exchange."""
+    def upstream_lost(self, silent: bool = False) -> None:
+        """The upstream connection closed under this exchange.
+
+        `silent`: not one byte of a response had arrived on it.
+        """
         self.conn = None
+        if silent and self.stale_pooled():
+            return
         if self.tunnel:
             self.client.transport.close()
             return
         if self.done:
             return
-        if self.resp_mode == UNTIL_CLOSE and self.status:
-            self.response_complete()
+        if self.status and self.body_until_close:
+            self.response_complete()  # the upstream's close is the end of its body
             return
         if self.status and self.resp_mode == CHUNKED and not self.is_head:
             self.upstream_failed("reset", "upstream closed mid-response")
             return
         self.upstream_failed("reset", "upstream closed the connection")
+
+    def stale_pooled(self) -> bool:
+        """Retry on a fresh connection when a pooled one turns out to be closed.
+
+        An upstream may close an idle keep-alive connection just as it is reused;
+        the request was then never processed. Only a bodiless request with a safe
+        or idempotent method is resent, and only once.
+        """
+        if not (self.reused and not self.status and self.req_done and not self.req_bytes):
+            return False
+        if self.method not in IDEMPOTENT or self.head.chunked or self.head.content_length:
+            return False
+        self.reused = False
+        self.awaiting_done()
+        self.sent = False
+        self.req_buf = [self.head_bytes]
+        self.client.loop.create_task(self.connect(self.pool))  # type: ignore[arg-type]
+        return True
 
     def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None:
         if self.done:

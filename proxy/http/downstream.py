@@ -198,6 +198,8 @@ class ClientConnection(asyncio.Protocol):
         if m is None:
             return False
         method, target, minor, block = m.groups()
+        if method == b"CONNECT":
+            return False  # refused by the full path, with 405
         snap = self.server.runtime.snapshot
         try:
             head = scan_request(block + b"\r\n", snap.table.scanner, snap.table.wanted)

@@ -65,15 +65,15 @@ class UpstreamConnection(asyncio.Protocol):
                 if end != -1 and ex.whole_response(data, end):
                     return
             self.head_buf = self.head_buf + data if self.head_buf else data
-            if len(self.head_buf) > MAX_HEAD:
-                ex.upstream_failed("protocol", "upstream response head too large")
-                return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as up:
             ex.upgraded(data[up.args[0] :])
         except HttpParserError:
             ex.upstream_failed("protocol", "malformed upstream response")
+            return
+        if self.want_head and len(self.head_buf) > MAX_HEAD:
+            ex.upstream_failed("protocol", "upstream response head too large")
             return
         if ex.resp_pending is not None and self.exchange is ex:
             ex.flush_response_head()
@@ -86,7 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         self.exchange = None
         if ex is not None:
-            ex.upstream_lost()
+            ex.upstream_lost(silent=self.want_head and not self.head_buf)
 
     def pause_writing(self) -> None:
         ex = self.exchange

@@ -1,0 +1,446 @@
+"""Benchmark harness: the upstream direct vs Turnout vs NGINX, interleaved, on loopback.
+
+    python -m bench.run [--targets direct,turnout,nginx] [--connections 64,1]
+                        [--duration 5] [--rounds 3] [--body-bytes 100]
+
+It starts a fast upstream (nginx with one worker, or bench/upstream.py when
+nginx is absent) serving "blue" and "green" on two ports, then every target
+(see TARGETS), and drives each with wrk and bench/users.lua (10,000 user ids in
+X-User-Id, so the proxies really route by sticky key). Rounds are interleaved
+— round 1 runs every target at every connection count, then round 2 — so
+machine noise hits all targets alike. Medians go to a markdown table, raw runs
+to results.json, and a chart to chart.png (in bench/results/ by default).
+
+Every process it starts is stopped by its PID on exit, Ctrl-C or error.
+Exit status: 0 all runs clean; 1 a target failed to start or a run failed;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+if not __package__:  # run as a script: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import nginx as ngx  # noqa: E402
+from bench import report, wrk  # noqa: E402
+from bench.procs import (  # noqa: E402
+    BenchError,
+    Processes,
+    check_alive,
+    free_ports,
+    tail,
+    wait_for_http_200,
+    wait_for_port,
+)
+from bench.upstream import make_body  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+STABLE, CANARY = "blue", "green"
+
+
+@dataclass
+class Bench:
+    """What the start functions share: options, work dir, processes, upstream ports."""
+
+    args: argparse.Namespace
+    workdir: Path
+    procs: Processes
+    nginx: str | None
+    upstream_ports: dict[str, int] = field(default_factory=dict)
+    upstream_proc: subprocess.Popen[bytes] | None = None
+    upstream_log: Path | None = None
+    upstream_desc: str = ""
+    # target name → (process, log) to check before each run
+    watched: dict[str, tuple[subprocess.Popen[bytes], Path]] = field(default_factory=dict)
+
+    def endpoint(self, version: str) -> str:
+        return f"http://127.0.0.1:{self.upstream_ports[version]}"
+
+
+# ---------------------------------------------------------------- the targets
+
+
+@dataclass(frozen=True)
+class Target:
+    start: Callable[[Bench], str]  # starts what the target needs; returns the URL to drive
+    needs_nginx: bool = False
+    routed: bool = False  # its responses should carry X-Turnout-Version
+
+
+def start_direct(b: Bench) -> str:
+    return b.endpoint(STABLE) + "/"
+
+
+def start_nginx_proxy(b: Bench) -> str:
+    assert b.nginx is not None
+    (port,) = free_ports(1)
+    prefix = b.workdir / "nginx-proxy"
+    conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight)
+    ngx.write_conf(prefix, conf)
+    proc, log = b.procs.start("nginx-proxy", ngx.command(b.nginx, prefix))
+    b.watched["nginx"] = (proc, log)
+    wait_for_port(proc, port, log, "nginx (proxy)", 10)
+    return f"http://127.0.0.1:{port}/"
+
+
+def turnout_config(b: Bench, port: int, admin: int, state_dir: Path) -> dict[str, object]:
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "state_file": str(state_dir / "state.json"),
+        "stable": STABLE,
+        "canary": CANARY,
+        "versions": {v: {"endpoints": [b.endpoint(v)]} for v in (STABLE, CANARY)},
+        "routing": {"weight": b.args.weight, "sticky": {"key": "header:X-User-Id"}},
+    }
+
+
+def merged(base: dict[str, object], extra: dict[str, object]) -> dict[str, object]:
+    """`extra` laid over `base`, recursively for nested mappings."""
+    out = dict(base)
+    for key, value in extra.items():
+        old = out.get(key)
+        both_dicts = isinstance(old, dict) and isinstance(value, dict)
+        out[key] = merged(old, value) if both_dicts else value  # type: ignore[arg-type]
+    return out
+
+
+def dump_yaml(doc: dict[str, object]) -> str:
+    try:
+        import yaml
+    except ImportError:  # JSON is valid YAML
+        return json.dumps(doc, indent=2)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def turnout_target(name: str, extra: dict[str, object]) -> Target:
+    """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in."""
+
+    def start(b: Bench) -> str:
+        port, admin = free_ports(2)
+        folder = b.workdir / name
+        folder.mkdir()
+        path = folder / "turnout.yaml"
+        path.write_text(dump_yaml(merged(turnout_config(b, port, admin, folder), extra)))
+        argv = [b.args.python, "-m", "proxy", "run", "-c", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc, log = b.procs.start(name, argv, cwd=REPO, env=env)
+        b.watched[name] = (proc, log)
+        wait_for_http_200(proc, admin, "/readyz", log, name, b.args.ready_timeout)
+        wait_for_port(proc, port, log, name, 2)
+        return f"http://127.0.0.1:{port}/"
+
+    return Target(start, routed=True)
+
+
+# Turnout configurations worth comparing; each is a target of its own.
+TURNOUT_VARIANTS: dict[str, dict[str, object]] = {
+    "turnout": {},
+    "turnout-mirror": {"mirror": {"percent": 100}},
+    "turnout-guard": {
+        "guard": {"window": "30s", "min_requests": 50, "max_error_rate": 0.02, "on_breach": "alert"}
+    },
+}
+
+TARGETS: dict[str, Target] = {
+    "direct": Target(start_direct),
+    **{name: turnout_target(name, extra) for name, extra in TURNOUT_VARIANTS.items()},
+    "nginx": Target(start_nginx_proxy, needs_nginx=True, routed=True),
+}
+
+
+# ---------------------------------------------------------------- the upstream
+
+
+def start_upstream(b: Bench) -> None:
+    """Blue and green on two ports of one process: nginx if allowed and found."""
+    ports = dict(zip((STABLE, CANARY), free_ports(2), strict=True))
+    bodies = {v: make_body(b.args.body_bytes, v) for v in ports}
+    use_nginx = b.args.upstream == "nginx" or (b.args.upstream == "auto" and b.nginx)
+    if use_nginx:
+        if not b.nginx:
+            raise BenchError("--upstream nginx: nginx is not installed (apt-get install nginx)")
+        prefix = b.workdir / "nginx-upstream"
+        ngx.write_conf(prefix, ngx.upstream_conf(prefix, ports, bodies))
+        proc, log = b.procs.start("upstream-nginx", ngx.command(b.nginx, prefix))
+        b.upstream_desc = f"{ngx.version(b.nginx)} (1 worker)"
+    else:
+        argv = [sys.executable, str(BENCH_DIR / "upstream.py"), "--body-bytes"]
+        argv.append(str(b.args.body_bytes))
+        for version, port in ports.items():
+            argv += ["--listen", f"{version}=127.0.0.1:{port}"]
+        proc, log = b.procs.start("upstream-python", argv)
+        b.upstream_desc = "bench/upstream.py (uvloop + httptools, 1 process)"
+    for port in ports.values():
+        wait_for_port(proc, port, log, "the upstream", 10)
+    b.upstream_ports, b.upstream_proc, b.upstream_log = ports, proc, log
+
+
+def probe(url: str, routed: bool, users: int = 200) -> str:
+    """A few requests with distinct user ids: all must be 200; returns the version split."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    seen: Counter[str] = Counter()
+    try:
+        for n in range(users):
+            conn.request("GET", parts.path or "/", headers={"X-User-Id": f"probe-{n}"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise BenchError(f"GET {url} with X-User-Id: probe-{n} answered {resp.status}")
+            seen[resp.getheader("X-Turnout-Version") or "none"] += 1
+    except OSError as exc:
+        raise BenchError(f"GET {url} failed: {exc}") from exc
+    finally:
+        conn.close()
+    split = ", ".join(f"{v} {c}" for v, c in sorted(seen.items()))
+    warn = " (no X-Turnout-Version header!)" if routed and set(seen) == {"none"} else ""
+    return f"{users} probe users → {split}{warn}"
+
+
+# ---------------------------------------------------------------- the session
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace, wrk_bin: str, b: Bench) -> None:
+        self.args, self.wrk, self.b = args, wrk_bin, b
+        self.urls: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.failed_targets: dict[str, str] = {}
+        self.runs: list[wrk.WrkRun] = []
+        self.started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    def start_targets(self) -> None:
+        for name in self.args.targets:
+            target = TARGETS[name]
+            if target.needs_nginx and not self.b.nginx:
+                self.notes.append(f"{name}: skipped, nginx is not installed")
+                print(f"- {name}: skipped (nginx is not installed)")
+                continue
+            try:
+                url = target.start(self.b)
+                print(f"+ {name}: {url}  {probe(url, target.routed)}")
+            except BenchError as exc:
+                self.failed_targets[name] = str(exc)
+                reason = str(exc).splitlines()[0].split("; its log (")[0]
+                log = self.b.workdir / f"{name}.log"
+                if log.exists():  # the work dir is removed on exit: keep the evidence
+                    self.args.out.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(log, self.args.out / log.name)
+                    reason += f" (log: {self.args.out / log.name})"
+                self.notes.append(f"{name}: FAILED to start: {reason}")
+                print(f"! {name}: FAILED to start: {exc}", file=sys.stderr)
+                continue
+            self.urls[name] = url
+        if not self.urls:
+            raise BenchError("no target could be started")
+
+    def measure(self, name: str, connections: int, duration: float, rnd: int) -> wrk.WrkRun:
+        run = wrk.WrkRun(name, connections, self.args.threads, duration, rnd)
+        run.threads = min(self.args.threads, connections)
+        check_alive(self.b.upstream_proc, self.b.upstream_log, "the upstream")  # type: ignore[arg-type]
+        if name in self.b.watched:
+            proc, log = self.b.watched[name]
+            if proc.poll() is not None:
+                run.error = f"{name} is no longer running (status {proc.poll()}); log:\n{tail(log)}"
+                return run
+        return wrk.execute(self.wrk, self.urls[name], run, self.args.users)
+
+    def warm_up(self) -> None:
+        if self.args.warmup <= 0:
+            return
+        print(f"warm-up: {self.args.warmup:g} s per target")
+        for name in self.urls:
+            run = self.measure(name, max(self.args.connections), self.args.warmup, 0)
+            if not run.ok:
+                print(f"  warm-up {name}: {run.error}", file=sys.stderr)
+
+    def rounds(self) -> None:
+        a = self.args
+        for rnd in range(1, a.rounds + 1):
+            for c in a.connections:
+                for name in self.urls:
+                    run = self.measure(name, c, a.duration, rnd)
+                    self.runs.append(run)
+                    print(f"  round {rnd}/{a.rounds}  c={c:<4} {name:<15} {describe(run)}")
+                    if not run.ok and run.output:
+                        print(indent(run.output.strip()), file=sys.stderr)
+
+    def meta(self, interrupted: bool = False) -> dict[str, object]:
+        a, b = self.args, self.b
+        return {
+            "started_at": self.started_at,
+            "cpu_count": os.cpu_count(),
+            "platform": platform_line(),
+            "wrk": wrk_version(self.wrk),
+            "nginx": ngx.version(b.nginx) if b.nginx else None,
+            "upstream": b.upstream_desc,
+            "body_bytes": a.body_bytes,
+            "users": a.users,
+            "weight": a.weight,
+            "threads": a.threads,
+            "rounds": a.rounds,
+            "duration_s": a.duration,
+            "connections": a.connections,
+            "targets": a.targets,
+            "failed_targets": self.failed_targets,
+            "interrupted": interrupted,
+        }
+
+    def write(self, interrupted: bool = False) -> int:
+        out: Path = self.args.out
+        out.mkdir(parents=True, exist_ok=True)
+        names = [t for t in self.args.targets if t in self.urls]
+        rows = report.summarize(self.runs, names, self.args.connections)
+        notes = list(self.notes)
+        bad = [r for r in self.runs if not r.ok]
+        notes += [f"{r.target} c={r.connections} round {r.round}: {r.error}" for r in bad]
+        if interrupted:
+            notes.append("interrupted: partial results")
+        meta = self.meta(interrupted)
+        table = report.markdown(rows, meta, notes)
+        (out / "results.md").write_text(table)
+        report.write_json(out / "results.json", meta, rows, self.runs)
+        problem = report.chart(out / "chart.png", rows, meta)
+        print()
+        print(table)
+        print(f"wrote {out / 'results.md'}, {out / 'results.json'}", end="")
+        print(f" ({problem})" if problem else f", {out / 'chart.png'}")
+        return 1 if (bad or self.failed_targets) else 0
+
+
+def describe(run: wrk.WrkRun) -> str:
+    if not run.ok:
+        return f"FAILED: {run.error}"
+    return f"{run.rps:>10,.0f} req/s   p50 {run.p50_ms:7.3f} ms   p99 {run.p99_ms:7.3f} ms"
+
+
+def indent(text: str) -> str:
+    return "\n".join("      | " + line for line in text.splitlines())
+
+
+def platform_line() -> str:
+    return f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def wrk_version(wrk_bin: str) -> str:
+    out = subprocess.run([wrk_bin, "-v"], capture_output=True, text=True, check=False)
+    first = (out.stdout or out.stderr).strip().splitlines()
+    return first[0].split(" Copyright")[0] if first else "unknown"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark Turnout against the direct upstream and NGINX (loopback only).",
+        epilog=f"targets: {', '.join(TARGETS)}",
+    )
+    p.add_argument(
+        "--targets",
+        type=csv_list,
+        default=["direct", "turnout", "nginx"],
+        help="comma list, in run order (default direct,turnout,nginx)",
+    )
+    p.add_argument("--connections", type=csv_list, default=["64", "1"], help="default 64,1")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds per target, 0 = none")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1, see README)")
+    p.add_argument("--body-bytes", type=int, default=100, help="upstream body size (default 100)")
+    p.add_argument("--users", type=int, default=10_000, help="distinct X-User-Id values")
+    p.add_argument("--weight", type=int, default=10, help="canary %% in Turnout and nginx")
+    p.add_argument(
+        "--upstream",
+        choices=("auto", "nginx", "python"),
+        default="auto",
+        help="auto: nginx when installed, else bench/upstream.py",
+    )
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")
+    p.add_argument("--ready-timeout", type=float, default=20.0, help="seconds to wait for /readyz")
+    p.add_argument("--python", default=sys.executable, help="interpreter for Turnout")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the work dir (configs, logs)")
+    args = p.parse_args(argv)
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not args.targets:
+        p.error(f"unknown target(s) {', '.join(unknown) or '(none)'}; known: {', '.join(TARGETS)}")
+    try:
+        args.connections = [int(c) for c in args.connections]
+    except ValueError:
+        p.error("--connections takes integers, e.g. 64,1")
+    if not args.connections or min(args.connections) < 1 or args.rounds < 1 or args.threads < 1:
+        p.error("--connections, --rounds and --threads must be at least 1")
+    if args.duration <= 0 or not 0 <= args.weight <= 100:
+        p.error("--duration must be positive and --weight within 0..100")
+    return args
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wrk_bin = wrk.find_wrk()
+    if not wrk_bin:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="turnout-bench-"))
+    workdir.chmod(0o755)  # nginx workers may run as another user
+    procs = Processes(workdir)
+    b = Bench(args, workdir, procs, ngx.find_nginx())
+    session = Session(args, wrk_bin, b)
+    print(f"turnout bench: {os.cpu_count()} cores, work dir {workdir}")
+    try:
+        start_upstream(b)
+        print(f"upstream: {b.upstream_desc} blue={b.endpoint(STABLE)} green={b.endpoint(CANARY)}")
+        session.start_targets()
+        session.warm_up()
+        session.rounds()
+        return session.write()
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return session.write() if session.runs else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping", file=sys.stderr)
+        if session.runs:
+            session.write(interrupted=True)
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        procs.stop_all()
+        if args.keep_tmp:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
