@@ -11,6 +11,14 @@ Rules:
   besides the config itself.
 - Every mapping is parsed through a table of key -> parser (`SECTIONS` and the
   `*_FIELDS` tables at the bottom): a new section is one parser and one entry.
+- Warnings do not reject the file; `Config.warnings` holds them (`turnout check`
+  prints them): an admin token whose environment variable is unset (the token
+  is disabled), `routing.weight` beside a `rollout` section (the rollout owns
+  the weight), an `approve` role that no configured token holds.
+- Admin tokens come from environment variables named in the file (read at load
+  time), never from the file itself; "viewer" is implied for every token.
+- `guard:` becomes a `proxy.guard.Policy`; `rollout:` a `RolloutConfig` whose
+  step weights never decrease. Both are None when the section is absent.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .guard import Policy
 
 # --------------------------------------------------------------------------- model
 
@@ -93,9 +103,31 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Token:
+    name: str
+    token_env: str  # the environment variable holding the secret
+    roles: frozenset[str]  # always includes "viewer"
+    value: str | None = field(repr=False)  # None: the variable is unset, the token disabled
+
+
+@dataclass(frozen=True, slots=True)
 class Admin:
     host: str = "127.0.0.1"
     port: int = 9901
+    tokens: tuple[Token, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    weight: int  # 0..100, never below the previous step's
+    approve: str | None = None  # the role whose `promote` enters this step
+    interval: float | None = None  # this step's dwell; None: RolloutConfig.interval
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    steps: tuple[Step, ...]  # at least one
+    interval: float = 60.0  # the default dwell at each step, seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +144,8 @@ class Config:
     limits: Limits = Limits()
     expose_version: bool = True
     warnings: tuple[str, ...] = ()
+    guard: Policy | None = None  # None: no automatic verdict
+    rollout: RolloutConfig | None = None  # None: routing.weight is the weight
 
 
 # ------------------------------------------------------------------------ problems
@@ -175,7 +209,8 @@ def parse(text: str, path: str) -> Config:
     kw = _config(ctx, root)
     if ctx.problems:
         raise ConfigError(sorted(ctx.problems, key=lambda p: p.line or 0), path)
-    return Config(path=path, warnings=tuple(ctx.warnings), **kw)
+    warnings = tuple(str(w) for w in sorted(ctx.warnings, key=lambda w: w.line or 0))
+    return Config(path=path, warnings=warnings, **kw)
 
 
 # -------------------------------------------------------------------------- walker
@@ -225,8 +260,11 @@ class _Ctx:
     def __init__(self, base_dir: str) -> None:
         self.base_dir = base_dir
         self.problems: list[Problem] = []
-        self.warnings: list[str] = []  # nothing warns yet; `turnout check` prints these
+        self.warnings: list[Problem] = []  # `turnout check` prints these
         self.cohort_refs: list[tuple[str, Node, str]] = []  # (path, node, cohort name)
+        self.approve_refs: list[tuple[str, Node, str]] = []  # (path, node, role)
+        self.secrets: dict[str, str] = {}  # admin token value -> the token's name
+        self.environ: Mapping[str, str] = os.environ
         self._constructor = yaml.constructor.SafeConstructor()
 
     def error(self, path: str, node: Node | None, message: str) -> Any:
@@ -234,7 +272,7 @@ class _Ctx:
         return _BAD
 
     def warn(self, path: str, node: Node, message: str) -> None:
-        self.warnings.append(str(Problem(path, message, _line(node))))
+        self.warnings.append(Problem(path, message, _line(node)))
 
     def value(self, node: Node) -> Any:
         """The Python value of a scalar node; _BAD for mappings, lists and bad tags."""
@@ -415,7 +453,22 @@ def _config(ctx: _Ctx, root: Node) -> dict[str, Any]:
     sticky = kw.get("routing", Routing()).sticky
     if sticky is not None and not sticky.group and canary is not None:
         kw["routing"] = replace(kw["routing"], sticky=replace(sticky, group=canary))
+    _check_rollout(ctx, root, kw.get("admin", Admin()))
     return kw
+
+
+def _check_rollout(ctx: _Ctx, root: Node, admin: Admin) -> None:
+    """Warn about what a rollout section makes pointless or unreachable."""
+    if _child(root, "rollout") is None:
+        return
+    routing = _child(root, "routing")
+    if routing is not None and (weight := _child(routing, "weight")) is not None:
+        ctx.warn("routing.weight", weight, "ignored because rollout owns the weight")
+    held = {role for token in admin.tokens for role in token.roles}
+    for path, node, role in ctx.approve_refs if admin.tokens else ():
+        if role not in held:
+            why = f"no token in admin.tokens holds role {role!r}, so no one can approve this step"
+            ctx.warn(path, node, why)
 
 
 def _as(*names: str, parse: Parser) -> Parser:
@@ -431,7 +484,8 @@ def _as(*names: str, parse: Parser) -> Parser:
 
 def _admin(ctx: _Ctx, node: Node, path: str) -> Admin:
     fields = _fields(ctx, node, path, ADMIN_FIELDS)
-    return Admin(*fields["listen"]) if "listen" in fields else Admin()
+    tokens = tuple(fields.get("tokens", ()))
+    return Admin(*fields["listen"], tokens) if "listen" in fields else Admin(tokens=tokens)
 
 
 def _limits(ctx: _Ctx, node: Node, path: str) -> Limits:
@@ -629,9 +683,153 @@ def _cohort_file(ctx: _Ctx, node: Node, path: str) -> Any:
     return resolved, frozenset(s for s in lines if s and not s.startswith("#"))
 
 
+# ------------------------------------------------------------------- admin tokens
+
+_ROLE = re.compile(r"[a-z][a-z0-9_-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+VIEWER = "viewer"  # the role every token holds
+
+
+def _tokens(ctx: _Ctx, node: Node, path: str) -> Any:
+    """A list of {name, token_env, roles}; names unique, secrets distinct."""
+    return _list(ctx, node, path, _token, "tokens", lambda t: f"token name {t.name!r}")
+
+
+def _token(ctx: _Ctx, node: Node, path: str) -> Any:
+    """One token; its secret is read from the environment now (unset: disabled, a warning)."""
+    fields = _fields(ctx, node, path, TOKEN_FIELDS, ("name", "token_env"))
+    if "name" not in fields or "token_env" not in fields:
+        return _BAD
+    name, env = fields["name"], fields["token_env"]
+    env_node, env_path = _child(node, "token_env") or node, _join(path, "token_env")
+    value = ctx.environ.get(env) or None
+    if value is None:
+        why = f"environment variable {env} is not set; token {name!r} is disabled"
+        ctx.warn(env_path, env_node, why)
+    elif value in ctx.secrets:  # never show the secret itself
+        why = f"{env} holds the same token as {ctx.secrets[value]!r}; every token must differ"
+        return ctx.error(env_path, env_node, why)
+    else:
+        ctx.secrets[value] = name
+    return Token(name, env, frozenset({VIEWER, *fields.get("roles", ())}), value)
+
+
+def _roles(ctx: _Ctx, node: Node, path: str) -> Any:
+    if isinstance(node, SequenceNode) and not node.value:
+        return []  # no role beyond viewer
+    return _list(ctx, node, path, _role, "role names")
+
+
+_role = _named(_ROLE, "a role name")
+
+
+# -------------------------------------------------------------------------- guard
+
+
+def _guard(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, GUARD_FIELDS)
+    try:
+        return Policy(**fields)
+    except (TypeError, ValueError) as e:  # the table's checks should have caught it
+        return ctx.error(path, node, f"invalid guard policy: {e}")
+
+
+def _int_at_least(low: int) -> Parser:
+    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+        if type(value := ctx.value(node)) is not int or value < low:
+            return ctx.error(path, node, f"must be an integer >= {low}, got {_got(node)}")
+        return value
+
+    return parse
+
+
+def _number(ctx: _Ctx, node: Node, path: str) -> Any:
+    value = ctx.value(node)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return _BAD
+    return float(value)
+
+
+def _rate(ctx: _Ctx, node: Node, path: str) -> Any:
+    """A fraction strictly between 0 and 1 (0.02 is 2%)."""
+    if (value := _number(ctx, node, path)) is _BAD or not 0 < value < 1:
+        return ctx.error(
+            path, node, f"must be a number between 0 and 1 (exclusive), got {_got(node)}"
+        )
+    return value
+
+
+def _positive(ctx: _Ctx, node: Node, path: str) -> Any:
+    if (value := _number(ctx, node, path)) is _BAD or not 0 < value < float("inf"):
+        return ctx.error(path, node, f"must be a number greater than 0, got {_got(node)}")
+    return value
+
+
+def _webhook(ctx: _Ctx, node: Node, path: str) -> Any:
+    """An http:// or https:// URL with a host (a path and query are fine)."""
+    if (url := _text(ctx, node, path)) is _BAD:
+        return _BAD
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as e:
+        return ctx.error(path, node, f"must be an http:// or https:// URL, got {url!r} ({e})")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ctx.error(path, node, f"must be an http:// or https:// URL with a host, got {url!r}")
+    return url
+
+
+# ------------------------------------------------------------------------ rollout
+
+
+def _rollout(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, ROLLOUT_FIELDS, ("steps",))
+    if "steps" not in fields:
+        return _BAD
+    return RolloutConfig(tuple(fields["steps"]), fields.get("interval", 60.0))
+
+
+def _steps(ctx: _Ctx, node: Node, path: str) -> Any:
+    """A non-empty list of weights or {weight, approve, interval}; weights never decrease."""
+    like = "steps (a weight 0..100 or {weight, approve, interval})"
+    if not isinstance(node, SequenceNode) or not node.value:
+        return ctx.error(path, node, f"must be a non-empty list of {like}, got {_got(node)}")
+    steps, previous, bad = [], None, False
+    for i, sub in enumerate(node.value):
+        if (step := _step(ctx, sub, f"{path}[{i}]")) is _BAD:
+            bad = True
+            continue
+        if previous is not None and step.weight < previous:
+            where = _child(sub, "weight") or sub
+            message = (
+                f"must not be below the previous step's weight ({previous}), got {step.weight}"
+            )
+            ctx.error(f"{path}[{i}]" + (".weight" if where is not sub else ""), where, message)
+            bad = True
+        previous = step.weight
+        steps.append(step)
+    return _BAD if bad else steps
+
+
+def _step(ctx: _Ctx, node: Node, path: str) -> Any:
+    if not isinstance(node, MappingNode):
+        weight = _weight(ctx, node, path)
+        return weight if weight is _BAD else Step(weight)
+    fields = _fields(ctx, node, path, STEP_FIELDS, ("weight",))
+    if "weight" not in fields or len(fields) < len(node.value):
+        return _BAD
+    return Step(**fields)
+
+
+def _approve(ctx: _Ctx, node: Node, path: str) -> Any:
+    if (role := _role(ctx, node, path)) is not _BAD:
+        ctx.approve_refs.append((path, node, role))  # checked against admin.tokens later
+    return role
+
+
 # -------------------------------------------------------------------------- tables
-# One entry per key. A new section (mirror, guard, rollout) or admin.tokens is one
-# parser and one entry here, plus a Config field with a default, added at the end.
+# One entry per key. A new section (e.g. mirror) is one parser and one entry here,
+# plus a Config field with a default, added at the end.
 
 SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arguments
     "listen": _as("listen_host", "listen_port", parse=_hostport),
@@ -643,8 +841,26 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "routing": _as("routing", parse=_routing),
     "limits": _as("limits", parse=_limits),
     "expose_version": _as("expose_version", parse=_bool),
+    "guard": _as("guard", parse=_guard),
+    "rollout": _as("rollout", parse=_rollout),
 }
-ADMIN_FIELDS: dict[str, Parser] = {"listen": _hostport}
+ADMIN_FIELDS: dict[str, Parser] = {"listen": _hostport, "tokens": _tokens}
+TOKEN_FIELDS: dict[str, Parser] = {
+    "name": _named(_RULE_NAME, "a token name"),
+    "token_env": _named(_ENV_NAME, "an environment variable name"),
+    "roles": _roles,
+}
+GUARD_FIELDS: dict[str, Parser] = {
+    "window": _duration,
+    "min_requests": _int_at_least(1),
+    "max_error_rate": _rate,
+    "max_p99_ms": _positive,
+    "relative_to_stable": _bool,
+    "on_breach": _choice("rollback", "pause", "alert"),
+    "webhook": _webhook,
+}
+ROLLOUT_FIELDS: dict[str, Parser] = {"interval": _duration, "steps": _steps}
+STEP_FIELDS: dict[str, Parser] = {"weight": _weight, "approve": _approve, "interval": _duration}
 VERSION_FIELDS: dict[str, Parser] = {"endpoints": _endpoints, "release": _text}
 ROUTING_FIELDS: dict[str, Parser] = {
     "weight": _weight,

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 from proxy import config
-from proxy.config import ConfigError, Endpoint, Match, Problem, Rule, Sticky
+from proxy.config import (
+    ConfigError,
+    Endpoint,
+    Match,
+    Problem,
+    RolloutConfig,
+    Rule,
+    Step,
+    Sticky,
+    Token,
+)
+from proxy.guard import Policy
 
 MINIMAL = """\
 stable: blue
@@ -286,15 +297,9 @@ def test_unknown_nested_keys_are_errors_with_a_suggestion(tmp_path: Path) -> Non
     ]
 
 
-@pytest.mark.parametrize("section", ["mirror", "guard", "rollout"])
-def test_sections_not_supported_yet_are_unknown(tmp_path: Path, section: str) -> None:
-    [problem] = problems(tmp_path, MINIMAL + f"{section}: {{}}\n")
-    assert problem.startswith(f"{section}: unknown key")
-
-
-def test_admin_tokens_not_supported_yet(tmp_path: Path) -> None:
-    text = MINIMAL + "admin:\n  listen: 127.0.0.1:9901\n  tokens: []\n"
-    assert problems(tmp_path, text) == ["admin.tokens: unknown key (line 10)"]
+def test_sections_not_supported_yet_are_unknown(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, MINIMAL + "mirror: {}\n")
+    assert problem.startswith("mirror: unknown key")
 
 
 @pytest.mark.parametrize(
@@ -493,3 +498,309 @@ def test_problem_and_render_problems() -> None:
         == "/etc/turnout.yaml: 2 problems\n  a: x (line 1)\n  b: y (line 2)"
     )
     assert err.problems[1] == Problem("b", "y", 2)
+
+
+# ------------------------------------------------------------------ admin tokens
+
+TOKENS = """\
+admin:
+  tokens:
+    - {name: ci-bot, token_env: TURNOUT_TOKEN_CI, roles: [engineer]}
+    - {name: pat, token_env: TURNOUT_TOKEN_PAT, roles: [product, engineer]}
+    - {name: reader, token_env: TURNOUT_TOKEN_READ, roles: []}
+    - {name: plain, token_env: TURNOUT_TOKEN_PLAIN}
+"""
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("CI", "PAT", "READ", "PLAIN", "X"):
+        monkeypatch.delenv(f"TURNOUT_TOKEN_{name}", raising=False)
+    return monkeypatch
+
+
+def test_tokens_read_their_secret_from_the_environment(tmp_path: Path, env) -> None:
+    env.setenv("TURNOUT_TOKEN_CI", "s3cret-ci")
+    env.setenv("TURNOUT_TOKEN_PAT", "s3cret-pat")
+    env.setenv("TURNOUT_TOKEN_READ", "s3cret-read")
+    env.setenv("TURNOUT_TOKEN_PLAIN", "s3cret-plain")
+    cfg = config.load(write(tmp_path, MINIMAL + TOKENS))
+    assert cfg.admin.tokens == (
+        Token("ci-bot", "TURNOUT_TOKEN_CI", frozenset({"viewer", "engineer"}), "s3cret-ci"),
+        Token(
+            "pat", "TURNOUT_TOKEN_PAT", frozenset({"viewer", "product", "engineer"}), "s3cret-pat"
+        ),
+        Token("reader", "TURNOUT_TOKEN_READ", frozenset({"viewer"}), "s3cret-read"),
+        Token("plain", "TURNOUT_TOKEN_PLAIN", frozenset({"viewer"}), "s3cret-plain"),
+    )
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9901)
+    assert cfg.warnings == ()
+    assert "s3cret" not in repr(cfg)  # secrets stay out of logs
+
+
+def test_a_token_whose_variable_is_unset_or_empty_is_disabled_with_a_warning(
+    tmp_path: Path, env
+) -> None:
+    env.setenv("TURNOUT_TOKEN_PAT", "")
+    env.setenv("TURNOUT_TOKEN_READ", "r")
+    env.setenv("TURNOUT_TOKEN_PLAIN", "p")
+    cfg = config.load(write(tmp_path, MINIMAL + TOKENS))
+    assert [t.value for t in cfg.admin.tokens] == [None, None, "r", "p"]
+    assert cfg.warnings == (
+        "admin.tokens[0].token_env: environment variable TURNOUT_TOKEN_CI is not set; "
+        "token 'ci-bot' is disabled (line 10)",
+        "admin.tokens[1].token_env: environment variable TURNOUT_TOKEN_PAT is not set; "
+        "token 'pat' is disabled (line 11)",
+    )
+
+
+def test_token_problems(tmp_path: Path, env) -> None:
+    env.setenv("TURNOUT_TOKEN_CI", "same")
+    env.setenv("TURNOUT_TOKEN_X", "same")
+    env.setenv("TURNOUT_TOKEN_PAT", "other")
+    text = MINIMAL + textwrap.dedent(
+        """\
+        admin:
+          tokens:
+            - {name: ci-bot, token_env: TURNOUT_TOKEN_CI, roles: [engineer]}
+            - {name: ci-bot, token_env: TURNOUT_TOKEN_PAT}
+            - {name: copy, token_env: TURNOUT_TOKEN_X}
+            - {name: bad, token_env: 'NOT-A-NAME', roles: [Admin, ok], secret: x}
+            - {token_env: TURNOUT_TOKEN_PLAIN, roles: engineer}
+            - {name: 'two words', token: y}
+        """
+    )
+    found = problems(tmp_path, text)
+    assert found == [
+        "admin.tokens[1]: duplicate token name 'ci-bot' (first on line 10) (line 11)",
+        "admin.tokens[2].token_env: TURNOUT_TOKEN_X holds the same token as 'ci-bot'; "
+        "every token must differ (line 12)",
+        "admin.tokens[3].token_env: must be an environment variable name "
+        "([A-Za-z_][A-Za-z0-9_]*), got 'NOT-A-NAME' (line 13)",
+        "admin.tokens[3].roles[0]: must be a role name ([a-z][a-z0-9_-]*), got 'Admin' (line 13)",
+        "admin.tokens[3].secret: unknown key (line 13)",
+        "admin.tokens[4].roles: must be a non-empty list of role names, got 'engineer' (line 14)",
+        "admin.tokens[4].name: is required (line 14)",
+        "admin.tokens[5].name: must be a token name ([A-Za-z0-9_.:-]+), got 'two words' (line 15)",
+        "admin.tokens[5].token: unknown key (did you mean 'token_env'?) (line 15)",
+        "admin.tokens[5].token_env: is required (line 15)",
+    ]
+    assert not any("same" in p for p in found if "holds" not in p)
+
+
+def test_tokens_must_be_a_non_empty_list(tmp_path: Path) -> None:
+    assert problems(tmp_path, MINIMAL + "admin: {tokens: []}\n") == [
+        "admin.tokens: must be a non-empty list of tokens, got a list (line 8)"
+    ]
+
+
+# ------------------------------------------------------------------------- guard
+
+GUARD = """\
+guard:
+  window: 45s
+  min_requests: 20
+  max_error_rate: 0.05
+  max_p99_ms: 800
+  relative_to_stable: false
+  on_breach: pause
+  webhook: https://hooks.example/turnout?team=checkout
+"""
+
+
+def test_guard_section_becomes_a_policy(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL + GUARD))
+    assert cfg.guard == Policy(
+        window=45.0,
+        min_requests=20,
+        max_error_rate=0.05,
+        max_p99_ms=800.0,
+        relative_to_stable=False,
+        on_breach="pause",
+        webhook="https://hooks.example/turnout?team=checkout",
+    )
+    assert cfg.warnings == ()
+
+
+def test_guard_defaults_and_absence(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL)).guard is None
+    assert config.load(write(tmp_path, MINIMAL + "guard: {}\n")).guard == Policy()
+    cfg = config.load(write(tmp_path, MINIMAL + "guard: {max_p99_ms: 0.5, on_breach: alert}\n"))
+    assert cfg.guard is not None
+    assert (cfg.guard.max_p99_ms, cfg.guard.on_breach, cfg.guard.window) == (0.5, "alert", 30.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "written", "message"),
+    [
+        ("window", "soon", "must be a duration like 500ms, 2s or 1m, got 'soon'"),
+        ("window", "0s", "must be a duration greater than 0, got '0s'"),
+        ("min_requests", "0", "must be an integer >= 1, got 0"),
+        ("min_requests", "2.5", "must be an integer >= 1, got 2.5"),
+        ("max_error_rate", "0", "must be a number between 0 and 1 (exclusive), got 0"),
+        ("max_error_rate", "1", "must be a number between 0 and 1 (exclusive), got 1"),
+        ("max_error_rate", "'2%'", "must be a number between 0 and 1 (exclusive), got '2%'"),
+        ("max_p99_ms", "0", "must be a number greater than 0, got 0"),
+        ("max_p99_ms", "-5", "must be a number greater than 0, got -5"),
+        ("max_p99_ms", ".inf", "must be a number greater than 0, got .inf"),
+        ("relative_to_stable", "sometimes", "must be true or false, got 'sometimes'"),
+        ("on_breach", "panic", "must be 'rollback', 'pause' or 'alert', got 'panic'"),
+        (
+            "webhook",
+            "ftp://127.0.0.1/x",
+            "must be an http:// or https:// URL with a host, got 'ftp://127.0.0.1/x'",
+        ),
+        (
+            "webhook",
+            "'http:///x'",
+            "must be an http:// or https:// URL with a host, got 'http:///x'",
+        ),
+        (
+            "webhook",
+            "'http://h:99999/'",
+            "must be an http:// or https:// URL, got 'http://h:99999/' (Port out of range 0-65535)",
+        ),
+        ("max_eror_rate", "0.1", "unknown key (did you mean 'max_error_rate'?)"),
+    ],
+)
+def test_bad_guard_keys(tmp_path: Path, key: str, written: str, message: str) -> None:
+    assert problems(tmp_path, MINIMAL + f"guard:\n  {key}: {written}\n") == [
+        f"guard.{key}: {message} (line 9)"
+    ]
+
+
+def test_guard_must_be_a_mapping(tmp_path: Path) -> None:
+    assert problems(tmp_path, MINIMAL + "guard: on\n") == [
+        "guard: must be a mapping, got on (line 8)"
+    ]
+
+
+# ----------------------------------------------------------------------- rollout
+
+ROLLOUT = """\
+rollout:
+  interval: 2m
+  steps:
+    - 1
+    - 10
+    - {weight: 50, approve: product}
+    - {weight: 100, interval: 30s}
+"""
+
+
+def test_rollout_section_becomes_steps(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL + ROLLOUT))
+    assert cfg.rollout == RolloutConfig(
+        steps=(Step(1), Step(10), Step(50, approve="product"), Step(100, interval=30.0)),
+        interval=120.0,
+    )
+    assert cfg.warnings == ()  # no routing.weight; no tokens to check the role against
+
+
+def test_rollout_defaults_and_absence(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL)).rollout is None
+    cfg = config.load(write(tmp_path, MINIMAL + "rollout: {steps: [0, 0, 100]}\n"))
+    assert cfg.rollout == RolloutConfig((Step(0), Step(0), Step(100)), 60.0)
+
+
+def test_rollout_problems(tmp_path: Path) -> None:
+    text = MINIMAL + textwrap.dedent(
+        """\
+        rollout:
+          interval: forever
+          steps:
+            - 10
+            - {weight: 150}
+            - {approve: Product, wait: 5s}
+            - {weight: 50, interval: 0}
+            - 'x'
+        """
+    )
+    assert problems(tmp_path, text) == [
+        "rollout.interval: must be a duration like 500ms, 2s or 1m, got 'forever' (line 9)",
+        "rollout.steps[1].weight: must be an integer 0..100, got 150 (line 12)",
+        "rollout.steps[2].approve: must be a role name ([a-z][a-z0-9_-]*), got 'Product' (line 13)",
+        "rollout.steps[2].wait: unknown key (did you mean 'weight'?) (line 13)",
+        "rollout.steps[2].weight: is required (line 13)",
+        "rollout.steps[3].interval: must be a duration greater than 0, got 0 (line 14)",
+        "rollout.steps[4]: must be an integer 0..100, got 'x' (line 15)",
+    ]
+
+
+def test_rollout_weights_must_not_decrease(tmp_path: Path) -> None:
+    steps = "    - 10\n    - 5\n    - {weight: 50}\n    - {weight: 20}\n    - 20\n"
+    assert problems(tmp_path, MINIMAL + "rollout:\n  steps:\n" + steps) == [
+        "rollout.steps[1]: must not be below the previous step's weight (10), got 5 (line 11)",
+        "rollout.steps[3].weight: must not be below the previous step's weight (50), got 20 "
+        "(line 13)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ("rollout: {}", "rollout.steps: is required (line 8)"),
+        (
+            "rollout: {steps: []}",
+            "rollout.steps: must be a non-empty list of steps "
+            "(a weight 0..100 or {weight, approve, interval}), got a list (line 8)",
+        ),
+        ("rollout: {steps: 10}", "rollout.steps: must be a non-empty list of steps "),
+        (
+            "rollout: {steps: [101]}",
+            "rollout.steps[0]: must be an integer 0..100, got 101 (line 8)",
+        ),
+        ("rollout: {stepz: [1]}", "rollout.stepz: unknown key (did you mean 'steps'?) (line 8)"),
+        ("rollout: [1, 10]", "rollout: must be a mapping, got a list (line 8)"),
+    ],
+)
+def test_bad_rollout_sections(tmp_path: Path, written: str, message: str) -> None:
+    found = problems(tmp_path, MINIMAL + written + "\n")
+    assert any(p.startswith(message) for p in found), found
+
+
+def test_routing_weight_beside_a_rollout_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    text = MINIMAL + "routing:\n  weight: 10\n" + ROLLOUT
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.routing.weight == 10
+    assert cfg.warnings == ("routing.weight: ignored because rollout owns the weight (line 9)",)
+    text = MINIMAL + "routing:\n  sticky: {key: ip}\n" + ROLLOUT
+    assert config.load(write(tmp_path, text)).warnings == ()
+
+
+def test_an_approve_role_no_token_holds_is_warned_about(tmp_path: Path, env) -> None:
+    env.setenv("TURNOUT_TOKEN_CI", "ci")
+    tokens = "admin:\n  tokens:\n    - {name: ci-bot, token_env: TURNOUT_TOKEN_CI, roles: [eng]}\n"
+    cfg = config.load(write(tmp_path, MINIMAL + tokens + ROLLOUT))
+    assert cfg.warnings == (
+        "rollout.steps[2].approve: no token in admin.tokens holds role 'product', "
+        "so no one can approve this step (line 16)",
+    )
+    held = tokens.replace("[eng]", "[eng, product]")
+    assert config.load(write(tmp_path, MINIMAL + held + ROLLOUT)).warnings == ()
+
+
+def test_warnings_come_in_line_order(tmp_path: Path, env) -> None:
+    tokens = "admin:\n  tokens:\n    - {name: ci-bot, token_env: TURNOUT_TOKEN_CI}\n"
+    text = MINIMAL + "routing: {weight: 5}\n" + ROLLOUT + tokens
+    warnings = config.load(write(tmp_path, text)).warnings
+    assert [w.split(":")[0] for w in warnings] == [
+        "routing.weight",
+        "rollout.steps[2].approve",
+        "admin.tokens[0].token_env",
+    ]
+
+
+def test_the_example_config_has_tokens_guard_and_rollout(env) -> None:
+    path = Path(__file__).resolve().parent.parent / "config" / "turnout.yaml"
+    env.setenv("TURNOUT_TOKEN_CI", "a")
+    env.setenv("TURNOUT_TOKEN_PAT", "b")
+    cfg = config.load(str(path))
+    assert [(t.name, t.value) for t in cfg.admin.tokens] == [("ci-bot", "a"), ("pat", "b")]
+    assert cfg.guard is not None and cfg.guard.on_breach == "rollback"
+    assert cfg.rollout is not None and [s.weight for s in cfg.rollout.steps] == [1, 10, 50, 100]
+    assert cfg.rollout.steps[2].approve == "product"
+    line = next(i for i, s in enumerate(path.read_text().splitlines(), 1) if "weight: 10 " in s)
+    assert cfg.warnings == (
+        f"routing.weight: ignored because rollout owns the weight (line {line})",
+    )
