@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+    rollback = client("rollback", "route everything to stable now and latch it")
+    rollback.add_argument("--reason", default=None)
+    rollback.set_defaults(func=cmd_action, action="rollback")
+    for name, text in (
+        ("resume", "clear the rollback latch and un-pause the rollout"),
+        ("promote", "approve a waiting rollout step, or advance to the next one now"),
+        ("pause", "freeze the rollout at its current step"),
+        ("reload", "reload the config file now"),
+    ):
+        client(name, text).set_defaults(func=cmd_action, action=name)
+
     explain = client("explain", "which version a request would get, and why")
     explain.add_argument("--key")
     explain.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
@@ -130,9 +141,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- client commands -------------------------------------------------------------------
 
 
-def admin_get(args: argparse.Namespace, path: str) -> dict:
+def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> dict:
+    """GET (or POST `body` as JSON to) the admin API; CommandError on any failure."""
     url = args.admin.rstrip("/") + path
-    req = urllib.request.Request(url)
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if args.token:
         req.add_header("Authorization", f"Bearer {args.token}")
     try:
@@ -170,8 +185,22 @@ def render_status(doc: dict) -> str:
         lines.append(f"last reload FAILED at {cfg.get('last_error_at')}:")
         lines.extend("  " + line for line in cfg["last_error"].splitlines())
     rb = doc["rollback"]
-    lines.append(f"rollback latch: {'SET — ' + str(rb['reason']) if rb['active'] else 'clear'}")
-    lines.append(f"rollout: {doc['rollout']['state']}")
+    if rb["active"]:
+        lines.append(f"rollback latch: SET at {rb['at']} by {rb.get('actor')} — {rb['reason']}")
+    else:
+        lines.append("rollback latch: clear")
+    ro = doc["rollout"]
+    if ro["state"] == "none":
+        lines.append("rollout: none")
+    else:
+        extra = f", awaiting approval by {ro['awaiting']}" if ro.get("awaiting") else ""
+        nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
+        lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
+                     f"weight {ro['weight']}%{extra}{nxt}")  # fmt: skip
+    guard = doc.get("guard")
+    if guard:
+        lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"
+                                                    if guard["reasons"] else ""))  # fmt: skip
     lines.append(f"{'version':<12}{'requests':>10}{'errors':>8}{'err%':>8}{'p99 ms':>9}")
     for name, v in doc["versions"].items():
         p99 = "-" if v["p99_ms"] is None else f"{v['p99_ms']:.1f}"
@@ -179,6 +208,24 @@ def render_status(doc: dict) -> str:
             f"{name:<12}{v['requests']:>10}{v['errors']:>8}{100 * v['error_rate']:>7.2f}%{p99:>9}"
         )
     return "\n".join(lines)
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason} if getattr(args, "reason", None) else {}
+    doc = admin_get(args, "/" + args.action, body)
+    st = doc.get("status", {})
+    rb = st.get("rollback", {})
+    ro = st.get("rollout", {})
+    weight = st.get("weight", {}).get("effective")
+    line = f"{args.action}: ok (by {doc.get('actor')}) · weight {weight}%"
+    if ro.get("state", "none") != "none":
+        line += f" · rollout {ro['state']} step {ro['step']}"
+    if rb.get("active"):
+        line += f" · rollback latch SET ({rb.get('reason')})"
+    if "generation" in doc:
+        line += f" · generation {doc['generation']}"
+    print(line)
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -50,6 +50,10 @@ class Recorder:
         self.reloads = {"success": 0, "failure": 0}
         self.generation = 0
         self.canary_weight = 0
+        self.rollback_active = 0
+        self.rollbacks = 0
+        self.rollout_step = 0
+        self.breaches = 0
         # Called with (version, status, seconds, error_kind) once per finished exchange.
         self.outcome_listeners: list[Callable[[str, int, float, str | None], None]] = []
 
@@ -92,6 +96,12 @@ class Recorder:
     def reloaded(self, ok: bool, generation: int) -> None:
         self.reloads["success" if ok else "failure"] += 1
         self.generation = generation
+
+    def rolled_back(self) -> None:
+        self.rollbacks += 1
+
+    def breach_alerted(self) -> None:
+        self.breaches += 1
 
     def version_totals(self) -> dict[str, dict[str, int]]:
         """Requests and errors (status >= 500) per version, for /status."""
@@ -179,6 +189,22 @@ class _Collector(Collector):
         yield r
         yield GaugeMetricFamily(
             "turnout_config_generation", "Config generation in force", value=rec.generation
+        )
+        yield GaugeMetricFamily(
+            "turnout_rollback_active",
+            "1 while the rollback latch is set",
+            value=rec.rollback_active,
+        )
+        yield CounterMetricFamily(
+            "turnout_rollbacks", "Rollbacks (guard or manual)", value=rec.rollbacks
+        )
+        yield GaugeMetricFamily(
+            "turnout_rollout_step", "Current rollout step (0-based)", value=rec.rollout_step
+        )
+        yield CounterMetricFamily(
+            "turnout_guard_breaches",
+            "Guard breaches reported without a rollback (on_breach pause or alert)",
+            value=rec.breaches,
         )
 
 

@@ -4,18 +4,21 @@ Rules:
 - A `Snapshot` is immutable: config, compiled routing table, upstream pools,
   generation. A request reads `runtime.snapshot` once and keeps it.
 - `swap()` is one assignment; the old snapshot lives on for requests that hold it.
-- The rollback latch is part of the runtime state, not of the config, so a
-  reload never clears it.
+- The rollback latch and the rollout progress are runtime state, not config,
+  so a reload never clears them (the controller decides what a reload means).
 """
 
 from __future__ import annotations
 
 import time
 
+from . import rollout
 from .config import Config
 from .http.upstream import Upstreams
 from .metrics import Recorder
+from .rollout import Progress
 from .routing import Table
+from .state import Latch
 
 
 class Snapshot:
@@ -32,25 +35,42 @@ class Snapshot:
 
 
 class Runtime:
-    """Holds the current snapshot and what the control plane knows about it."""
+    """Holds the current snapshot and what the control plane knows about it.
 
-    def __init__(self, config: Config, recorder: Recorder | None = None) -> None:
+    The release state (`latch`, `progress`) lives here, beside the config: the
+    routing table is compiled from both, and `refresh()` recompiles it when the
+    controller changes either one. No I/O here.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        recorder: Recorder | None = None,
+        latch: Latch | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.recorder = recorder or Recorder()
-        self.latched = False
+        self.latch = latch or Latch()
+        self.progress = progress
         self.last_error: str | None = None
         self.last_error_at: float | None = None
-        self.snapshot = self._build(config, None, 1)
-        self.recorder.reloaded(True, 1)
-        self.recorder.reloads["success"] = 0  # the first load is not a reload
+        self.snapshot = self._build(config, Upstreams(config), 1)
+        self.recorder.generation = 1
 
-    def _build(self, config: Config, previous: Snapshot | None, generation: int) -> Snapshot:
-        weight = self.effective_weight(config)
-        table = Table(config, weight, self.latched)
-        upstreams = Upstreams(config, previous.upstreams if previous else None)
+    @property
+    def latched(self) -> bool:
+        return self.latch.active
+
+    def _build(self, config: Config, upstreams: Upstreams, generation: int) -> Snapshot:
+        table = Table(config, self.configured_weight(config), self.latch.active)
         self.recorder.canary_weight = table.weight
+        self.recorder.rollback_active = int(self.latch.active)
         return Snapshot(config, table, upstreams, generation, time.time())
 
-    def effective_weight(self, config: Config) -> int:
+    def configured_weight(self, config: Config) -> int:
+        """The weight before the latch: the rollout's step when there is a rollout."""
+        if config.rollout is not None and self.progress is not None:
+            return rollout.weight(self.progress, config.rollout)
         return config.routing.weight
 
     @property
@@ -60,11 +80,20 @@ class Runtime:
     def swap(self, config: Config) -> Snapshot:
         """Put `config` in force as the next generation."""
         old = self.snapshot
-        snap = self._build(config, old, old.generation + 1)
+        snap = self._build(config, Upstreams(config, old.upstreams), old.generation + 1)
+        snap.loaded_at = time.time()
         self.snapshot = snap
         self.last_error = None
         self.last_error_at = None
         self.recorder.reloaded(True, snap.generation)
+        return snap
+
+    def refresh(self) -> Snapshot:
+        """Recompile routing after the latch or the rollout changed (same generation)."""
+        old = self.snapshot
+        snap = self._build(old.config, old.upstreams, old.generation)
+        snap.loaded_at = old.loaded_at
+        self.snapshot = snap
         return snap
 
     def reject(self, error: str) -> None:

@@ -20,8 +20,10 @@ import time
 
 from .admin.app import AdminServer
 from .config import Config
+from .controller import Controller
 from .forward import Exchange
 from .http.downstream import ClientConnection
+from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
 
@@ -42,12 +44,20 @@ class Server:
         self.max_header_bytes = config.limits.max_header_bytes
         self.listener: asyncio.base_events.Server | None = None
         self.admin: AdminServer | None = None
+        self.webhook = Webhook(self.webhook_url)
+        self.controller = Controller(self.runtime, notify=self.webhook.send)
+        self.controller.restore()
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
         self.stopped = asyncio.Event()
         self.ready = False
 
+    def webhook_url(self) -> str | None:
+        guard = self.runtime.config.guard
+        return guard.webhook if guard is not None else None
+
     def applied(self, old: Config, new: Config) -> None:
         self.max_header_bytes = new.limits.max_header_bytes
+        self.controller.reloaded(old, new)
         if (old.listen_host, old.listen_port) != (new.listen_host, new.listen_port):
             log.warning(
                 "listen changed to %s:%s: restart to apply", new.listen_host, new.listen_port
@@ -71,6 +81,7 @@ class Server:
         self.admin = AdminServer(self)
         await self.admin.start(cfg.admin.host, cfg.admin.port)
         self.reloader.start()
+        self.controller.start()
         loop.create_task(self.sweep())
         loop.create_task(self.expire())
         # Startup objects never die: keep them out of the collector's way, and
@@ -126,6 +137,8 @@ class Server:
         for conn in list(self.connections):
             conn.transport.abort()
         await self.reloader.stop()
+        await self.controller.stop()
+        await self.webhook.close()
         if self.admin is not None:
             await self.admin.stop()
         self.runtime.snapshot.upstreams.close()

@@ -1,18 +1,25 @@
 """Admin HTTP API on `admin.listen` (aiohttp; nothing here is on the request path).
 
-Routes: GET /metrics, /healthz, /readyz, /status, /explain.
-Errors are JSON `{"error": ...}` with a 4xx status.
+Routes: GET /metrics, /healthz, /readyz (no auth); GET /status, /explain,
+/events (viewer); POST /rollback, /pause (any token); POST /resume, /promote,
+/reload (a role other than viewer; promote into an approval step needs that
+step's role). Errors are JSON `{"error": ...}` with a 4xx status; every action,
+allowed or refused, is audited.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .. import rollout
+from ..controller import ALL_ROLES, ActionError
 from ..metrics import exposition
 from ..routing import RequestView, decide
+from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -55,22 +62,47 @@ def status_document(server: Server) -> dict:
         "stable": cfg.stable,
         "canary": cfg.canary,
         "weight": {"configured": cfg.routing.weight, "effective": snap.table.weight},
-        "rollback": {
-            "active": rt.latched,
-            "reason": None,
-            "at": None,
-            "release": None,
-            "evidence": None,
-        },  # fmt: skip
-        "rollout": {
-            "state": "none",
-            "step": None,
-            "weight": None,
-            "next_at": None,
-            "awaiting": None,
-        },  # fmt: skip
+        "rollback": _latch(rt.latch),
+        "rollout": _rollout(server),
+        "guard": _guard(server),
         "versions": versions,
     }
+
+
+def _latch(latch) -> dict:
+    return {
+        "active": latch.active,
+        "reason": latch.reason,
+        "at": _iso(latch.at),
+        "release": latch.release,
+        "evidence": latch.evidence,
+        "actor": latch.actor,
+    }
+
+
+def _rollout(server: Server) -> dict:
+    rt = server.runtime
+    cfg = rt.config.rollout
+    p = rt.progress
+    if cfg is None or p is None:
+        return {"state": "none", "step": None, "weight": None, "next_at": None, "awaiting": None}
+    return {
+        "state": p.phase.value,
+        "step": p.step,
+        "steps": [s.weight for s in cfg.steps],
+        "weight": rollout.weight(p, cfg),
+        "next_at": _iso(rollout.next_at(p, cfg)),
+        "awaiting": rollout.awaiting(p, cfg),
+    }
+
+
+def _guard(server: Server) -> dict | None:
+    if server.runtime.config.guard is None:
+        return None
+    v = server.controller.last_verdict
+    if v is None:
+        return {"state": "inconclusive", "reasons": [], "evidence": None}
+    return {"state": v.state, "reasons": list(v.reasons), "evidence": v.evidence}
 
 
 def explain(server: Server, query: web.Request) -> dict:
@@ -110,6 +142,14 @@ def explain(server: Server, query: web.Request) -> dict:
     return out
 
 
+ACTIONS = {"rollback": ANY_TOKEN, "pause": ANY_TOKEN, "resume": OPERATOR,
+           "promote": OPERATOR, "reload": OPERATOR}  # fmt: skip
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
 class AdminServer:
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -121,11 +161,17 @@ class AdminServer:
                 web.get("/metrics", self.metrics),
                 web.get("/healthz", self.healthz),
                 web.get("/readyz", self.readyz),
-                web.get("/status", self.status),
-                web.get("/explain", self.explain),
+                web.get("/status", self.viewer(self.status)),
+                web.get("/explain", self.viewer(self.explain)),
+                web.get("/events", self.viewer(self.events)),
+                *(web.post(f"/{name}", self.action(name)) for name in ACTIONS),
             ]
         )
         self.app = app
+
+    @property
+    def audit(self) -> Audit:
+        return Audit(self.server.controller.audit_path())
 
     async def start(self, host: str, port: int) -> None:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -136,6 +182,65 @@ class AdminServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+    def caller(self, request: web.Request) -> Caller:
+        return identify(request, self.server.runtime.config.admin.tokens)
+
+    def viewer(self, handler):
+        async def guarded(request: web.Request) -> web.Response:
+            try:
+                self.caller(request)
+            except Denied as d:
+                return _error(d.status, d.message)
+            return await handler(request)
+
+        return guarded
+
+    def action(self, name: str):
+        async def act(request: web.Request) -> web.Response:
+            ctl = self.server.controller
+            try:
+                caller = self.caller(request)
+                allow(caller, ACTIONS[name])
+            except Denied as d:
+                self.audit.record(d.caller, name, f"refused {d.status}", d.message)
+                ctl.event("admin", action=name, actor=d.caller, outcome=f"refused {d.status}")
+                return _error(d.status, d.message)
+            body = await _json_body(request)
+            try:
+                result = self.perform(name, caller, body)
+            except ActionError as err:
+                outcome = f"refused {err.status}"
+                self.audit.record(caller.name, name, outcome, str(err))
+                ctl.event("admin", action=name, actor=caller.name, outcome=outcome, detail=str(err))
+                return _error(err.status, str(err))
+            self.audit.record(caller.name, name, "ok", result.get("detail"))
+            ctl.event("admin", action=name, actor=caller.name, outcome="ok")
+            doc = {"ok": True, "actor": caller.name, **result}
+            return web.json_response({**doc, "status": status_document(self.server)})
+
+        return act
+
+    def perform(self, name: str, caller: Caller, body: dict) -> dict:
+        ctl = self.server.controller
+        if name == "rollback":
+            reason = str(body.get("reason") or f"manual rollback by {caller.name}")
+            ctl.rollback(reason, caller.name)
+            return {"detail": reason}
+        if name == "pause":
+            ctl.pause(caller.name)
+            return {}
+        if name == "resume":
+            ctl.resume(caller.name)
+            return {}
+        if name == "promote":
+            roles = ALL_ROLES if caller.everything else caller.roles
+            ctl.promote(caller.name, roles)
+            return {}
+        ok, error = self.server.reloader.reload(f"POST /reload by {caller.name}")
+        if not ok:
+            raise ActionError(f"config rejected, the old one stays in force:\n{error}", 422)
+        return {"generation": self.server.runtime.snapshot.generation}
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = exposition(self.registry)
@@ -154,3 +259,25 @@ class AdminServer:
 
     async def explain(self, request: web.Request) -> web.Response:
         return web.json_response(explain(self.server, request))
+
+    async def events(self, request: web.Request) -> web.Response:
+        try:
+            limit = max(1, min(500, int(request.query.get("limit", "50"))))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        events = [{**e, "at": _iso(e["at"])} for e in list(self.server.controller.events)[:limit]]
+        return web.json_response({"events": events}, dumps=_dumps)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, default=str)
+
+
+async def _json_body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,320 @@
+"""The release controller: guard verdicts, the rollback latch, rollout steps, admin actions.
+
+Rules:
+- Every `TICK` seconds: judge the canary from the guard windows (a pure
+  verdict), act on a breach per `on_breach`, then feed the verdict to the
+  rollout state machine. Decisions are pure (guard.verdict, rollout.advance);
+  this module only applies them: recompile routing, persist, notify.
+- A rollback is in force *before* it is written down: routing flips to stable
+  in memory first, then the state file is written atomically, then the event
+  is logged and the webhook is called in the background (bounded retries,
+  never blocking anything).
+- The latch survives reloads and restarts. It is cleared only by `resume`, or
+  when `versions.<canary>.release` changes (a new build, which also restarts
+  the rollout from its first step).
+- A state file that cannot be read at start leaves the proxy latched to
+  stable, with the reason saying why — never silently fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import rollout, state
+from .config import Config
+from .guard import Policy, Stats, Verdict, Window, verdict
+from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Resume, Tick
+from .state import Latch, State, StateError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("turnout.controller")
+
+TICK = 0.25  # seconds between verdicts: a bound on detection latency beyond the evidence
+DEFAULT_POLICY = Policy()  # without a guard section a rollout still needs min_requests per step
+MAX_EVENTS = 500  # kept in memory for GET /events
+ALL_ROLES = frozenset({rollout.ANY_ROLE})  # a loopback caller when no tokens are configured
+
+
+class ActionError(Exception):
+    """An admin action that cannot be done now (HTTP 409), or is not allowed (403)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Controller:
+    def __init__(self, runtime: Runtime, notify: Callable[[dict], None] | None = None) -> None:
+        self.runtime = runtime
+        self.notify = notify  # called with each event that leaves the process (the webhook)
+        self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
+        self.windows: dict[str, Window] = {}
+        self.window_length = 0.0
+        self.last_verdict: Verdict | None = None
+        self.canary_requests = 0  # monotonically growing, for rollout step accounting
+        self.alerting = False  # an `alert` breach episode is in progress
+        self.task: asyncio.Task | None = None
+        self.make_windows(runtime.config)
+        runtime.recorder.outcome_listeners.append(self.outcome)
+
+    # -- start ---------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Read the state file; latch to stable if it cannot be trusted."""
+        rt = self.runtime
+        cfg = rt.config
+        try:
+            saved = state.load(cfg.state_file)
+        except StateError as err:
+            rt.latch = Latch(
+                active=True, reason=f"state file unreadable, starting safe: {err}",
+                at=time.time(), release=_release(cfg), actor="turnout",
+            )  # fmt: skip
+            rt.refresh()
+            log.error("ROLLBACK LATCHED at start: %s", err)
+            self.event("rollback", reason=rt.latch.reason, actor="turnout")
+            return
+        rt.latch = saved.latch
+        if saved.rollout is not None and cfg.rollout is not None:
+            rt.progress = rollout.from_dict(saved.rollout)
+        if saved.release != _release(cfg) and (saved.latch.active or saved.rollout):
+            self.new_release(cfg, saved.release)
+        elif cfg.rollout is not None and rt.progress is None:
+            rt.progress = rollout.start(cfg.rollout, time.time(), self.canary_requests)
+        rt.refresh()
+        if rt.latch.active:
+            log.warning("rollback latch restored from %s: %s", cfg.state_file, rt.latch.reason)
+        self.persist()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                self.tick(time.monotonic(), time.time())
+            except Exception:  # the controller must outlive any one bad tick
+                log.exception("controller tick failed")
+
+    # -- the hot-path hook -----------------------------------------------------------------
+
+    def outcome(self, version: str, status: int, seconds: float, error: str | None) -> None:
+        w = self.windows.get(version)
+        if w is not None:
+            w.record(time.monotonic(), status, seconds, status >= 500 or error is not None)
+        if version == self.runtime.snapshot.table.canary:
+            self.canary_requests += 1
+
+    def make_windows(self, cfg: Config) -> None:
+        """One window per version; kept across reloads unless its length changed."""
+        length = cfg.guard.window if cfg.guard is not None else 30.0
+        old = self.windows if length == self.window_length else {}
+        self.window_length = length
+        self.windows = {name: old.get(name) or Window(length) for name in (cfg.stable, cfg.canary)}
+
+    # -- the tick -----------------------------------------------------------------------------
+
+    def stats(self, now: float) -> tuple[Stats, Stats]:
+        cfg = self.runtime.config
+        return self.windows[cfg.canary].stats(now), self.windows[cfg.stable].stats(now)
+
+    def tick(self, now: float, wall: float) -> None:
+        rt = self.runtime
+        cfg = rt.config
+        policy = cfg.guard
+        healthy = True
+        if policy is not None:
+            canary, stable = self.stats(now)
+            v = verdict(canary, stable, policy)
+            self.last_verdict = v
+            healthy = v.state == "healthy"
+            if v.state == "breach" and not rt.latch.active:
+                self.breach(v, wall)
+            elif v.state != "breach":
+                self.alerting = False
+        if cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
+            min_requests = (policy or DEFAULT_POLICY).min_requests
+            tick = Tick(wall, healthy, self.canary_requests)
+            self.step(rollout.advance(rt.progress, tick, cfg.rollout, min_requests), "guard")
+
+    def breach(self, v: Verdict, wall: float) -> None:
+        policy = self.runtime.config.guard
+        assert policy is not None
+        reasons = ", ".join(v.reasons)
+        if policy.on_breach == "rollback":
+            self.rollback(f"guard: canary breached ({reasons})", "guard", v.evidence)
+        elif policy.on_breach == "pause":
+            if self.runtime.progress is not None:
+                self.pause("guard")
+            self.alert(v, wall, "pause")
+        elif not self.alerting:
+            self.alert(v, wall, "alert")
+
+    def alert(self, v: Verdict, wall: float, action: str) -> None:
+        self.alerting = True
+        self.runtime.recorder.breach_alerted()
+        log.warning("GUARD BREACH (%s, on_breach=%s): %s", ", ".join(v.reasons), action, v.evidence)
+        self.event("breach", action=action, reasons=v.reasons, evidence=v.evidence, actor="guard",
+                   external=True)  # fmt: skip
+
+    # -- actions (also the admin API's) ---------------------------------------------------------
+
+    def rollback(self, reason: str, actor: str, evidence: dict | None = None) -> Latch:
+        rt = self.runtime
+        if rt.latch.active:
+            return rt.latch
+        started = time.perf_counter()
+        rt.latch = Latch(active=True, reason=reason, at=time.time(), release=_release(rt.config),
+                         evidence=evidence, actor=actor)  # fmt: skip
+        rt.refresh()  # all traffic to stable from the next request on
+        rt.recorder.rolled_back()
+        self.persist()
+        log.warning("ROLLBACK to %s by %s: %s (in force after %.1f ms)", rt.config.stable, actor,
+                    reason, 1000 * (time.perf_counter() - started))  # fmt: skip
+        self.event("rollback", reason=reason, actor=actor, release=rt.latch.release,
+                   evidence=evidence, stable=rt.config.stable, canary=rt.config.canary,
+                   external=True)  # fmt: skip
+        return rt.latch
+
+    def resume(self, actor: str) -> None:
+        rt = self.runtime
+        was = rt.latch
+        if was.active:
+            rt.latch = Latch()
+            self.windows = {}
+            self.make_windows(rt.config)  # judge the canary afresh
+            self.event("resume", actor=actor, cleared=was.reason)
+            log.warning("rollback latch cleared by %s", actor)
+        if rt.progress is not None and rt.progress.phase == rollout.Phase.PAUSED:
+            self.step(rollout.advance(rt.progress, Resume(time.time(), actor), *self._rc()), actor)
+        rt.refresh()
+        self.persist()
+
+    def pause(self, actor: str) -> None:
+        rt = self.runtime
+        if rt.progress is None:
+            raise ActionError("no rollout to pause")
+        try:
+            new = rollout.advance(rt.progress, Pause(time.time(), actor), *self._rc())
+        except IllegalTransition as err:
+            raise ActionError(str(err)) from None
+        self.step(new, actor)
+
+    def promote(self, actor: str, roles: frozenset[str]) -> None:
+        rt = self.runtime
+        if rt.latch.active:
+            raise ActionError("the rollback latch is set: resume first")
+        if rt.progress is None:
+            raise ActionError("no rollout to promote")
+        event = Promote(time.time(), actor, roles, canary_requests=self.canary_requests)
+        try:
+            new = rollout.advance(rt.progress, event, *self._rc())
+        except Forbidden as err:
+            raise ActionError(str(err), 403) from None
+        except IllegalTransition as err:
+            raise ActionError(str(err)) from None
+        self.step(new, actor)
+
+    def _rc(self) -> tuple[Any, int]:
+        cfg = self.runtime.config
+        return cfg.rollout, (cfg.guard or DEFAULT_POLICY).min_requests
+
+    def step(self, new: Progress, actor: str) -> None:
+        """Put a new rollout progress in force if it differs."""
+        rt = self.runtime
+        old = rt.progress
+        if new is old or new == old:
+            return
+        rt.progress = new
+        rt.refresh()
+        rt.recorder.rollout_step = new.step
+        self.persist()
+        weight = rt.snapshot.table.weight
+        log.info("rollout: %s step %d, weight %d%% (%s)", new.phase.value, new.step, weight, actor)
+        self.event("rollout", phase=new.phase.value, step=new.step, weight=weight, actor=actor)
+
+    # -- reloads -----------------------------------------------------------------------------
+
+    def reloaded(self, old: Config, new: Config) -> None:
+        """A new config is in force: windows, release and rollout follow it."""
+        self.make_windows(new)
+        if _release(old) != _release(new):
+            self.new_release(new, _release(old))
+        elif new.rollout is None:
+            self.runtime.progress = None
+        elif self.runtime.progress is None or old.rollout != new.rollout:
+            self.runtime.progress = _fit(self.runtime.progress, new, self.canary_requests)
+        self.runtime.refresh()
+        self.runtime.recorder.rollout_step = (
+            self.runtime.progress.step if self.runtime.progress else 0
+        )
+        self.persist()
+
+    def new_release(self, cfg: Config, previous: str | None) -> None:
+        rt = self.runtime
+        if rt.latch.active:
+            self.event("resume", actor="release", cleared=rt.latch.reason,
+                       release=_release(cfg), previous=previous)  # fmt: skip
+            log.warning("new canary release %s (was %s): rollback latch cleared",
+                        _release(cfg), previous)  # fmt: skip
+        rt.latch = Latch()
+        self.windows = {}
+        self.make_windows(cfg)
+        rt.progress = (
+            rollout.start(cfg.rollout, time.time(), self.canary_requests) if cfg.rollout else None
+        )
+
+    # -- persistence and events ---------------------------------------------------------------
+
+    def persist(self) -> None:
+        rt = self.runtime
+        doc = State(
+            latch=rt.latch,
+            rollout=rollout.to_dict(rt.progress) if rt.progress is not None else None,
+            release=_release(rt.config),
+        )
+        try:
+            state.save(rt.config.state_file, doc)
+        except OSError as err:
+            # Routing already follows the in-memory state; say loudly that it is not durable.
+            log.error("cannot write state file %s: %s", rt.config.state_file, err)
+            self.event("error", message=f"cannot write state file: {err}", actor="turnout")
+
+    def event(self, kind: str, external: bool = False, **fields: Any) -> dict:
+        ev = {"at": time.time(), "kind": kind, **fields}
+        self.events.appendleft(ev)
+        if external and self.notify is not None:
+            self.notify(ev)
+        return ev
+
+    def audit_path(self) -> str:
+        return os.path.join(os.path.dirname(self.runtime.config.state_file), "turnout-audit.jsonl")
+
+
+def _release(cfg: Config) -> str | None:
+    return cfg.versions[cfg.canary].release
+
+
+def _fit(progress: Progress | None, cfg: Config, canary_requests: int) -> Progress:
+    """Keep the rollout's place when its steps change; start it when it is new."""
+    assert cfg.rollout is not None
+    if progress is None or progress.step >= len(cfg.rollout.steps):
+        return rollout.start(cfg.rollout, time.time(), canary_requests)
+    return progress
