@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 HOST = "127.0.0.1"
 USERS = 40
 RATE = 100.0  # requests per second, all users together
-DEFAULT_DURATION = 25.0
+DEFAULT_DURATION = 12.0  # the hot-reload phases; the guarded release then runs on events
 APPLY_TIMEOUT = 5.0  # a config change not in force by then is reported as a failure
 PORTS_ENV = "TURNOUT_DEMO_PORTS"
 TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
@@ -219,6 +219,11 @@ class Load:
         elif before == self.canary and version == self.stable:
             self.flipped_back.add(user)
 
+    def forget_moves(self) -> None:
+        """Start counting moves afresh (a rollback or a new release moves users on purpose)."""
+        self.moved_on.clear()
+        self.flipped_back.clear()
+
     def take_window(self) -> Tally:
         window, self.window = self.window, Tally()
         return window
@@ -288,6 +293,8 @@ class Demo:
         self.t0 = 0.0
         self.changes: list[tuple[int, int, float]] = []  # (from, to, ms to apply)
         self.problems: list[str] = []
+        self.bearer: str | None = None  # once the config has admin tokens
+        self.rollout_seen: tuple | None = None  # the last rollout state narrated
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -348,9 +355,11 @@ class Demo:
 
     async def status(self) -> dict | None:
         assert self.session is not None
+        headers = {"Authorization": f"Bearer {self.bearer}"} if self.bearer else {}
+        url = f"http://{HOST}:{self.ports.admin}/status"
         try:
-            async with self.session.get(f"http://{HOST}:{self.ports.admin}/status") as resp:
-                return await resp.json()
+            async with self.session.get(url, headers=headers) as resp:
+                return await resp.json() if resp.status == 200 else None
         except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
 
@@ -466,11 +475,15 @@ async def play(demo: Demo, phases: list[Phase]) -> None:
     demo.ticker = asyncio.create_task(demo.tick())
     end = demo.t0
     for n, phase in enumerate(phases, 1):
-        end += phase.share * demo.duration
         say(f"  -- phase {n}/{len(phases)}: {phase.title}")
+        if not phase.share:  # runs until what it waits for has happened
+            await phase.run(demo, 0.0)
+            end = loop.time()
+            continue
+        end += phase.share * demo.duration
         await phase.run(demo, end - loop.time())
         await asyncio.sleep(max(0.0, end - loop.time()))
-    await asyncio.sleep(max(0.0, demo.t0 + demo.duration + 0.25 - loop.time()))  # last line
+    await asyncio.sleep(max(0.0, end + 0.25 - loop.time()))  # the last live line
     await demo.load.stop()
     demo.ticker.cancel()
 
@@ -506,7 +519,7 @@ Turnout demo: a canary release on this machine (127.0.0.1 only). Ctrl-C stops it
   admin                          {admin}/status   {admin}/metrics
   config                         {demo.config_path}
   load                           {USERS} users (X-User-Id: user-1..user-{USERS}), \
-~{RATE:.0f} requests/s, {demo.duration:g} s
+~{RATE:.0f} requests/s
 
 Each user's id hashes to a bucket 1..100; the user gets {c} when the bucket is <= the
 weight (now {weight}%). So a user keeps their version, and raising the weight only moves
@@ -522,7 +535,7 @@ def summary(demo: Demo) -> None:
     served = ", ".join(
         f"{name} {n:,} ({100 * n / answered:.0f}%)" for name, n in total.by_version.items()
     )
-    steps = f"{demo.cfg['routing']['weight']}%, unchanged"
+    steps = f"{demo.cfg['routing'].get('weight', 0)}%, unchanged"
     if demo.changes:
         hops = "".join(f" {ARROW} {to}% ({ms:.0f} ms)" for _, to, ms in demo.changes)
         steps = f"{demo.changes[0][0]}%{hops}, hot-applied by the file watcher"
@@ -585,7 +598,10 @@ def run_demo(duration: float | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="proxy %(levelname)s: %(message)s")
     try:
         ports = ports_from_env()
-        return uvloop.run(main(duration or DEFAULT_DURATION, ports, PHASES))
+        from .release_demo import release_phases
+
+        phases = PHASES + release_phases()
+        return uvloop.run(main(duration or DEFAULT_DURATION, ports, phases))
     except DemoError as err:
         print(f"turnout demo: {err}", file=sys.stderr)
         return 1

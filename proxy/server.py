@@ -62,7 +62,7 @@ class Server:
             log.warning(
                 "listen changed to %s:%s: restart to apply", new.listen_host, new.listen_port
             )
-        if old.admin != new.admin:
+        if (old.admin.host, old.admin.port) != (new.admin.host, new.admin.port):
             log.warning("admin.listen changed: restart to apply")
 
     async def start(self) -> None:

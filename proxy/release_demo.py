@@ -1,0 +1,191 @@
+"""The guarded release that `turnout demo` plays after its hot-reload phases.
+
+Script (each phase waits for what it announces, with a deadline):
+1. A new build of green ("2.0") with a `guard` and a `rollout` is written into
+   the config file: the rollout walks its steps on its own.
+2. It stops at the step that needs role `product`: an `engineer` token is
+   refused (403), the `product` token approves it.
+3. A fault is injected into green (half its answers are 500): the guard
+   latches the rollback; the demo prints the seconds it took and the evidence.
+4. A fixed build ("2.0.1") is written into the file: the new release clears
+   the latch and the rollout starts over, gets approved and completes.
+Everything goes through the same paths an operator uses: the config file,
+the admin API with bearer tokens, and /status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from typing import Any
+
+import aiohttp
+
+from .demo import ARROW, BAD, HOST, OK, Demo, Phase, say
+
+PRODUCT_ENV, ENGINEER_ENV = "TURNOUT_DEMO_TOKEN_PRODUCT", "TURNOUT_DEMO_TOKEN_ENGINEER"
+# The 50% step dwells a minute: the fault arrives there; the fixed build is promoted past it.
+STEPS = [10, 25, {"weight": 50, "approve": "product", "interval": "1m"}, 100]
+WAIT = 20.0  # seconds any one expected change may take before the demo reports a failure
+GUARD = {
+    "window": "10s",
+    "min_requests": 20,
+    "max_error_rate": 0.02,
+    "relative_to_stable": True,
+    "on_breach": "rollback",
+}
+
+
+def release_phases() -> list[Phase]:
+    """Phases with share 0: each runs until what it waits for has happened."""
+    return [
+        Phase("a guarded release of green 2.0: the rollout steps up on its own", 0, step_up),
+        Phase("an approval step: only role product may promote", 0, approve),
+        Phase("a fault in green: half its answers are 500", 0, fault),
+        Phase("a fixed build, 2.0.1: the latch clears, the rollout completes", 0, fixed),
+    ]
+
+
+def tokens() -> dict[str, str]:
+    """Bearer tokens for the demo, put where the config's token_env points."""
+    for env in (PRODUCT_ENV, ENGINEER_ENV):
+        os.environ.setdefault(env, secrets.token_urlsafe(18))
+    return {"product": os.environ[PRODUCT_ENV], "engineer": os.environ[ENGINEER_ENV]}
+
+
+async def post(demo: Demo, action: str, token: str, body: dict | None = None) -> tuple[int, Any]:
+    assert demo.session is not None
+    url = f"http://{HOST}:{demo.ports.admin}/{action}"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with demo.session.post(url, json=body or {}, headers=headers) as resp:
+            return resp.status, await resp.json()
+    except (TimeoutError, aiohttp.ClientError, ValueError) as err:
+        return 0, {"error": str(err)}
+
+
+async def watch(demo: Demo, want, what: str) -> dict | None:
+    """Poll /status (with the product token) until `want(doc)`; report rollout moves."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while loop.time() < deadline:
+        doc = await demo.status()
+        if doc is not None:
+            ro = doc["rollout"]
+            now = (ro["state"], ro["step"], doc["weight"]["effective"])
+            if now != demo.rollout_seen and ro["state"] != "none":
+                demo.rollout_seen = now
+                waiting = f", waiting for role {ro['awaiting']}" if ro.get("awaiting") else ""
+                demo.event(f"rollout {ro['state']}: step {ro['step']}, weight {now[2]}%{waiting}")
+            if want(doc):
+                return doc
+        await asyncio.sleep(0.1)
+    demo.problem(f"{what} did not happen within {WAIT:.0f} s")
+    return None
+
+
+def write_release(demo: Demo, release: str) -> None:
+    cfg = demo.cfg
+    cfg["versions"][demo.canary]["release"] = release
+    cfg["guard"] = dict(GUARD)
+    cfg["rollout"] = {"interval": "2s", "steps": STEPS}
+    cfg["admin"]["tokens"] = [
+        {"name": "pat", "token_env": PRODUCT_ENV, "roles": ["product"]},
+        {"name": "ci-bot", "token_env": ENGINEER_ENV, "roles": ["engineer"]},
+    ]
+    cfg["routing"].pop("weight", None)  # the rollout owns the weight now
+    demo.write_config()
+
+
+async def step_up(demo: Demo, seconds: float) -> None:
+    demo.bearer = tokens()["product"]
+    write_release(demo, "2.0")
+    demo.event(f"config file rewritten: {demo.canary} release 2.0, guard and rollout "
+               f"steps {[s if isinstance(s, int) else s['weight'] for s in STEPS]}")  # fmt: skip
+    if await watch(demo, lambda d: d["rollout"]["state"] != "none", "the rollout's start"):
+        demo.event("a new release starts small: users above bucket 10 are back on blue")
+        await asyncio.sleep(1.0)
+        demo.load.forget_moves()
+    await watch(demo, lambda d: d["rollout"]["state"] == "awaiting_approval", "the approval step")
+
+
+async def approve(demo: Demo, seconds: float) -> None:
+    keys = tokens()
+    status, doc = await post(demo, "promote", keys["engineer"])
+    if status == 403:
+        demo.event(f"{OK} promote by ci-bot (role engineer) refused: 403 {doc.get('error')}")
+    else:
+        demo.problem(f"promote by a token without role product answered {status}")
+    await asyncio.sleep(1.0)
+    status, doc = await post(demo, "promote", keys["product"])
+    if status != 200:
+        demo.problem(f"promote by pat (role product) answered {status}: {doc.get('error')}")
+        return
+    demo.event(f"{OK} promote by pat (role product): approved")
+    await watch(demo, lambda d: d["rollout"]["step"] == 2 and d["weight"]["effective"] == 50,
+                "weight 50%")  # fmt: skip
+    await asyncio.sleep(2.0)  # let users settle on 50%; the step dwells a minute
+
+
+async def fault(demo: Demo, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    green = demo.upstreams[demo.canary]
+    green.fault_rate = 0.5
+    started, served_before = loop.time(), green.faults
+    demo.event(f"{BAD} fault injected into {demo.canary}: 50% of its answers are now 500")
+    doc = await watch(demo, lambda d: d["rollback"]["active"], "the rollback")
+    if doc is None:
+        return
+    took, failed = loop.time() - started, green.faults - served_before
+    demo.event(
+        f"{OK} guard rolled back to {demo.stable} {took:.1f} s after the fault; "
+        f"{failed} user requests failed on {demo.canary} meanwhile"
+    )
+    for line in evidence_lines(doc["rollback"]):
+        say(f"           {line}")
+    await asyncio.sleep(2.0)
+    demo.load.forget_moves()  # everyone is back on blue: that is the rollback, not a flip
+    on = demo.load.on(demo.canary)
+    if on:
+        demo.problem(f"{on} users still on {demo.canary} 2 s after the rollback")
+    else:
+        demo.event(f"{OK} every user is on {demo.stable}; weight 0% while the latch is set")
+
+
+def evidence_lines(rollback: dict) -> list[str]:
+    ev = rollback.get("evidence") or {}
+    c, s = ev.get("canary", {}), ev.get("stable", {})
+    lines = [f"reason: {rollback.get('reason')}"]
+    if c and s:
+        lines.append(
+            f"window: canary {c['errors']}/{c['requests']} errors ({100 * c['error_rate']:.1f}%), "
+            f"stable {s['errors']}/{s['requests']} ({100 * s['error_rate']:.1f}%)"
+        )
+    for name, test in (ev.get("tests") or {}).items():
+        if test.get("breach"):
+            lines.append(f"test {name}: {test['test']}, p = {test['p_value']:.2g} "
+                         f"< alpha {ev.get('thresholds', {}).get('alpha')}")  # fmt: skip
+    return lines
+
+
+async def fixed(demo: Demo, seconds: float) -> None:
+    demo.upstreams[demo.canary].fault_rate = 0.0
+    write_release(demo, "2.0.1")
+    demo.event(f"config file rewritten: {demo.canary} release 2.0 {ARROW} 2.0.1 (the fix)")
+    doc = await watch(demo, lambda d: not d["rollback"]["active"], "the latch clearing")
+    if doc is None:
+        return
+    demo.event(f"{OK} new release: rollback latch cleared, rollout restarted at step 0")
+    if await watch(demo, lambda d: d["rollout"]["state"] == "awaiting_approval", "approval"):
+        status, _ = await post(demo, "promote", tokens()["product"])
+        demo.event(f"promote by pat: {'approved' if status == 200 else status}")
+    if await watch(demo, lambda d: d["weight"]["effective"] == 50, "weight 50%"):
+        await asyncio.sleep(1.5)
+        status, _ = await post(demo, "promote", tokens()["product"])
+        demo.event(f"promote by pat again: skip the minute's dwell ({status})")
+    doc = await watch(demo, lambda d: d["rollout"]["state"] == "complete", "completion")
+    if doc is not None:
+        demo.event(f"{OK} rollout complete: {demo.canary} 2.0.1 serves "
+                   f"{doc['weight']['effective']}% of users")  # fmt: skip
+    await asyncio.sleep(1.5)
