@@ -28,6 +28,8 @@ class Row:
     p50_ms: float | None = None
     p99_ms: float | None = None
     x_nginx: float | None = None
+    x_stock: float | None = None  # against NGINX with its stock proxy settings
+    x_turnout: float | None = None  # against plain Turnout (the cost of a feature)
     added_p50_ms: float | None = None
 
 
@@ -47,8 +49,13 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
             rows[name, c] = row
     for (name, c), row in rows.items():
         nginx, direct = rows.get(("nginx", c)), rows.get(("direct", c))
+        stock, plain = rows.get(("nginx-stock", c)), rows.get(("turnout", c))
         if row.rps is not None and nginx is not None and nginx.rps:
             row.x_nginx = row.rps / nginx.rps
+        if row.rps is not None and stock is not None and stock.rps:
+            row.x_stock = row.rps / stock.rps
+        if row.rps is not None and name.startswith("turnout-") and plain and plain.rps:
+            row.x_turnout = row.rps / plain.rps
         measured = direct is not None and direct.p50_ms is not None and row.p50_ms is not None
         if c == 1 and name != "direct" and measured:
             row.added_p50_ms = row.p50_ms - direct.p50_ms  # type: ignore[operator,union-attr]
@@ -71,14 +78,15 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
         f"{meta['users']} user ids, canary weight {meta['weight']}% · {meta['platform']}",
         "",
         "| target | conns | req/s (median) | req/s min–max | p50 ms | p99 ms | × nginx "
-        "| added p50 vs direct (ms) | ok runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| × nginx-stock | × turnout | added p50 vs direct (ms) | ok runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = "—" if r.rps_min is None else f"{r.rps_min:,.0f}–{r.rps_max:,.0f}"
         lines.append(
             f"| {r.target} | {r.connections} | {_num(r.rps, ',.0f')} | {spread} "
             f"| {_num(r.p50_ms, '.3f')} | {_num(r.p99_ms, '.3f')} | {_num(r.x_nginx, '.2f')} "
+            f"| {_num(r.x_stock, '.2f')} | {_num(r.x_turnout, '.3f')} "
             f"| {_num(r.added_p50_ms, '+.3f')} | {r.ok_runs}/{r.total_runs} |"
         )
     if notes:

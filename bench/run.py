@@ -1,6 +1,7 @@
 """Benchmark harness: the upstream direct vs Turnout vs NGINX, interleaved, on loopback.
 
-    python -m bench.run [--targets direct,turnout,nginx] [--connections 64,1]
+    python -m bench.run [--targets direct,turnout,turnout-guard,nginx,nginx-stock]
+                        [--connections 64,1]
                         [--duration 5] [--rounds 3] [--body-bytes 100]
 
 It starts a fast upstream (nginx with one worker, or bench/upstream.py when
@@ -89,16 +90,19 @@ def start_direct(b: Bench) -> str:
     return b.endpoint(STABLE) + "/"
 
 
-def start_nginx_proxy(b: Bench) -> str:
-    assert b.nginx is not None
-    (port,) = free_ports(1)
-    prefix = b.workdir / "nginx-proxy"
-    conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight)
-    ngx.write_conf(prefix, conf)
-    proc, log = b.procs.start("nginx-proxy", ngx.command(b.nginx, prefix))
-    b.watched["nginx"] = (proc, log)
-    wait_for_port(proc, port, log, "nginx (proxy)", 10)
-    return f"http://127.0.0.1:{port}/"
+def nginx_target(name: str, keepalive: bool) -> Target:
+    def start(b: Bench) -> str:
+        assert b.nginx is not None
+        (port,) = free_ports(1)
+        prefix = b.workdir / name
+        conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight, keepalive)
+        ngx.write_conf(prefix, conf)
+        proc, log = b.procs.start(name, ngx.command(b.nginx, prefix))
+        b.watched[name] = (proc, log)
+        wait_for_port(proc, port, log, f"{name} (proxy)", 10)
+        return f"http://127.0.0.1:{port}/"
+
+    return Target(start, needs_nginx=True, routed=True)
 
 
 def turnout_config(b: Bench, port: int, admin: int, state_dir: Path) -> dict[str, object]:
@@ -156,14 +160,20 @@ TURNOUT_VARIANTS: dict[str, dict[str, object]] = {
     "turnout": {},
     "turnout-mirror": {"mirror": {"percent": 100}},
     "turnout-guard": {
-        "guard": {"window": "30s", "min_requests": 50, "max_error_rate": 0.02, "on_breach": "alert"}
+        "guard": {
+            "window": "30s",
+            "min_requests": 50,
+            "max_error_rate": 0.02,
+            "on_breach": "rollback",
+        }
     },
 }
 
 TARGETS: dict[str, Target] = {
     "direct": Target(start_direct),
     **{name: turnout_target(name, extra) for name, extra in TURNOUT_VARIANTS.items()},
-    "nginx": Target(start_nginx_proxy, needs_nginx=True, routed=True),
+    "nginx": nginx_target("nginx", keepalive=True),  # tuned: pooled upstream connections
+    "nginx-stock": nginx_target("nginx-stock", keepalive=False),  # NGINX's proxy defaults
 }
 
 
@@ -363,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         type=csv_list,
-        default=["direct", "turnout", "nginx"],
+        default=["direct", "turnout", "turnout-guard", "nginx", "nginx-stock"],
         help="comma list, in run order (default direct,turnout,nginx)",
     )
     p.add_argument("--connections", type=csv_list, default=["64", "1"], help="default 64,1")

@@ -24,6 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import rollout, state
@@ -59,11 +60,9 @@ class Controller:
         self.windows: dict[str, Window] = {}
         self.window_length = 0.0
         self.last_verdict: Verdict | None = None
-        self.canary_requests = 0  # monotonically growing, for rollout step accounting
         self.alerting = False  # an `alert` breach episode is in progress
         self.task: asyncio.Task | None = None
         self.make_windows(runtime.config)
-        runtime.recorder.outcome_listeners.append(self.outcome)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -78,18 +77,29 @@ class Controller:
                 active=True, reason=f"state file unreadable, starting safe: {err}",
                 at=time.time(), release=_release(cfg), actor="turnout",
             )  # fmt: skip
+            # The rollout's place is lost with the file: it starts over at step 0, which
+            # the latch holds at weight 0 until an operator resumes.
+            if cfg.rollout is not None:
+                rt.progress = rollout.start(cfg.rollout, time.time(), self.canary_requests)
             rt.refresh()
+            rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
             log.error("ROLLBACK LATCHED at start: %s", err)
             self.event("rollback", reason=rt.latch.reason, actor="turnout")
             return
         rt.latch = saved.latch
         if saved.rollout is not None and cfg.rollout is not None:
-            rt.progress = rollout.from_dict(saved.rollout)
+            # The saved request base is the dead process's canary count; this process
+            # counts from 0, so the step's count starts again at the next tick.
+            saved_progress = rollout.from_dict(saved.rollout)
+            rt.progress = saved_progress
         if saved.release != _release(cfg) and (saved.latch.active or saved.rollout):
             self.new_release(cfg, saved.release)
         elif cfg.rollout is not None and rt.progress is None:
             rt.progress = rollout.start(cfg.rollout, time.time(), self.canary_requests)
+        elif cfg.rollout is not None and rt.progress is not None:
+            rt.progress = _fit(rt.progress, cfg, self.canary_requests)  # steps may be fewer
         rt.refresh()
+        rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
         if rt.latch.active:
             log.warning("rollback latch restored from %s: %s", cfg.state_file, rt.latch.reason)
         self.persist()
@@ -116,14 +126,31 @@ class Controller:
     # -- the hot-path hook -----------------------------------------------------------------
 
     def outcome(self, version: str, status: int, seconds: float, error: str | None) -> None:
+        """Feed the guard's windows; listens to the Recorder only while a guard is set."""
         w = self.windows.get(version)
         if w is not None:
-            w.record(time.monotonic(), status, seconds, status >= 500 or error is not None)
-        if version == self.runtime.snapshot.table.canary:
-            self.canary_requests += 1
+            w.record(time.monotonic(), status, seconds, error is not None)
+
+    @property
+    def canary_requests(self) -> int:
+        """Requests the canary has answered since start (grows monotonically)."""
+        canary = self.runtime.config.canary
+        return sum(
+            n for (version, _), n in self.runtime.recorder.requests.items() if version == canary
+        )
 
     def make_windows(self, cfg: Config) -> None:
-        """One window per version; kept across reloads unless its length changed."""
+        """One window per version; kept across reloads unless its length changed.
+
+        Outcomes are recorded only while a guard is configured: without one, the
+        hot path pays nothing for it.
+        """
+        listeners = self.runtime.recorder.outcome_listeners
+        if cfg.guard is None:
+            if self.outcome in listeners:
+                listeners.remove(self.outcome)
+        elif self.outcome not in listeners:
+            listeners.append(self.outcome)
         length = cfg.guard.window if cfg.guard is not None else 30.0
         old = self.windows if length == self.window_length else {}
         self.window_length = length
@@ -161,9 +188,17 @@ class Controller:
         if policy.on_breach == "rollback":
             self.rollback(f"guard: canary breached ({reasons})", "guard", v.evidence)
         elif policy.on_breach == "pause":
-            if self.runtime.progress is not None:
+            # Pause a moving rollout (again, if an operator resumed it while the breach
+            # goes on); a paused or complete one is left alone. Alert once per episode:
+            # this runs every tick while the breach lasts.
+            progress = self.runtime.progress
+            if progress is not None and progress.phase in (
+                rollout.Phase.PROGRESSING,
+                rollout.Phase.AWAITING,
+            ):
                 self.pause("guard")
-            self.alert(v, wall, "pause")
+            if not self.alerting:
+                self.alert(v, wall, "pause")
         elif not self.alerting:
             self.alert(v, wall, "alert")
 

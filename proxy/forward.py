@@ -19,7 +19,6 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from .headers import STRICT_BLOCK as _STRICT_BLOCK
 from .headers import RequestHead, ResponseHead, scan_response
 from .http.upstream import Pool, UpstreamConnection
 
@@ -110,7 +109,6 @@ class Exchange:
 
     def start(self) -> None:
         snap = self.snap
-        self.client.recorder.begin(self.decision.label, self.version)
         length = self.head.content_length
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
@@ -321,8 +319,8 @@ class Exchange:
             return False
         sle = data.find(b"\r\n")
         block = data[sle : end + 2]
-        if _STRICT_BLOCK.fullmatch(block) is None:
-            return False
+        if block.count(b"\n") != block.count(b"\r\n") or b"\r\n " in block or b"\0" in block:
+            return False  # bare LF, folded lines, NUL: let httptools judge the response
         rh = scan_response(block, False)
         length = rh.content_length
         if length is None or rh.chunked or len(data) != end + 4 + length:
@@ -490,5 +488,5 @@ class Exchange:
     def finish(self, status: int, error: str | None) -> None:
         self.done = True
         rec = self.client.recorder
-        rec.finished(self.version, status, time.perf_counter() - self.t0, error)
+        rec.finished(self.decision.label, status, time.perf_counter() - self.t0, error)
         self.client.exchange_done(self)

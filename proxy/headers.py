@@ -197,8 +197,6 @@ class ResponseHead:
         self.block = block  # "\r\nName: value" lines, ending with "\r\n"
 
 
-# Header lines in strict RFC 9110 grammar: token names, visible ASCII/obs-text values.
-STRICT_BLOCK = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*\r\n")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 _RESP_SCAN = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"

@@ -46,7 +46,9 @@ class Recorder:
         self.durations: dict[str, _Histogram] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
-        self.in_flight: dict[str, int] = {}
+        # Exchanges in progress per version, counted when asked (at scrape time)
+        # rather than kept up to date on every request.
+        self.in_flight: Callable[[], dict[str, int]] = dict
         self.reloads = {"success": 0, "failure": 0}
         self.generation = 0
         self.canary_weight = 0
@@ -59,17 +61,16 @@ class Recorder:
 
     # -- hot path -----------------------------------------------------------------
 
-    def begin(self, label: tuple[str, str], version: str) -> None:
-        """A routing decision was made and its exchange started."""
+    def finished(
+        self, label: tuple[str, str], status: int, seconds: float, error: str | None
+    ) -> None:
+        """One exchange is over: count its decision and its answer, time it, tell listeners.
+
+        `label` is the routing decision's (version, reason).
+        """
         d = self.decisions
         d[label] = d.get(label, 0) + 1
-        f = self.in_flight
-        f[version] = f.get(version, 0) + 1
-
-    def finished(self, version: str, status: int, seconds: float, error: str | None) -> None:
-        """One exchange is over: count it, time it, and tell the listeners."""
-        f = self.in_flight
-        f[version] = f.get(version, 1) - 1
+        version = label[0]
         key = (version, status)
         r = self.requests
         r[key] = r.get(key, 0) + 1
@@ -175,7 +176,7 @@ class _Collector(Collector):
         g = GaugeMetricFamily(
             "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]
         )
-        for version, n in sorted(rec.in_flight.items()):
+        for version, n in sorted(rec.in_flight().items()):
             g.add_metric([version], n)
         yield g
         yield GaugeMetricFamily(

@@ -44,12 +44,22 @@ class Server:
         self.max_header_bytes = config.limits.max_header_bytes
         self.listener: asyncio.base_events.Server | None = None
         self.admin: AdminServer | None = None
+        self.runtime.recorder.in_flight = self.in_flight
         self.webhook = Webhook(self.webhook_url)
         self.controller = Controller(self.runtime, notify=self.webhook.send)
         self.controller.restore()
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
         self.stopped = asyncio.Event()
         self.ready = False
+
+    def in_flight(self) -> dict[str, int]:
+        """Exchanges in progress per version, counted over the open connections."""
+        counts: dict[str, int] = {}
+        for conn in self.connections:
+            ex = conn.tunnel or conn.current
+            if ex is not None and (conn.tunnel is not None or not ex.done):
+                counts[ex.version] = counts.get(ex.version, 0) + 1
+        return counts
 
     def webhook_url(self) -> str | None:
         guard = self.runtime.config.guard

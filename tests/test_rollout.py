@@ -302,3 +302,10 @@ def test_weight_tolerates_steps_shortened_by_a_reload() -> None:
     p = Progress(Phase.PROGRESSING, 5, 0.0, 0)
     assert rollout.weight(p, PLAIN) == 100
     assert rollout.next_at(p, PLAIN) == 60.0
+
+
+def test_readme_diagram_is_the_one_the_table_draws():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "```mermaid\n" + rollout.diagram().rstrip() + "\n```" in readme

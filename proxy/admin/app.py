@@ -37,6 +37,7 @@ def status_document(server: Server) -> dict:
     cfg = snap.config
     rec = rt.recorder
     totals = rec.version_totals()
+    in_flight = rec.in_flight()
     versions = {}
     for name in cfg.versions:
         t = totals.get(name, {"requests": 0, "errors": 0})
@@ -45,7 +46,7 @@ def status_document(server: Server) -> dict:
             "errors": t["errors"],
             "error_rate": round(t["errors"] / t["requests"], 6) if t["requests"] else 0.0,
             "p99_ms": rec.p99_ms(name),
-            "in_flight": rec.in_flight.get(name, 0),
+            "in_flight": in_flight.get(name, 0),
             "endpoints": [ep.url for ep in cfg.versions[name].endpoints],
             "release": cfg.versions[name].release,
         }

@@ -46,10 +46,16 @@ class Denied(Exception):
 
 
 def _loopback(peer: str | None) -> bool:
+    """True for 127.0.0.0/8 and ::1, also as IPv4-mapped IPv6 (a dual-stack listener)."""
+    if peer is None:
+        return False
     try:
-        return peer is not None and ipaddress.ip_address(peer.split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(peer.split("%")[0])
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # "::ffff:127.0.0.1"; not loopback to ipaddress before 3.13
+    return ip.is_loopback
 
 
 def identify(request: web.Request, tokens: tuple[Token, ...]) -> Caller:
