@@ -319,8 +319,13 @@ class Exchange:
             return False
         sle = data.find(b"\r\n")
         block = data[sle : end + 2]
-        if block.count(b"\n") != block.count(b"\r\n") or b"\r\n " in block or b"\0" in block:
-            return False  # bare LF, folded lines, NUL: let httptools judge the response
+        if (
+            block.count(b"\n") != block.count(b"\r")
+            or b"\n " in block
+            or b"\n\t" in block
+            or b"\0" in block
+        ):
+            return False  # bare CR or LF, folded lines, NUL: let httptools judge the response
         rh = scan_response(block, False)
         length = rh.content_length
         if length is None or rh.chunked or len(data) != end + 4 + length:

@@ -156,6 +156,9 @@ class Table:
             Decision(canary if b <= self.weight else stable, "weight", b) for b in range(101)
         )
         self.labels = self._labels()
+        # The common table: no rules, keyed by a header. Then a request with the
+        # key needs nothing but the bucket (see `quick`).
+        self.plain = not self.rules and self.key_kind == "header" and not latched
 
     def _labels(self) -> tuple[tuple[str, str], ...]:
         """Every (version, reason) pair this table can produce: metric label values."""
@@ -164,6 +167,14 @@ class Table:
         seen.update(d.label for d in self.by_bucket[1:])
         seen.update(r.decision.label for r in self.rules)
         return tuple(sorted(seen))
+
+    def quick(self, headers: dict[str, str]) -> Decision | None:
+        """`decide` for a plain table and a request carrying its key; else None."""
+        if self.plain:
+            key = headers.get(self.key_name)
+            if key:
+                return self.by_bucket[bucket(self.group, key)]
+        return None
 
     def sticky_key(self, req: RequestView, cookies: dict[str, str] | None) -> str | None:
         kind = self.key_kind

@@ -117,3 +117,12 @@ def test_response_chunked_detected_and_te_removed():
 def test_plain_response_block_untouched():
     block = b"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
     assert scan_response(block, False).block is block
+
+
+def test_common_keep_alive_line_is_cut_and_the_rest_kept():
+    block = b"\r\nServer: nginx\r\nContent-Length: 3\r\nConnection: keep-alive\r\nX-A: 1\r\n"
+    rh = scan_response(block, False)
+    assert rh.block == b"\r\nServer: nginx\r\nContent-Length: 3\r\nX-A: 1\r\n"
+    assert rh.content_length == 3 and not rh.close
+    closing = scan_response(b"\r\nConnection: close\r\nContent-Length: 0\r\n", False)
+    assert closing.close and b"onnection" not in closing.block

@@ -200,3 +200,14 @@ def test_labels_are_bounded_by_config():
     reasons = {reason for _, reason in t.labels}
     assert reasons == {"rollback", "anonymous", "random", "weight",
                        "rule:qa", "rule:beta", "rule:pay", "rule:flag"}  # fmt: skip
+
+
+def test_quick_path_agrees_with_decide():
+    t = table(STICKY)
+    assert t.plain
+    for i in range(2000):
+        headers = {"x-user-id": f"u{i}"}
+        assert t.quick(headers) is decide(view({"X-User-Id": f"u{i}"}), t)
+    assert t.quick({}) is None  # anonymous requests take the full path
+    assert not table(RULES).plain and table(RULES).quick({"x-user-id": "a"}) is None
+    assert not table(STICKY, latched=True).plain

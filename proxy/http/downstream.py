@@ -242,15 +242,17 @@ class ClientConnection(asyncio.Protocol):
         keep_alive: bool,
         upgrade: bool,
     ) -> Exchange:
-        path, _, query = target.partition(b"?")
-        view = RequestView(
-            method.decode("latin-1"),
-            path.decode("latin-1"),
-            query.decode("latin-1"),
-            head.routing,
-            self.peer,
-        )
-        decision = decide(view, snap.table)
+        decision = snap.table.quick(head.routing)
+        if decision is None:
+            path, _, query = target.partition(b"?")
+            view = RequestView(
+                method.decode("latin-1"),
+                path.decode("latin-1"),
+                query.decode("latin-1"),
+                head.routing,
+                self.peer,
+            )
+            decision = decide(view, snap.table)
         head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
         keep_alive = keep_alive and not self.server.draining
         return Exchange(self, snap, decision, method, head_bytes, head, keep_alive, http11, upgrade)
