@@ -609,9 +609,12 @@ class Proxy:
     def admin_url(self) -> str:
         return f"http://{LOOPBACK}:{self.admin_port}"
 
-    async def start(self, timeout: float = 10.0) -> Proxy:
+    async def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> Proxy:
+        """Start the subprocess; `env` adds (or overrides) environment variables for it."""
+        extra = env or {}
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("TURNOUT_TOKEN", None)
+        env.update(extra)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
@@ -714,10 +717,12 @@ class ProxyFactory:
         self.proxies.append(p)
         return p
 
-    async def start(self, config: dict | str, config_path: Path | None = None) -> Proxy:
+    async def start(
+        self, config: dict | str, config_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> Proxy:
         p = self.new(config_path)
         p.write_config(config)
-        return await p.start()
+        return await p.start(env=env)
 
     async def stop(self) -> None:
         for p in self.proxies:

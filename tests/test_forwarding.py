@@ -808,6 +808,71 @@ async def test_slow_reader_download_keeps_memory_bounded(proxy: Proxy, blue: App
     )
 
 
+@pytest.mark.timeout(30)
+async def test_response_head_arriving_with_much_body_in_one_read(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream
+):
+    """A response head that lands in the same socket read as >64 KiB of body is a
+    normal response, not an oversized head. The proxy is paused (SIGSTOP) while the
+    upstream writes, so its first read of the answer is certain to hold both."""
+    body = bytes(range(256)) * 4096  # 1 MiB
+    got_request = asyncio.Event()
+    may_answer = asyncio.Event()
+
+    async def big_answer(up: RawUpstream, reader, writer) -> None:
+        await up.read_head(reader)
+        got_request.set()
+        await may_answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    up = await upstreams.raw("blue", big_answer)
+    proxy = await proxies.start(versions_config(up.url, green.url))
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(request("GET", "/big"))
+        await asyncio.wait_for(got_request.wait(), 5)
+        proxy.signal(signal.SIGSTOP)
+        try:
+            may_answer.set()
+            await asyncio.sleep(0.3)  # the answer fills the proxy's receive buffer
+        finally:
+            proxy.signal(signal.SIGCONT)
+        r = await c.response(timeout=10)
+    finally:
+        await c.close()
+    assert r.status == 200, r.body[:200]
+    assert r.body == body
+
+
+async def _endless_head(up: RawUpstream, reader, writer) -> None:
+    """A response head that never ends: header lines, 8 KiB at a time (2 MiB at most)."""
+    await up.read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
+    for _ in range(256):
+        writer.write(line * 8)
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(5)
+
+
+@pytest.mark.timeout(20)
+async def test_endless_upstream_response_head_is_502(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, session
+):
+    """The proxy does not buffer an upstream response head without bound."""
+    up = await upstreams.raw("blue", _endless_head)
+    proxy = await proxies.start(versions_config(up.url, green.url))
+    async with session.get(proxy.url + "/") as r:
+        assert r.status == 502
+        doc = await r.json()
+    assert doc["version"] == "blue"
+    m = await proxy.metrics()
+    assert m.get("turnout_upstream_errors_total", version="blue", kind="protocol") == 1
+
+
 def _answer_then_close(raw: bytes):
     async def handler(up: RawUpstream, reader, writer) -> None:
         await up.read_head(reader)
@@ -952,6 +1017,9 @@ async def test_refused_endpoint_gives_502_json(
     assert m.get("turnout_upstream_errors_total", version="blue", kind="connect") == 1
     assert m.get("turnout_requests_total", version="blue", code="502") == 1
     assert green.requests == []
+    status = await proxy.status()
+    assert status["versions"]["blue"]["requests"] == 1
+    assert status["versions"]["blue"]["errors"] == 1
 
 
 async def _silent(up: RawUpstream, reader, writer) -> None:
@@ -1011,6 +1079,35 @@ async def _second_request_dies(up: RawUpstream, reader, writer) -> None:
     if head is not None and b"content-length: 4" in head.lower():
         await reader.readexactly(4)
     writer.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100, id="length"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"a" * 100 + b"\r\n",
+            id="chunked",
+        ),
+    ],
+)
+async def test_upstream_closing_mid_response_cuts_the_client(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, raw: bytes
+):
+    """A truncated upstream body must reach the client as a truncation, never as a
+    complete response (no clean end of a chunked body)."""
+    up = await upstreams.raw("blue", _answer_then_close(raw))
+    proxy = await proxies.start(versions_config(up.url, green.url))
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(request("GET", "/"))
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionResetError)):
+            await c.response()
+    finally:
+        await c.close()
+    m = await proxy.metrics()
+    assert m.get("turnout_upstream_errors_total", version="blue", kind="reset") == 1
 
 
 @pytest.mark.timeout(20)
@@ -1129,3 +1226,36 @@ async def test_sigterm_drains_in_flight_then_exits_0(
     assert status == 200
     assert doc["path"] == "/slow?delay=1.5"
     assert await proxy.wait(10) == 0
+
+
+@pytest.mark.timeout(30)
+async def test_drain_timeout_bounds_the_wait_for_in_flight_requests(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, session
+):
+    silent = await upstreams.raw("blue", _silent)
+    cfg = versions_config(silent.url, green.url, limits={"drain_timeout": "1s"})
+    proxy = await proxies.start(cfg)
+
+    async def never_answered() -> int:
+        async with session.get(proxy.url + "/forever") as r:
+            await r.read()
+            return r.status
+
+    task = asyncio.create_task(never_answered())
+    await eventually(lambda: bool(silent.requests), timeout=5)
+    t0 = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    code = await proxy.wait(6)
+    elapsed = time.monotonic() - t0
+    assert code == 0
+    assert 0.9 <= elapsed <= 3.0, f"exited {elapsed:.2f}s after SIGTERM with drain_timeout 1s"
+    with pytest.raises(aiohttp.ClientError):
+        await asyncio.wait_for(task, 5)  # the unfinished exchange was cut
+
+
+@pytest.mark.timeout(20)
+async def test_sigint_stops_like_sigterm(proxy: Proxy, session):
+    async with session.get(proxy.url + "/") as r:
+        assert r.status == 200
+    proxy.signal(signal.SIGINT)
+    assert await proxy.wait(5) == 0

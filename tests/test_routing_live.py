@@ -398,3 +398,18 @@ async def test_cli_against_dead_admin_prints_one_line():
         assert "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
         assert dead.split("//")[1] in err or "admin" in err
+
+
+@pytest.mark.timeout(30)
+async def test_run_with_an_invalid_config_exits_2_with_key_path_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:{free_port()}\nstable: blue\ncanary: green\nversions:\n"
+        "  blue: {endpoints: [http://127.0.0.1:1]}\n"
+        "  green: {endpoints: [http://127.0.0.1:2]}\n"
+        "routing:\n  weight: 150\n"
+    )
+    code, out, err = await run_cli("run", "-c", str(path))
+    assert code == 2
+    assert "routing.weight" in err and "line 8" in err, err
+    assert "Traceback" not in err
