@@ -103,9 +103,7 @@ class FaultyUpstream:
         await self.runner.setup()
         site = web.TCPSite(self.runner, LOOPBACK, 0, backlog=512)
         await site.start()
-        server = site._server  # noqa: SLF001 -- the only way to learn the bound port
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         return self
 
     async def stop(self) -> None:
@@ -279,6 +277,7 @@ class Result:
     detect_s: float | None  # fault -> receive time of the last green response
     latch_s: float | None  # fault -> latch.at in the state file
     blast_radius: int  # green 5xx responses after the fault
+    green_after_fault: int  # all green responses after the fault (the blast radius's base)
     green_after_latch: int  # green responses to requests sent after the latch
     canary_at_fault: int  # green requests in the window when the fault began
     requests: int  # all requests sent
@@ -295,7 +294,8 @@ class Result:
 
         return (
             f"detect {s(self.detect_s)} s · latch {s(self.latch_s)} s · "
-            f"blast radius {self.blast_radius:3d} · green after latch {self.green_after_latch} · "
+            f"blast radius {self.blast_radius:3d} of {self.green_after_fault:3d} green · "
+            f"green after latch {self.green_after_latch} · "
             f"canary at fault {self.canary_at_fault} · requests {self.requests}"
             f"{f' · client errors {self.client_errors}' if self.client_errors else ''}"
             f"{f' · late {self.late}' if self.late else ''}"
@@ -359,6 +359,7 @@ async def measure(
         detect_s=detect_s if doc["rollback"]["active"] else None,
         latch_s=latch_s,
         blast_radius=sum(1 for s in green_after if s.status >= 500),
+        green_after_fault=len(green_after),
         green_after_latch=sum(1 for s in green_after if s.sent > latch_mono),
         canary_at_fault=canary_at_fault,
         requests=len(load.samples),

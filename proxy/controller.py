@@ -91,7 +91,7 @@ class Controller:
             # The saved request base is the dead process's canary count; this process
             # counts from 0, so the step's count starts again at the next tick.
             saved_progress = rollout.from_dict(saved.rollout)
-            rt.progress = saved_progress
+            rt.progress = replace(saved_progress, step_base_requests=rollout.UNKNOWN)
         if saved.release != _release(cfg) and (saved.latch.active or saved.rollout):
             self.new_release(cfg, saved.release)
         elif cfg.rollout is not None and rt.progress is None:
@@ -237,6 +237,14 @@ class Controller:
             self.make_windows(rt.config)  # judge the canary afresh
             self.event("resume", actor=actor, cleared=was.reason)
             log.warning("rollback latch cleared by %s", actor)
+            if rt.progress is not None:
+                # The step starts over: its dwell and its requests count from now,
+                # so the canary earns the next step again after the incident.
+                rt.progress = replace(
+                    rt.progress,
+                    step_started_at=time.time(),
+                    step_base_requests=self.canary_requests,
+                )
         if rt.progress is not None and rt.progress.phase == rollout.Phase.PAUSED:
             self.step(rollout.advance(rt.progress, Resume(time.time(), actor), *self._rc()), actor)
         rt.refresh()

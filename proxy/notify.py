@@ -64,6 +64,9 @@ class Webhook:
         return False
 
     async def close(self) -> None:
+        if self.pending:
+            log.warning("stopping: %d webhook deliveries still in progress are dropped",
+                        len(self.pending))  # fmt: skip
         for task in list(self.pending):
             task.cancel()
         if self.pending:

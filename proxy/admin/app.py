@@ -192,6 +192,11 @@ class AdminServer:
             try:
                 self.caller(request)
             except Denied as d:
+                # Refused calls are audited too (PRODUCT.md §13), reads included: a
+                # probe with a wrong token is worth a line. Not an event: a client
+                # polling with a bad token must not push the real events out.
+                self.audit.record(d.caller, f"{request.method} {request.path}",
+                                  f"refused {d.status}", d.message)  # fmt: skip
                 return _error(d.status, d.message)
             return await handler(request)
 
@@ -226,6 +231,9 @@ class AdminServer:
         ctl = self.server.controller
         if name == "rollback":
             reason = str(body.get("reason") or f"manual rollback by {caller.name}")
+            if self.server.runtime.latch.active:
+                held = self.server.runtime.latch.reason
+                return {"detail": f"already latched ({held}); {reason!r} not recorded"}
             ctl.rollback(reason, caller.name)
             return {"detail": reason}
         if name == "pause":

@@ -1,0 +1,269 @@
+"""Rollouts over real loopback sockets: steps walked to `complete`, an approval step
+with admin tokens and the audit log, pause and resume, the CLI (PRODUCT.md §6, §7,
+§8, §13)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.detection import FaultyUpstream
+
+from .conftest import Proxy, ProxyFactory
+from .live import (
+    admin,
+    audit_lines,
+    background_load,
+    guard_config,
+    run_cli,
+    state_doc,
+    status,
+    wait_for,
+    write_with_tokens,
+)
+
+# A guard that judges a healthy canary healthy after a few requests: a step needs
+# `min_requests` canary requests, and at weight 1 and 200 req/s the canary gets ~2/s.
+GUARD = {"window": "10s", "min_requests": 3, "max_error_rate": 0.02, "on_breach": "rollback"}
+SECRETS = {
+    "TURNOUT_TOKEN_ENG": "eng-5ecret-token",
+    "TURNOUT_TOKEN_PAT": "pat-5ecret-token",
+    "TURNOUT_TOKEN_VIEW": "view-5ecret-token",
+}
+TOKENS = [
+    {"name": "ci-bot", "token_env": "TURNOUT_TOKEN_ENG", "roles": ["engineer"]},
+    {"name": "pat", "token_env": "TURNOUT_TOKEN_PAT", "roles": ["product"]},
+    {"name": "dashboard", "token_env": "TURNOUT_TOKEN_VIEW", "roles": []},
+]
+ENG, PAT, VIEW = (
+    SECRETS["TURNOUT_TOKEN_ENG"],
+    SECRETS["TURNOUT_TOKEN_PAT"],
+    SECRETS["TURNOUT_TOKEN_VIEW"],
+)
+
+
+@pytest.fixture
+async def pair():
+    blue = await FaultyUpstream("blue").start()
+    green = await FaultyUpstream("green").start()
+    yield blue, green
+    await green.stop()
+    await blue.stop()
+
+
+def rollout_config(blue, green, steps: list, interval: str) -> dict:
+    cfg = guard_config(blue, green, guard=GUARD, rollout={"interval": interval, "steps": steps})
+    del cfg["routing"]["weight"]  # the rollout owns the weight
+    return cfg
+
+
+async def start_with_tokens(proxies: ProxyFactory, cfg: dict) -> Proxy:
+    proxy = proxies.new()
+    write_with_tokens(proxy, cfg, TOKENS)
+    return await proxy.start(env=SECRETS)
+
+
+async def in_state(proxy: Proxy, state: str, token: str | None = None, **expect) -> dict | None:
+    doc = await status(proxy, token)
+    ro = doc["rollout"]
+    ok = ro["state"] == state and all(ro[k] == v for k, v in expect.items())
+    return doc if ok else None
+
+
+# ----------------------------------------------------------------------- the walk
+
+
+@pytest.mark.timeout(60)
+async def test_healthy_canary_walks_every_step_to_complete(pair, proxies: ProxyFactory):
+    blue, green = pair
+    proxy = await proxies.start(rollout_config(blue, green, [1, 10, 50, 100], "1s"))
+    observed: list[tuple[int, int, float, float]] = []  # step, weight, metric step, metric w
+    async with background_load(proxy, 200, limit=30, seed=3) as load:
+
+        async def walk():
+            doc = await status(proxy)
+            ro = doc["rollout"]
+            if not observed or observed[-1][0] != ro["step"]:
+                m = await proxy.metrics()
+                assert doc["weight"]["effective"] == ro["weight"]
+                observed.append((ro["step"], ro["weight"], m.get("turnout_rollout_step"),
+                                 m.get("turnout_canary_weight")))  # fmt: skip
+            return doc if ro["state"] == "complete" else None
+
+        doc = await wait_for(walk, timeout=25, interval=0.05)
+    print(f"rollout walk: (step, weight, turnout_rollout_step, turnout_canary_weight) {observed}")
+    assert [(s, w) for s, w, _, _ in observed] == [(0, 1), (1, 10), (2, 50), (3, 100)]
+    assert [ms for _, _, ms, _ in observed] == [0, 1, 2, 3]
+    # the metric can be read just after the status: the step's weight or the next one's
+    assert all(mw in (w, nxt) for (_, w, _, mw), nxt in
+               zip(observed, [10, 50, 100, 100], strict=True))  # fmt: skip
+    assert doc["rollout"]["step"] == 3 and doc["weight"]["effective"] == 100
+    assert state_doc(proxy)["rollout"]["phase"] == "complete"
+    assert not doc["rollback"]["active"] and doc["guard"]["state"] == "healthy"
+    assert all(s.status == 200 for s in load.samples)
+    # complete: everyone on the canary
+    versions = {s.version for s in load.samples[-50:]}
+    assert versions == {"green"}
+    _, body = await admin(proxy, "GET", "/events?limit=100")
+    phases = [(e["phase"], e["step"]) for e in body["events"] if e["kind"] == "rollout"]
+    assert phases[::-1] == [("progressing", 1), ("progressing", 2), ("progressing", 3),
+                            ("complete", 3)]  # fmt: skip
+    assert (await proxy.metrics()).get("turnout_rollout_step") == 3
+
+
+# ------------------------------------------------------------------------ approval
+
+
+@pytest.mark.timeout(60)
+async def test_approval_step_needs_the_role_and_everything_is_audited(pair, proxies: ProxyFactory):
+    blue, green = pair
+    cfg = rollout_config(blue, green, [1, {"weight": 50, "approve": "product"}, 100], "500ms")
+    proxy = await start_with_tokens(proxies, cfg)
+    async with background_load(proxy, 200, limit=40, seed=5):
+        doc = await wait_for(lambda: in_state(proxy, "awaiting_approval", VIEW, step=1), 10)
+        assert doc["rollout"]["awaiting"] == "product"
+        assert doc["rollout"]["weight"] == 1 and doc["weight"]["effective"] == 1
+        await asyncio.sleep(0.8)  # past the interval: it keeps waiting
+        assert await in_state(proxy, "awaiting_approval", VIEW, step=1)
+
+        # Refused: no token, a wrong token (401); a token without the role (403).
+        refusals = [(None, 401), ("not-a-token", 401), (f"{ENG}x", 401), (ENG, 403), (VIEW, 403)]
+        for token, expected in refusals:
+            code, body = await admin(proxy, "POST", "/promote", token)
+            assert code == expected, (token, body)
+            assert isinstance(body, dict) and body["error"]
+            assert await in_state(proxy, "awaiting_approval", VIEW, step=1), token
+        assert state_doc(proxy)["rollout"]["phase"] == "awaiting_approval"
+        code, body = await admin(proxy, "GET", "/status")
+        assert code == 401 and body["error"]  # viewing needs a token too
+
+        # The product token promotes, through the CLI.
+        rc, out, err = await run_cli("promote", "--admin", proxy.admin_url, "--token", PAT)
+        assert rc == 0, err
+        assert "promote: ok (by pat)" in out and "rollout progressing step 1" in out
+        doc = await status(proxy, VIEW)
+        assert doc["rollout"]["weight"] == 50 and doc["weight"]["effective"] == 50
+        # then on to 100 by itself
+        doc = await wait_for(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
+        assert doc["weight"]["effective"] == 100
+
+    # The CLI without a token is refused like any caller.
+    rc, out, err = await run_cli("pause", "--admin", proxy.admin_url)
+    assert rc == 1 and "HTTP 401" in err
+
+    audit = [(a["actor"], a["action"], a["outcome"]) for a in audit_lines(proxy)]
+    assert audit == [
+        ("anonymous", "promote", "refused 401"),
+        ("anonymous", "promote", "refused 401"),
+        ("anonymous", "promote", "refused 401"),
+        ("ci-bot", "promote", "refused 403"),
+        ("dashboard", "promote", "refused 403"),
+        ("anonymous", "GET /status", "refused 401"),  # refused reads are audited too
+        ("pat", "promote", "ok"),
+        ("anonymous", "pause", "refused 401"),
+    ]
+    assert all(a["at"] for a in audit_lines(proxy))
+    code, body = await admin(proxy, "GET", "/events?limit=200", VIEW)
+    assert code == 200
+    actions = [(e["actor"], e["action"], e["outcome"]) for e in body["events"]
+               if e["kind"] == "admin"]  # fmt: skip
+    assert actions == [a for a in audit if not a[1].startswith("GET ")][::-1]  # newest first
+    events = body["events"]
+    done = next(i for i, e in enumerate(events) if e["kind"] == "rollout")
+    approved = next(i for i, e in enumerate(events) if e.get("actor") == "pat")
+    assert events[done]["phase"] == "complete" and done < approved  # newer: nearer the top
+    stamps = [e["at"] for e in body["events"]]
+    assert stamps == sorted(stamps, reverse=True)
+
+
+# --------------------------------------------------------------------- pause/resume
+
+
+@pytest.mark.timeout(60)
+async def test_pause_freezes_and_resume_continues(pair, proxies: ProxyFactory):
+    blue, green = pair
+    proxy = await start_with_tokens(proxies, rollout_config(blue, green, [10, 50, 100], "1s"))
+    async with background_load(proxy, 200, limit=40, seed=9) as load:
+        # The brake: any token may pull it, a viewer's too (through the CLI).
+        rc, out, err = await run_cli("pause", "--admin", proxy.admin_url, "--token", VIEW)
+        assert rc == 0, err
+        assert "pause: ok (by dashboard)" in out and "rollout paused step 0" in out
+        sent = len(load.samples)
+        await asyncio.sleep(2.0)  # twice the interval, with traffic: frozen
+        doc = await wait_for(lambda: in_state(proxy, "paused", VIEW, step=0), 1)
+        assert doc["weight"]["effective"] == 10
+        assert len(load.samples) - sent > 200
+        recent = {s.version for s in load.samples[sent:]}
+        assert recent == {"blue", "green"}  # still split at the paused step's weight
+        assert state_doc(proxy)["rollout"]["phase"] == "paused"
+
+        # Resuming needs a role other than viewer.
+        code, _ = await admin(proxy, "POST", "/resume", VIEW)
+        assert code == 403
+        assert await in_state(proxy, "paused", VIEW, step=0)
+        code, body = await admin(proxy, "POST", "/resume", ENG)
+        assert code == 200 and body["status"]["rollout"]["state"] == "progressing"
+        await wait_for(lambda: in_state(proxy, "progressing", VIEW, step=1), 10)
+
+        # Promote while progressing: the next step at once, skipping the dwell.
+        code, body = await admin(proxy, "POST", "/promote", ENG)
+        assert code == 200, body
+        assert body["status"]["rollout"]["step"] == 2
+        assert body["status"]["rollout"]["weight"] == 100
+        await wait_for(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
+        # Nothing left to promote or pause.
+        code, body = await admin(proxy, "POST", "/promote", ENG)
+        assert code == 409 and "complete" in body["error"]
+        code, body = await admin(proxy, "POST", "/pause", ENG)
+        assert code == 409
+    outcomes = [(a["actor"], a["action"], a["outcome"]) for a in audit_lines(proxy)]
+    assert outcomes == [
+        ("dashboard", "pause", "ok"),
+        ("dashboard", "resume", "refused 403"),
+        ("ci-bot", "resume", "ok"),
+        ("ci-bot", "promote", "ok"),
+        ("ci-bot", "promote", "refused 409"),
+        ("ci-bot", "pause", "refused 409"),
+    ]
+
+
+# ------------------------------------------------------------------------- restarts
+
+
+@pytest.mark.timeout(60)
+async def test_rollout_progress_survives_a_restart_and_keeps_moving(pair, proxies: ProxyFactory):
+    """kill -9 mid-rollout: the new process resumes the same step (and says so in
+    turnout_rollout_step), and the step's request count starts again in the new
+    process rather than waiting for the dead process's counter to be matched."""
+    blue, green = pair
+    steps = [{"weight": 50, "interval": "4s"}, 60, 100]
+    cfg = rollout_config(blue, green, steps, "1s")
+    cfg["guard"] = {**GUARD, "min_requests": 20}
+    proxy = await proxies.start(cfg)
+    async with background_load(proxy, 200, limit=40, seed=11):
+        await wait_for(lambda: in_state(proxy, "progressing", step=1), 10)
+        code, _ = await admin(proxy, "POST", "/pause")
+        assert code == 200
+        proxy.signal(9)
+        assert await proxy.wait(5) is not None
+        saved = state_doc(proxy)["rollout"]
+        assert saved["phase"] == "paused" and saved["step"] == 1
+        assert saved["step_base_requests"] > 300  # the dead process's canary count
+
+        proxy = proxies.new(proxy.config_path)
+        proxy.write_config(cfg)
+        await proxy.start()
+    doc = await status(proxy)
+    assert doc["rollout"]["state"] == "paused" and doc["rollout"]["step"] == 1
+    assert doc["weight"]["effective"] == 60
+    m = await proxy.metrics()
+    assert m.get("turnout_rollout_step") == 1 and m.get("turnout_canary_weight") == 60
+
+    async with background_load(proxy, 200, limit=40, seed=12):
+        code, _ = await admin(proxy, "POST", "/resume")
+        assert code == 200
+        # a 1 s dwell and 20 canary requests (~0.2 s at 120/s): well within 2.5 s
+        doc = await wait_for(lambda: in_state(proxy, "progressing", step=2), 2.5)
+    assert doc["weight"]["effective"] == 100
+    assert (await proxy.metrics()).get("turnout_rollout_step") == 2
