@@ -59,6 +59,7 @@ class Controller:
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.windows: dict[str, Window] = {}
         self.window_length = 0.0
+        self.seen: dict[str, tuple[int, int, list[int]]] = {}  # Recorder totals at the last feed
         self.last_verdict: Verdict | None = None
         self.alerting = False  # an `alert` breach episode is in progress
         self.task: asyncio.Task | None = None
@@ -125,11 +126,22 @@ class Controller:
 
     # -- the hot-path hook -----------------------------------------------------------------
 
-    def outcome(self, version: str, status: int, seconds: float, error: str | None) -> None:
-        """Feed the guard's windows; listens to the Recorder only while a guard is set."""
-        w = self.windows.get(version)
-        if w is not None:
-            w.record(time.monotonic(), status, seconds, error is not None)
+    def feed(self, now: float) -> None:
+        """Move what the Recorder counted since the last tick into the guard's windows.
+
+        The hot path records each exchange once, in the Recorder; the guard reads
+        the differences of its cumulative counters here, so judging costs the
+        forwarding path nothing.
+        """
+        rec = self.runtime.recorder
+        for version, window in self.windows.items():
+            requests, errors, latency = rec.totals(version)
+            seen = self.seen.get(version)
+            self.seen[version] = (requests, errors, latency)
+            if seen is None:
+                continue
+            window.record_counts(now, requests - seen[0], errors - seen[1])
+            window.record_latencies(now, [a - b for a, b in zip(latency, seen[2], strict=True)])
 
     @property
     def canary_requests(self) -> int:
@@ -140,17 +152,7 @@ class Controller:
         )
 
     def make_windows(self, cfg: Config) -> None:
-        """One window per version; kept across reloads unless its length changed.
-
-        Outcomes are recorded only while a guard is configured: without one, the
-        hot path pays nothing for it.
-        """
-        listeners = self.runtime.recorder.outcome_listeners
-        if cfg.guard is None:
-            if self.outcome in listeners:
-                listeners.remove(self.outcome)
-        elif self.outcome not in listeners:
-            listeners.append(self.outcome)
+        """One window per version; kept across reloads unless its length changed."""
         length = cfg.guard.window if cfg.guard is not None else 30.0
         old = self.windows if length == self.window_length else {}
         self.window_length = length
@@ -168,6 +170,7 @@ class Controller:
         policy = cfg.guard
         healthy = True
         if policy is not None:
+            self.feed(now)
             canary, stable = self.stats(now)
             v = verdict(canary, stable, policy)
             self.last_verdict = v

@@ -186,6 +186,21 @@ class Window:
             tot[2] += requests
             tot[3] += errors
 
+    def record_latencies(self, now: float, counts: list[int]) -> None:
+        """Add a latency histogram (indexed like `UPPER_MS`, plus overflow) to `now`'s bucket."""
+        slot = self._slot(now)
+        if slot < 0:
+            return
+        lat, tot, base = self._lat, self._tot, slot * LATENCY_BUCKETS
+        n = 0
+        for j, c in enumerate(counts):
+            if c:
+                lat[base + j] += c
+                tot[5 + j] += c
+                n += c
+        self._lat_n[slot] += n
+        tot[4] += n
+
     def stats(self, now: float) -> Stats:
         """Totals over the window ending at `now`."""
         self._advance(int(now // self.resolution))

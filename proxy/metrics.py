@@ -22,10 +22,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-# Request duration buckets in seconds: fine below 10 ms, where a proxy lives.
+from .guard import LATENCY_BUCKETS, UPPER_MS, quantile_ms
+
+# Durations are counted in the guard's fine histogram (UPPER_MS: 1, 1.5, 2, 2.5, 3,
+# 4, 5, 6, 8 per decade), so the guard reads the same counts the metrics export and
+# the hot path records each request once. Prometheus gets these coarser bounds (s),
+# each of which is one of the fine edges.
 BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+_FINE_S = tuple(ms / 1000.0 for ms in UPPER_MS)
+_EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
 ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 
 
@@ -33,7 +40,7 @@ class _Histogram:
     __slots__ = ("counts", "total", "count")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+        self.counts = [0] * LATENCY_BUCKETS  # indexed like guard.UPPER_MS, plus overflow
         self.total = 0.0
         self.count = 0
 
@@ -45,6 +52,8 @@ class Recorder:
         self.requests: dict[tuple[str, int], int] = {}
         self.durations: dict[str, _Histogram] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
+        # per version: answers >= 500 and failed exchanges (the guard's errors)
+        self.failures: dict[str, int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         # Exchanges in progress per version, counted when asked (at scrape time)
         # rather than kept up to date on every request.
@@ -56,15 +65,13 @@ class Recorder:
         self.rollbacks = 0
         self.rollout_step = 0
         self.breaches = 0
-        # Called with (version, status, seconds, error_kind) once per finished exchange.
-        self.outcome_listeners: list[Callable[[str, int, float, str | None], None]] = []
 
     # -- hot path -----------------------------------------------------------------
 
     def finished(
         self, label: tuple[str, str], status: int, seconds: float, error: str | None
     ) -> None:
-        """One exchange is over: count its decision and its answer, time it, tell listeners.
+        """One exchange is over: count its decision and its answer, and time it.
 
         `label` is the routing decision's (version, reason).
         """
@@ -77,15 +84,18 @@ class Recorder:
         h = self.durations.get(version)
         if h is None:
             h = self.durations[version] = _Histogram()
-        h.counts[bisect_left(BUCKETS, seconds)] += 1
+        h.counts[bisect_left(_FINE_S, seconds)] += 1
         h.total += seconds
         h.count += 1
         if error is not None:
             ek = (version, error)
             e = self.upstream_errors
             e[ek] = e.get(ek, 0) + 1
-        for listener in self.outcome_listeners:
-            listener(version, status, seconds, error)
+            f = self.failures
+            f[version] = f.get(version, 0) + 1
+        elif status >= 500:
+            f = self.failures
+            f[version] = f.get(version, 0) + 1
 
     def rejected(self, status: int) -> None:
         """A request refused before routing (400, 431): no version served it."""
@@ -117,16 +127,16 @@ class Recorder:
         return out
 
     def p99_ms(self, version: str) -> float | None:
-        """The 99th percentile since start, as the upper bound of its bucket."""
+        """The 99th percentile since start (interpolated within its bucket)."""
         h = self.durations.get(version)
-        if h is None or not h.count:
-            return None
-        rank, seen = 0.99 * h.count, 0
-        for bound, n in zip((*BUCKETS, BUCKETS[-1] * 2), h.counts, strict=True):
-            seen += n
-            if seen >= rank:
-                return bound * 1000
-        return BUCKETS[-1] * 2000
+        return None if h is None or not h.count else quantile_ms(tuple(h.counts), 0.99)
+
+    def totals(self, version: str) -> tuple[int, int, list[int]]:
+        """Cumulative requests, guard errors and latency counts of one version."""
+        requests = sum(n for (v, _), n in self.requests.items() if v == version)
+        h = self.durations.get(version)
+        latency = list(h.counts) if h is not None else [0] * LATENCY_BUCKETS
+        return requests, self.failures.get(version, 0), latency
 
     def registry(self) -> CollectorRegistry:
         reg = CollectorRegistry(auto_describe=False)
@@ -153,10 +163,12 @@ class _Collector(Collector):
             labels=["version"],
         )
         for version, hist in sorted(rec.durations.items()):
-            cumulative, buckets = 0, []
-            for bound, n in zip((*BUCKETS, float("inf")), hist.counts, strict=True):
-                cumulative += n
+            cumulative, buckets, fine = 0, [], 0
+            for bound, index in zip(BUCKETS, _EXPORT, strict=True):
+                cumulative += sum(hist.counts[fine : index + 1])
+                fine = index + 1
                 buckets.append((_bound(bound), cumulative))
+            buckets.append(("+Inf", hist.count))
             h.add_metric([version], buckets, hist.total)
         yield h
         e = CounterMetricFamily(
@@ -210,7 +222,7 @@ class _Collector(Collector):
 
 
 def _bound(b: float) -> str:
-    return "+Inf" if b == float("inf") else repr(b)
+    return repr(b)
 
 
 def exposition(reg: CollectorRegistry) -> bytes:
