@@ -142,7 +142,7 @@ def chart(path: Path, rows: list[Row], meta: dict[str, object]) -> str | None:
                 ha="center",
                 fontsize=8,
             )
-        ax.set_xticks(list(xs), [r.target for r in mine])
+        ax.set_xticks(list(xs), [r.target for r in mine], rotation=20, fontsize=8)
         ax.set_title(f"{c} connection{'s' if c != 1 else ''}")
         ax.set_ylabel("requests/s (median, bars: min..max)")
         ax.set_ylim(0, max([r.rps_max or 0.0 for r in mine] + [1.0]) * 1.25)
