@@ -197,6 +197,17 @@ def render_status(doc: dict) -> str:
         nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
         lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
                      f"weight {ro['weight']}%{extra}{nxt}")  # fmt: skip
+    mirror = doc.get("mirror")
+    if mirror:
+        lines.append(
+            f"mirror: {mirror['percent']}% of {','.join(mirror['methods'])} · sent {mirror['sent']}"
+            f" · dropped {mirror['dropped']} · failed {mirror['failed']}"
+            + (
+                f" · matched {mirror['matched']} · mismatched {mirror['mismatched']}"
+                if mirror["compare"]
+                else ""
+            )  # fmt: skip
+        )
     guard = doc.get("guard")
     if guard:
         lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"

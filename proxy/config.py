@@ -18,7 +18,11 @@ Rules:
 - Admin tokens come from environment variables named in the file (read at load
   time), never from the file itself; "viewer" is implied for every token.
 - `guard:` becomes a `proxy.guard.Policy`; `rollout:` a `RolloutConfig` whose
-  step weights never decrease. Both are None when the section is absent.
+  step weights never decrease; `mirror:` a `Mirror` (with a `Compare` when
+  `compare:` is present, even as `{}`). Each is None when its section is absent.
+- Mirror warnings: `percent: 0` (the section mirrors nothing), and a name in
+  `compare.headers` that is never compared (hop-by-hop, framing, X-Turnout-*) or
+  that `compare.ignore_headers` also lists.
 """
 
 from __future__ import annotations
@@ -130,6 +134,45 @@ class RolloutConfig:
     interval: float = 60.0  # the default dwell at each step, seconds
 
 
+# Which response headers a comparison looks at (docs/mirror.md): `Compare.headers`
+# when the operator lists any, else COMPARED_BY_DEFAULT; always minus
+# `ignore_headers` and minus the names below, which the proxy itself strips or
+# rewrites (hop-by-hop, framing: the body comparison covers the length) and any
+# `x-turnout-*` header.
+COMPARED_BY_DEFAULT: tuple[str, ...] = ("content-type",)
+NEVER_COMPARED: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+NEVER_COMPARED_PREFIX = "x-turnout-"
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    ignore_headers: frozenset[str] = frozenset()  # lower-case names
+    headers: tuple[str, ...] = ()  # lower-case names to compare (opt-in); () = COMPARED_BY_DEFAULT
+    ignore_json_fields: tuple[str, ...] = ()  # dotted paths, e.g. "meta.request_id", "items.*.id"
+    max_body_bytes: int = 1048576  # bodies up to this compared exactly; larger ones by digest
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    percent: int = 100  # 0..100
+    methods: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS"})  # upper-case
+    max_in_flight: int = 64  # >= 1
+    max_body_bytes: int = 65536  # request bodies larger than this are not mirrored (>= 0)
+    timeout: float = 5.0  # seconds, > 0
+    compare: Compare | None = None  # None: no comparison
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: str  # absolute path of the file this came from
@@ -146,6 +189,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     guard: Policy | None = None  # None: no automatic verdict
     rollout: RolloutConfig | None = None  # None: routing.weight is the weight
+    mirror: Mirror | None = None  # None: no shadow traffic
 
 
 # ------------------------------------------------------------------------ problems
@@ -827,6 +871,72 @@ def _approve(ctx: _Ctx, node: Node, path: str) -> Any:
     return role
 
 
+# ------------------------------------------------------------------------- mirror
+
+
+def _mirror(ctx: _Ctx, node: Node, path: str) -> Any:
+    fields = _fields(ctx, node, path, MIRROR_FIELDS)
+    if fields.get("percent") == 0:
+        where = _child(node, "percent") or node
+        ctx.warn(_join(path, "percent"), where, "is 0, so nothing is mirrored")
+    if "methods" in fields:
+        fields["methods"] = frozenset(fields["methods"])
+    return Mirror(**fields)
+
+
+def _compare(ctx: _Ctx, node: Node, path: str) -> Any:
+    """`{}` is a comparison with the defaults; see COMPARED_BY_DEFAULT for the headers."""
+    fields = _fields(ctx, node, path, COMPARE_FIELDS)
+    listed, ignored = _child(node, "headers"), fields.get("ignore_headers", frozenset())
+    for i, name in enumerate(fields.get("headers", ())):
+        sub, where = f"{path}.headers[{i}]", listed.value[i] if listed is not None else node
+        if name in NEVER_COMPARED or name.startswith(NEVER_COMPARED_PREFIX):
+            ctx.warn(sub, where, f"{name} is never compared (hop-by-hop, framing or Turnout's own)")
+        elif name in ignored:
+            ctx.warn(sub, where, f"{name} is also in ignore_headers, so it is not compared")
+    if "headers" in fields:
+        fields["headers"] = tuple(dict.fromkeys(fields["headers"]))  # in order, once each
+    return Compare(**fields)
+
+
+def _header_names(ctx: _Ctx, node: Node, path: str) -> Any:
+    """A non-empty list of header names -> lower-case names (duplicates kept)."""
+    if isinstance(node, SequenceNode) and not node.value:
+        default = ", ".join(COMPARED_BY_DEFAULT)
+        why = f"must list at least one header name (leave the key out to compare {default})"
+        return ctx.error(path, node, why)
+    found = _list(ctx, node, path, _header_name, "header names")
+    return found if found is _BAD else [name.lower() for name in found]
+
+
+def _ignore_headers(ctx: _Ctx, node: Node, path: str) -> Any:
+    if isinstance(node, SequenceNode) and not node.value:
+        return frozenset()  # nothing ignored
+    found = _header_names(ctx, node, path)
+    return found if found is _BAD else frozenset(found)
+
+
+_header_name = _named(_TOKEN, "a header name")
+_JSON_SEGMENT = r"(?:[A-Za-z0-9_$-]+|\*)"
+_JSON_PATH = re.compile(rf"{_JSON_SEGMENT}(?:\.{_JSON_SEGMENT})*")
+
+
+def _json_paths(ctx: _Ctx, node: Node, path: str) -> Any:
+    """Dotted paths into a JSON body; `*` is any key or array element ('items.*.id')."""
+    if isinstance(node, SequenceNode) and not node.value:
+        return ()  # nothing ignored
+    found = _list(ctx, node, path, _json_path, "dotted JSON paths")
+    return found if found is _BAD else tuple(dict.fromkeys(found))
+
+
+def _json_path(ctx: _Ctx, node: Node, path: str) -> Any:
+    text = _text(ctx, node, path)
+    if text is not _BAD and not _JSON_PATH.fullmatch(text):
+        what = "a dotted path of field names ([A-Za-z0-9_$-]+) or * (any key or element)"
+        return ctx.error(path, node, f"must be {what}, like meta.request_id, got {_got(node)}")
+    return text
+
+
 # -------------------------------------------------------------------------- tables
 # One entry per key. A new section (e.g. mirror) is one parser and one entry here,
 # plus a Config field with a default, added at the end.
@@ -843,6 +953,7 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "expose_version": _as("expose_version", parse=_bool),
     "guard": _as("guard", parse=_guard),
     "rollout": _as("rollout", parse=_rollout),
+    "mirror": _as("mirror", parse=_mirror),
 }
 ADMIN_FIELDS: dict[str, Parser] = {"listen": _hostport, "tokens": _tokens}
 TOKEN_FIELDS: dict[str, Parser] = {
@@ -861,6 +972,21 @@ GUARD_FIELDS: dict[str, Parser] = {
 }
 ROLLOUT_FIELDS: dict[str, Parser] = {"interval": _duration, "steps": _steps}
 STEP_FIELDS: dict[str, Parser] = {"weight": _weight, "approve": _approve, "interval": _duration}
+MIRROR_FIELDS: dict[str, Parser] = {
+    "percent": _weight,
+    "methods": _methods,
+    "max_in_flight": _int_at_least(1),
+    "max_body_bytes": _size(0, 1 << 62, "0 or more"),
+    "timeout": _duration,
+    "compare": _compare,
+}
+COMPARE_FIELDS: dict[str, Parser] = {
+    "ignore_headers": _ignore_headers,
+    "headers": _header_names,
+    "ignore_json_fields": _json_paths,
+    # both sides are held in memory up to this while a shadow copy is in flight
+    "max_body_bytes": _size(0, 64 << 20, "between 0 and 64MiB (67108864) bytes"),
+}
 VERSION_FIELDS: dict[str, Parser] = {"endpoints": _endpoints, "release": _text}
 ROUTING_FIELDS: dict[str, Parser] = {
     "weight": _weight,

@@ -59,7 +59,8 @@ class Controller:
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.windows: dict[str, Window] = {}
         self.window_length = 0.0
-        self.seen: dict[str, tuple[int, int, list[int]]] = {}  # Recorder totals at the last feed
+        # Recorder totals at the last feed, per (version, shadow)
+        self.seen: dict[tuple[str, bool], tuple[int, int, list[int]]] = {}
         self.last_verdict: Verdict | None = None
         self.alerting = False  # an `alert` breach episode is in progress
         self.task: asyncio.Task | None = None
@@ -135,13 +136,14 @@ class Controller:
         """
         rec = self.runtime.recorder
         for version, window in self.windows.items():
-            requests, errors, latency = rec.totals(version)
-            seen = self.seen.get(version)
-            self.seen[version] = (requests, errors, latency)
-            if seen is None:
-                continue
-            window.record_counts(now, requests - seen[0], errors - seen[1])
-            window.record_latencies(now, [a - b for a, b in zip(latency, seen[2], strict=True)])
+            for shadow, totals in ((False, rec.totals), (True, rec.shadow_totals)):
+                requests, errors, latency = totals(version)
+                seen = self.seen.get((version, shadow))
+                self.seen[version, shadow] = (requests, errors, latency)
+                if seen is None or requests == seen[0]:
+                    continue
+                window.record_counts(now, requests - seen[0], errors - seen[1], shadow)
+                window.record_latencies(now, [a - b for a, b in zip(latency, seen[2], strict=True)])
 
     @property
     def canary_requests(self) -> int:

@@ -122,6 +122,7 @@ class DemoUpstream:
         self.name = name
         self.port = port
         self.fault_rate = fault_rate  # 0.0 .. 1.0: the share of requests answered with 500
+        self.quirk = False  # a behaviour change in the body, for the dark launch to catch
         self.served = 0
         self.faults = 0
         self.app = web.Application()
@@ -138,9 +139,9 @@ class DemoUpstream:
             self.faults += 1
             body = {"version": self.name, "error": "injected fault"}
             return web.json_response(body, status=500)
-        return web.json_response(
-            {"version": self.name, "path": request.path_qs, "method": request.method}
-        )
+        body: dict[str, Any] = {"version": self.name, "path": request.path_qs}
+        body["cart"] = {"items": 3, "total": 42.0 if not self.quirk else 41.5}
+        return web.json_response(body)
 
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

@@ -23,7 +23,9 @@ from .headers import RequestHead, ResponseHead, scan_response
 from .http.upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
+    from .config import Mirror
     from .http.downstream import ClientConnection
+    from .mirror import ShadowExchange
     from .routing import Decision
     from .runtime import Snapshot
 
@@ -78,6 +80,10 @@ class Exchange:
     held = False  # a chunked request body is being collected before dispatch
     reused = False  # the upstream connection came from the pool
     body_until_close = False  # the upstream frames its body by closing the connection
+    mirror_cfg: Mirror | None = None  # this request is to be copied to the canary
+    shadow_body: list[bytes] | None = None  # the request body, teed for the copy
+    shadow_bytes = 0
+    shadow: ShadowExchange | None = None  # the copy in flight, fed the primary's answer
 
     def __init__(
         self,
@@ -85,6 +91,7 @@ class Exchange:
         snap: Snapshot,
         decision: Decision,
         method: bytes,
+        target: bytes,
         head_bytes: bytes,
         head: RequestHead,
         keep_alive: bool,
@@ -96,6 +103,7 @@ class Exchange:
         self.decision = decision
         self.version = decision.version
         self.method = method
+        self.target = target
         self.head = head
         self.keep_alive = keep_alive
         self.http11 = http11
@@ -113,6 +121,10 @@ class Exchange:
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
             return
+        if snap.config.mirror is not None:
+            self.mirror_cfg = self.client.server.mirroring.eligible(self, self.decision)
+            if self.mirror_cfg is not None:
+                self.shadow_body = []
         if self.head.chunked and not self.head.expect_continue and not self.req_done:
             # Hold a chunked body until it has parsed whole (or grown past the
             # connect buffer), so a malformed small body never reaches an upstream.
@@ -178,6 +190,13 @@ class Exchange:
         if self.req_done:
             self.arm_timer()
 
+    def upstream_paused(self, paused: bool) -> None:
+        """The upstream's send buffer filled (or drained): pause (resume) the client."""
+        if paused:
+            self.client.pause_reading(2)
+        else:
+            self.client.resume_reading(2)
+
     def arm_timer(self) -> None:
         """Wait for the response head at most `response_timeout` from now.
 
@@ -207,6 +226,8 @@ class Exchange:
         if self.req_bytes > self.snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
             return
+        if self.shadow_body is not None:
+            self.tee(data)
         if self.head.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self.sent:
@@ -221,8 +242,21 @@ class Exchange:
                 if not self.sent:
                     self.client.pause_reading(4)
 
+    def tee(self, data: bytes) -> None:
+        """Keep the body for the copy, up to the mirror's limit; past it, drop the copy."""
+        self.shadow_bytes += len(data)
+        if self.shadow_bytes > self.mirror_cfg.max_body_bytes:  # type: ignore[union-attr]
+            self.shadow_body = None
+            self.client.server.mirroring.drop()
+        else:
+            self.shadow_body.append(data)  # type: ignore[union-attr]
+
     def request_complete(self) -> None:
         self.req_done = True
+        if self.shadow_body is not None and not self.done:
+            body, self.shadow_body = self.shadow_body, None
+            mirroring = self.client.server.mirroring
+            self.shadow = mirroring.launch(self, self.mirror_cfg, body)  # type: ignore[arg-type]
         if self.done:
             return
         if self.head.chunked:
@@ -251,6 +285,8 @@ class Exchange:
             return
         self.awaiting_done()
         upgrading = status == 101 and self.upgrade
+        if self.shadow is not None:
+            self.shadow.primary_head(status, head[sle:])
         self.resp_pending = self.client_head(
             status, status_line, scan_response(head[sle:], upgrading), keep_alive, upgrading
         )
@@ -331,6 +367,9 @@ class Exchange:
         if length is None or rh.chunked or len(data) != end + 4 + length:
             return False
         self.awaiting_done()
+        if self.shadow is not None:
+            self.shadow.primary_head(status, block)
+            self.shadow.primary_body(data[end + 4 :])
         head = self.client_head(status, data[:sle], rh, not rh.close, False)
         self.client.transport.write(head + data[end + 4 :] if length else head)
         self.resp_started = True
@@ -347,6 +386,8 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         if self.done:
             return
+        if self.shadow is not None:
+            self.shadow.primary_body(data)
         if self.resp_mode == CHUNKED:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         pending = self.resp_pending
@@ -382,6 +423,9 @@ class Exchange:
                 conn.close()
         if not self.req_done:
             self.close_client = True
+        if self.shadow is not None:
+            self.shadow.primary_done(True)
+            self.shadow = None
         self.finish(self.status, None)
 
     # -- upgrade tunnel -----------------------------------------------------------------
@@ -492,6 +536,9 @@ class Exchange:
 
     def finish(self, status: int, error: str | None) -> None:
         self.done = True
+        if self.shadow is not None:  # the primary failed: nothing to compare the copy with
+            self.shadow.primary_done(False)
+            self.shadow = None
         rec = self.client.recorder
         rec.finished(self.decision.label, status, time.perf_counter() - self.t0, error)
         self.client.exchange_done(self)

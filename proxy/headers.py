@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import re
 
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+     b"transfer-encoding", b"upgrade"}
+)  # fmt: skip
+
 # Lines the proxy removes or rewrites. Matching one sends a head down the slow path.
 _REQ_SPECIAL = re.compile(
     rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"

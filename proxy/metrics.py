@@ -54,6 +54,12 @@ class Recorder:
         self.upstream_errors: dict[tuple[str, str], int] = {}
         # per version: answers >= 500 and failed exchanges (the guard's errors)
         self.failures: dict[str, int] = {}
+        # shadow copies (dark launch): outcomes per version, like the live ones
+        self.shadow_requests: dict[str, int] = {}
+        self.shadow_failures: dict[str, int] = {}
+        self.shadow_durations: dict[str, _Histogram] = {}
+        self.mirror = {"sent": 0, "dropped": 0, "failed": 0}
+        self.comparisons = {"match": 0, "mismatch": 0}
         self.decisions: dict[tuple[str, str], int] = {}
         # Exchanges in progress per version, counted when asked (at scrape time)
         # rather than kept up to date on every request.
@@ -108,6 +114,31 @@ class Recorder:
         self.reloads["success" if ok else "failure"] += 1
         self.generation = generation
 
+    def shadow_finished(self, version: str, status: int, seconds: float, error: str | None) -> None:
+        """A shadow copy is over (status 0 when it failed before an answer)."""
+        self.shadow_requests[version] = self.shadow_requests.get(version, 0) + 1
+        if error is not None or status >= 500:
+            self.shadow_failures[version] = self.shadow_failures.get(version, 0) + 1
+        h = self.shadow_durations.get(version)
+        if h is None:
+            h = self.shadow_durations[version] = _Histogram()
+        h.counts[bisect_left(_FINE_S, seconds)] += 1
+        h.total += seconds
+        h.count += 1
+
+    def mirrored(self, outcome: str) -> None:
+        self.mirror[outcome] += 1
+
+    def compared(self, result: str) -> None:
+        self.comparisons[result] += 1
+
+    def shadow_totals(self, version: str) -> tuple[int, int, list[int]]:
+        """Cumulative shadow requests, errors and latency counts of one version."""
+        h = self.shadow_durations.get(version)
+        latency = list(h.counts) if h is not None else [0] * LATENCY_BUCKETS
+        requests = self.shadow_requests.get(version, 0)
+        return requests, self.shadow_failures.get(version, 0), latency
+
     def rolled_back(self) -> None:
         self.rollbacks += 1
 
@@ -157,20 +188,29 @@ class _Collector(Collector):
         for (version, code), n in sorted(rec.requests.items()):
             c.add_metric([version, str(code)], n)
         yield c
-        h = HistogramMetricFamily(
+        yield _histogram(
             "turnout_request_duration_seconds",
             "Time from request head to the end of the response, by version",
-            labels=["version"],
+            rec.durations,
         )
-        for version, hist in sorted(rec.durations.items()):
-            cumulative, buckets, fine = 0, [], 0
-            for bound, index in zip(BUCKETS, _EXPORT, strict=True):
-                cumulative += sum(hist.counts[fine : index + 1])
-                fine = index + 1
-                buckets.append((_bound(bound), cumulative))
-            buckets.append(("+Inf", hist.count))
-            h.add_metric([version], buckets, hist.total)
-        yield h
+        yield _histogram(
+            "turnout_mirror_duration_seconds",
+            "Duration of shadow copies sent to the canary, by version",
+            rec.shadow_durations,
+        )
+        m = CounterMetricFamily(
+            "turnout_mirror_requests", "Shadow copies, by outcome", labels=["outcome"]
+        )
+        for outcome, n in sorted(rec.mirror.items()):
+            m.add_metric([outcome], n)
+        yield m
+        cmp = CounterMetricFamily(
+            "turnout_mirror_compared", "Shadow responses compared with the primary",
+            labels=["result"],
+        )  # fmt: skip
+        for result, n in sorted(rec.comparisons.items()):
+            cmp.add_metric([result], n)
+        yield cmp
         e = CounterMetricFamily(
             "turnout_upstream_errors", "Upstream failures, by version and kind",
             labels=["version", "kind"],
@@ -221,8 +261,18 @@ class _Collector(Collector):
         )
 
 
-def _bound(b: float) -> str:
-    return repr(b)
+def _histogram(name: str, text: str, hists: dict[str, _Histogram]) -> HistogramMetricFamily:
+    """The fine histograms, exported at the coarser Prometheus bounds."""
+    family = HistogramMetricFamily(name, text, labels=["version"])
+    for version, hist in sorted(hists.items()):
+        cumulative, buckets, fine = 0, [], 0
+        for bound, index in zip(BUCKETS, _EXPORT, strict=True):
+            cumulative += sum(hist.counts[fine : index + 1])
+            fine = index + 1
+            buckets.append((repr(bound), cumulative))
+        buckets.append(("+Inf", hist.count))
+        family.add_metric([version], buckets, hist.total)
+    return family
 
 
 def exposition(reg: CollectorRegistry) -> bytes:

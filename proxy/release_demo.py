@@ -40,6 +40,7 @@ GUARD = {
 def release_phases() -> list[Phase]:
     """Phases with share 0: each runs until what it waits for has happened."""
     return [
+        Phase("a dark launch: weight 0, every GET copied to green and compared", 0, dark_launch),
         Phase("a guarded release of green 2.0: the rollout steps up on its own", 0, step_up),
         Phase("an approval step: only role product may promote", 0, approve),
         Phase("a fault in green: half its answers are 500", 0, fault),
@@ -95,7 +96,39 @@ def write_release(demo: Demo, release: str) -> None:
         {"name": "ci-bot", "token_env": ENGINEER_ENV, "roles": ["engineer"]},
     ]
     cfg["routing"].pop("weight", None)  # the rollout owns the weight now
+    cfg.pop("mirror", None)  # users see green now; the dark launch is over
     demo.write_config()
+
+
+async def dark_launch(demo: Demo, seconds: float) -> None:
+    cfg = demo.cfg
+    cfg["routing"]["weight"] = 0
+    cfg["mirror"] = {"percent": 100, "compare": {"ignore_json_fields": ["version"]}}
+    demo.write_config()
+    demo.event("config file rewritten: weight 0, mirror 100% of GETs to green, compare answers "
+               "(ignoring the field `version`)")  # fmt: skip
+    doc = await watch(demo, lambda d: (d.get("mirror") or {}).get("matched", 0) >= 50, "matches")
+    await asyncio.sleep(1.0)
+    demo.load.forget_moves()  # weight 0 sent everyone back to blue on purpose
+    if doc is None:
+        return
+    on = demo.load.on(demo.canary)
+    m = doc["mirror"]
+    demo.event(f"{OK} {m['sent']} copies sent, {m['matched']} matched, {m['mismatched']} "
+               f"mismatched; {on} users on {demo.canary} (none should be)")  # fmt: skip
+    if on:
+        demo.problem(f"{on} users were served by {demo.canary} during the dark launch")
+    green = demo.upstreams[demo.canary]
+    green.quirk = True
+    demo.event(f"{BAD} green 2.0-rc changes the cart total it answers (a bug only a diff shows)")
+    doc = await watch(demo, lambda d: d["mirror"]["mismatched"] > 0, "a mismatch")
+    green.quirk = False
+    if doc is not None:
+        x = doc["mirror"]["latest_mismatches"][0]
+        paths = ", ".join(x["detail"].get("paths", [])) or x["difference"]
+        demo.event(f"{OK} mismatch caught: {x['request']} — {x['difference']} differs at {paths} "
+                   f"(status {x['primary_status']} vs {x['shadow_status']})")  # fmt: skip
+        demo.event("green fixed; users never saw it. Now the real release:")
 
 
 async def step_up(demo: Demo, seconds: float) -> None:

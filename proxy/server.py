@@ -23,6 +23,7 @@ from .config import Config
 from .controller import Controller
 from .forward import Exchange
 from .http.downstream import ClientConnection
+from .mirror import Mirroring, ShadowExchange
 from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
@@ -38,13 +39,15 @@ class Server:
         self.runtime = Runtime(config)
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
-        # Exchanges waiting for a response head, in the order they started to wait.
-        self.awaiting: dict[Exchange, None] = {}
+        # Exchanges waiting for a response head, and shadow copies in flight, in the
+        # order they started to wait; each has `deadline` and `timed_out()`.
+        self.awaiting: dict[Exchange | ShadowExchange, None] = {}
         self.draining = False
         self.max_header_bytes = config.limits.max_header_bytes
         self.listener: asyncio.base_events.Server | None = None
         self.admin: AdminServer | None = None
         self.runtime.recorder.in_flight = self.in_flight
+        self.mirroring = Mirroring(self)
         self.webhook = Webhook(self.webhook_url)
         self.controller = Controller(self.runtime, notify=self.webhook.send)
         self.controller.restore()

@@ -9,9 +9,11 @@ import pytest
 
 from proxy import config
 from proxy.config import (
+    Compare,
     ConfigError,
     Endpoint,
     Match,
+    Mirror,
     Problem,
     RolloutConfig,
     Rule,
@@ -298,8 +300,8 @@ def test_unknown_nested_keys_are_errors_with_a_suggestion(tmp_path: Path) -> Non
 
 
 def test_sections_not_supported_yet_are_unknown(tmp_path: Path) -> None:
-    [problem] = problems(tmp_path, MINIMAL + "mirror: {}\n")
-    assert problem.startswith("mirror: unknown key")
+    [problem] = problems(tmp_path, MINIMAL + "tls: {}\n")
+    assert problem.startswith("tls: unknown key")
 
 
 @pytest.mark.parametrize(
@@ -803,4 +805,169 @@ def test_the_example_config_has_tokens_guard_and_rollout(env) -> None:
     line = next(i for i, s in enumerate(path.read_text().splitlines(), 1) if "weight: 10 " in s)
     assert cfg.warnings == (
         f"routing.weight: ignored because rollout owns the weight (line {line})",
+    )
+
+
+# ------------------------------------------------------------------------ mirror
+
+MIRROR = """\
+mirror:
+  percent: 25
+  methods: [GET, head, POST]
+  max_in_flight: 8
+  max_body_bytes: 4KiB
+  timeout: 750ms
+  compare:
+    ignore_headers: [Date, Server]
+    headers: [Content-Type, Cache-Control, cache-control]
+    ignore_json_fields: [timestamp, meta.request_id, "items.*.id", "*.etag"]
+    max_body_bytes: 2MiB
+"""
+
+
+def test_mirror_section_becomes_a_mirror_with_a_compare(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, MINIMAL + MIRROR))
+    assert cfg.mirror == Mirror(
+        percent=25,
+        methods=frozenset({"GET", "HEAD", "POST"}),
+        max_in_flight=8,
+        max_body_bytes=4096,
+        timeout=0.75,
+        compare=Compare(
+            ignore_headers=frozenset({"date", "server"}),
+            headers=("content-type", "cache-control"),
+            ignore_json_fields=("timestamp", "meta.request_id", "items.*.id", "*.etag"),
+            max_body_bytes=2 << 20,
+        ),
+    )
+    assert cfg.warnings == ()
+
+
+def test_mirror_defaults_and_absence(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, MINIMAL)).mirror is None
+    cfg = config.load(write(tmp_path, MINIMAL + "mirror: {}\n"))
+    assert cfg.mirror == Mirror()
+    assert cfg.mirror.compare is None  # no compare key: no comparison
+    assert cfg.mirror.methods == frozenset({"GET", "HEAD", "OPTIONS"})
+    assert (cfg.mirror.percent, cfg.mirror.max_in_flight) == (100, 64)
+    assert (cfg.mirror.max_body_bytes, cfg.mirror.timeout) == (65536, 5.0)
+    cfg = config.load(write(tmp_path, MINIMAL + "mirror: {compare: {}}\n"))
+    assert cfg.mirror == Mirror(compare=Compare())
+    assert cfg.mirror.compare == Compare(frozenset(), (), (), 1048576)
+    text = MINIMAL + "mirror:\n  compare: {ignore_headers: [], ignore_json_fields: []}\n"
+    assert config.load(write(tmp_path, text)).mirror == Mirror(compare=Compare())
+    one = config.load(write(tmp_path, MINIMAL + "mirror: {methods: get, max_body_bytes: 0}\n"))
+    assert one.mirror == Mirror(methods=frozenset({"GET"}), max_body_bytes=0)
+
+
+def test_mirror_problems_have_paths_and_lines(tmp_path: Path) -> None:
+    text = MINIMAL + textwrap.dedent(
+        """\
+        mirror:
+          percent: 150
+          methods: [GET, "B@D"]
+          max_in_flight: 0
+          max_body_bytes: 64KB
+          timeout: 0s
+          sample: 5
+          compare:
+            ignore_headers: [Date, "bad header"]
+            headers: []
+            ignore_json_fields: [meta..id, "*x", meta.request_id]
+            max_body_bytes: 1GiB
+            ignore_fields: [x]
+        """
+    )
+    assert problems(tmp_path, text) == [
+        "mirror.percent: must be an integer 0..100, got 150 (line 9)",
+        "mirror.methods[1]: must be an HTTP method ([!#$%&'*+.^_`|~0-9A-Za-z-]+), "
+        "got 'B@D' (line 10)",
+        "mirror.max_in_flight: must be an integer >= 1, got 0 (line 11)",
+        "mirror.max_body_bytes: must be a size like 16384, 64KiB or 100MiB "
+        "(units B, KiB, MiB, GiB; not KB/MB/GB), got '64KB' (line 12)",
+        "mirror.timeout: must be a duration greater than 0, got '0s' (line 13)",
+        "mirror.sample: unknown key (line 14)",
+        "mirror.compare.ignore_headers[1]: must be a header name "
+        "([!#$%&'*+.^_`|~0-9A-Za-z-]+), got 'bad header' (line 16)",
+        "mirror.compare.headers: must list at least one header name "
+        "(leave the key out to compare content-type) (line 17)",
+        "mirror.compare.ignore_json_fields[0]: must be a dotted path of field names "
+        "([A-Za-z0-9_$-]+) or * (any key or element), like meta.request_id, got 'meta..id' "
+        "(line 18)",
+        "mirror.compare.ignore_json_fields[1]: must be a dotted path of field names "
+        "([A-Za-z0-9_$-]+) or * (any key or element), like meta.request_id, got '*x' (line 18)",
+        "mirror.compare.max_body_bytes: must be between 0 and 64MiB (67108864) bytes, "
+        "got '1GiB' (line 19)",
+        "mirror.compare.ignore_fields: unknown key (did you mean 'ignore_json_fields'?) (line 20)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ("mirror: on", "mirror: must be a mapping, got on (line 8)"),
+        ("mirror:", "mirror: must be a mapping, got null (line 8)"),
+        ("mirror: {percent: 50.5}", "mirror.percent: must be an integer 0..100, got 50.5 (line 8)"),
+        (
+            "mirror: {methods: []}",
+            "mirror.methods: must be a non-empty list of HTTP methods, got a list (line 8)",
+        ),
+        ("mirror: {compare: [status]}", "mirror.compare: must be a mapping, got a list (line 8)"),
+        (
+            "mirror: {compare: {ignore_headers: Date}}",
+            "mirror.compare.ignore_headers: must be a non-empty list of header names, "
+            "got 'Date' (line 8)",
+        ),
+        (
+            "mirror: {timeout: soon}",
+            "mirror.timeout: must be a duration like 500ms, 2s or 1m, got 'soon' (line 8)",
+        ),
+        (
+            "mirror: {max_body_bytes: -1}",
+            "mirror.max_body_bytes: must be 0 or more, got -1 (line 8)",
+        ),
+        (
+            "mirror: {percnt: 5}",
+            "mirror.percnt: unknown key (did you mean 'percent'?) (line 8)",
+        ),
+    ],
+)
+def test_bad_mirror_sections(tmp_path: Path, written: str, message: str) -> None:
+    assert problems(tmp_path, MINIMAL + written + "\n") == [message]
+
+
+def test_mirror_warnings(tmp_path: Path) -> None:
+    text = MINIMAL + textwrap.dedent(
+        """\
+        mirror:
+          percent: 0
+          compare:
+            ignore_headers: [ETag]
+            headers: [content-type, Transfer-Encoding, X-Turnout-Version, etag]
+        """
+    )
+    cfg = config.load(write(tmp_path, text))
+    assert cfg.mirror is not None and cfg.mirror.percent == 0
+    assert cfg.warnings == (
+        "mirror.percent: is 0, so nothing is mirrored (line 9)",
+        "mirror.compare.headers[1]: transfer-encoding is never compared "
+        "(hop-by-hop, framing or Turnout's own) (line 12)",
+        "mirror.compare.headers[2]: x-turnout-version is never compared "
+        "(hop-by-hop, framing or Turnout's own) (line 12)",
+        "mirror.compare.headers[3]: etag is also in ignore_headers, so it is not compared "
+        "(line 12)",
+    )
+    quiet = config.load(write(tmp_path, MINIMAL + "mirror: {percent: 1}\n"))
+    assert quiet.warnings == ()
+
+
+def test_the_example_config_has_a_mirror_with_a_compare(env) -> None:
+    path = Path(__file__).resolve().parent.parent / "config" / "turnout.yaml"
+    mirror = config.load(str(path)).mirror
+    assert mirror is not None and mirror.compare is not None
+    assert mirror == Mirror(compare=mirror.compare)  # every other key shows its default
+    assert mirror.compare == Compare(
+        ignore_headers=frozenset({"date", "server"}),
+        headers=("content-type",),
+        ignore_json_fields=("timestamp", "meta.request_id", "items.*.id"),
     )

@@ -112,6 +112,10 @@ def test_demo_plays_the_release_and_keeps_users_sticky() -> None:
     assert [g for g, _ in applied] == ["2", "3"], out
     assert all(int(ms) < 5000 for _, ms in applied)
 
+    # the dark launch: copies compared, nobody served by green, a body change caught
+    assert re.search(r"\d+ copies sent, \d+ matched, 0 mismatched; 0 users on green", out), out
+    assert "mismatch caught: GET /hello — body differs at cart.total" in out, out
+
     # the guarded release: steps, an approval only role product may give, a rollback
     # within seconds with its evidence, then a fixed build that completes
     assert "awaiting_approval: step 2, weight 25%, waiting for role product" in out, out

@@ -67,6 +67,22 @@ def status_document(server: Server) -> dict:
         "rollout": _rollout(server),
         "guard": _guard(server),
         "versions": versions,
+        "mirror": _mirror(server),
+    }
+
+
+def _mirror(server: Server) -> dict | None:
+    cfg = server.runtime.config.mirror
+    if cfg is None:
+        return None
+    m = server.mirroring
+    return {
+        **m.counts,
+        "in_flight": m.in_flight,
+        "percent": cfg.percent,
+        "methods": sorted(cfg.methods),
+        "compare": cfg.compare is not None,
+        "latest_mismatches": [{**x, "at": _iso(x["at"])} for x in list(m.mismatches)[:10]],
     }
 
 

@@ -255,7 +255,9 @@ class ClientConnection(asyncio.Protocol):
             decision = decide(view, snap.table)
         head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
         keep_alive = keep_alive and not self.server.draining
-        return Exchange(self, snap, decision, method, head_bytes, head, keep_alive, http11, upgrade)
+        return Exchange(
+            self, snap, decision, method, target, head_bytes, head, keep_alive, http11, upgrade
+        )
 
     def exchange_done(self, ex: Exchange) -> None:
         if ex is not self.current or self.tunnel is not None:

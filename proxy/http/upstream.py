@@ -23,6 +23,7 @@ from ..config import Config, Endpoint
 
 if TYPE_CHECKING:
     from ..forward import Exchange
+    from ..mirror import ShadowExchange
 
 COOLDOWN = 5.0  # seconds an endpoint that refused is skipped
 MAX_IDLE = 512  # idle connections kept per endpoint
@@ -39,7 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: Exchange | ShadowExchange | None = None
         self.closed = False
         self.idle_since = 0.0
         self.head_buf = b""  # raw bytes of a response head still being received
@@ -91,12 +92,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.client.pause_reading(2)
+            ex.upstream_paused(True)
 
     def resume_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.client.resume_reading(2)
+            ex.upstream_paused(False)
 
     # -- parser callbacks ---------------------------------------------------------
 

@@ -1,0 +1,309 @@
+"""Dark launch: shadow copies of stable's traffic to the canary, compared with the primary.
+
+Rules:
+- Eligible: served by stable, method listed, not an upgrade, rollback latch not
+  set, `percent` sampled (by the sticky key's bucket in "<group>:mirror" when
+  there is a key, so a user is mirrored consistently; else at random), request
+  body within `max_body_bytes`.
+- The request body is teed while it streams to the primary, never read twice
+  and never held beyond the limit; the copy leaves once the primary's request
+  is complete, on the canary's own pooled connections, with
+  `X-Turnout-Shadow: 1`, the same method, target, headers and Host.
+- The copy never delays, alters or fails the primary, and never holds the
+  client's connection: it has no client. Beyond `max_in_flight` copies, or past
+  the body limit, a copy is dropped and counted. `timeout` bounds its whole life.
+- Its outcome counts toward the canary's guard window as shadow traffic; with
+  `compare`, its response is compared with the primary's (proxy.compare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .compare import Captured, compare
+from .config import Mirror
+from .headers import HOP_BY_HOP, RequestHead
+from .http.upstream import Pool, UpstreamConnection
+from .routing import Decision, bucket
+
+if TYPE_CHECKING:
+    from .forward import Exchange
+    from .server import Server
+
+MAX_MISMATCHES = 50  # kept for /status and /events
+
+
+class Mirroring:
+    """Per server: what is in flight, the counts, the latest mismatches."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.in_flight = 0
+        self.counts = {"sent": 0, "dropped": 0, "failed": 0, "matched": 0, "mismatched": 0}
+        self.mismatches: deque[dict] = deque(maxlen=MAX_MISMATCHES)
+
+    def eligible(self, ex: Exchange, decision: Decision) -> Mirror | None:
+        """The mirror policy if `ex` should be copied (before its body is known)."""
+        snap = ex.snap
+        cfg = snap.config.mirror
+        if cfg is None or ex.upgrade or snap.table.latched:
+            return None
+        if decision.version != snap.config.stable:
+            return None
+        if ex.method.decode("latin-1") not in cfg.methods:
+            return None
+        if cfg.percent < 100:
+            key = ex.head.routing.get(snap.table.key_name) if snap.table.key_kind else None
+            if key:
+                if bucket(snap.table.group + ":mirror", key) > cfg.percent:
+                    return None
+            elif random.random() * 100 >= cfg.percent:
+                return None
+        length = ex.head.content_length
+        if length is not None and length > cfg.max_body_bytes:
+            self.drop()
+            return None
+        return cfg
+
+    def drop(self) -> None:
+        self.counts["dropped"] += 1
+        self.server.runtime.recorder.mirrored("dropped")
+
+    def launch(self, ex: Exchange, cfg: Mirror, body: list[bytes]) -> ShadowExchange | None:
+        """Send the copy now that the primary's request is complete, or drop it."""
+        if self.in_flight >= cfg.max_in_flight or self.server.runtime.snapshot.table.latched:
+            self.drop()
+            return None
+        snap = ex.snap
+        pools = snap.upstreams.versions[snap.config.canary]
+        pool = pools.pick()
+        if pool is None:
+            self.counts["failed"] += 1
+            self.server.runtime.recorder.mirrored("failed")
+            return None
+        shadow = ShadowExchange(self, ex, cfg, b"".join(body))
+        self.in_flight += 1
+        self.counts["sent"] += 1
+        self.server.runtime.recorder.mirrored("sent")
+        shadow.dispatch(pool)
+        return shadow
+
+    def done(self, shadow: ShadowExchange) -> None:
+        self.in_flight -= 1
+
+
+def shadow_request(ex: Exchange, body: bytes) -> bytes:
+    """The copy's head: the primary's headers as sent upstream, framed by length."""
+    head: RequestHead = ex.head
+    block = head.block
+    lines = [ex.method, b" ", ex.target, b" HTTP/1.1", block]
+    xff = ex.client.peer_bytes if head.xff is None else head.xff + b", " + ex.client.peer_bytes
+    lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % xff)
+    if head.host is not None:
+        lines.append(b"X-Forwarded-Host: %s\r\n" % head.host)
+    if head.content_length is None and (body or head.chunked):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"X-Turnout-Shadow: 1\r\n\r\n")
+    return b"".join(lines) + body
+
+
+class _Capture:
+    """One side's response, bounded: the first `limit` body bytes and a digest of all."""
+
+    __slots__ = ("status", "headers", "body", "length", "sha", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.status = 0
+        self.headers: tuple[tuple[str, str], ...] = ()
+        self.body: list[bytes] = []
+        self.length = 0
+        self.sha = hashlib.sha256()
+        self.limit = limit
+
+    def head(self, status: int, block: bytes) -> None:
+        self.status = status
+        pairs = []
+        for line in block.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            low = name.strip().lower()
+            if sep and low not in HOP_BY_HOP:
+                pairs.append((low.decode("latin-1"), value.strip().decode("latin-1")))
+        self.headers = tuple(pairs)
+
+    def add(self, data: bytes) -> None:
+        if self.length < self.limit:
+            self.body.append(data[: self.limit - self.length])
+        self.length += len(data)
+        self.sha.update(data)
+
+    def captured(self) -> Captured:
+        return Captured(self.status, self.headers, b"".join(self.body), self.length,
+                        self.sha.hexdigest())  # fmt: skip
+
+
+class ShadowExchange:
+    """A fire-and-forget copy of one request, sent to the canary; no client attached."""
+
+    tunnel = False
+    resp_pending = None
+
+    def __init__(self, owner: Mirroring, primary: Exchange, cfg: Mirror, body: bytes) -> None:
+        self.owner = owner
+        self.cfg = cfg
+        self.version = primary.snap.config.canary
+        self.method = primary.method
+        self.request_line = b"%s %s" % (primary.method, primary.target)
+        self.data = shadow_request(primary, body)
+        self.loop = primary.client.loop
+        self.server = owner.server
+        self.conn: UpstreamConnection | None = None
+        self.pool: Pool | None = None
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + cfg.timeout
+        self.done = False
+        self.keep_alive = True
+        limit = cfg.compare.max_body_bytes if cfg.compare is not None else 0
+        self.mine = _Capture(limit) if cfg.compare is not None else None
+        self.primary = _Capture(limit) if cfg.compare is not None else None
+        self.primary_finished = False
+        self.finished_status: int | None = None
+
+    # -- sending ------------------------------------------------------------------------
+
+    def dispatch(self, pool: Pool) -> None:
+        self.pool = pool
+        self.server.awaiting[self] = None  # the timeout covers the whole copy
+        conn = pool.take()
+        if conn is not None:
+            self.attach(conn)
+        else:
+            self.loop.create_task(self.connect(pool))
+
+    async def connect(self, pool: Pool) -> None:
+        try:
+            conn = await pool.connect(min(self.cfg.timeout, 5.0))
+        except (TimeoutError, OSError):
+            pool.refused()
+            self.end(0, "connect")
+            return
+        if self.done:
+            pool.give(conn)
+            return
+        self.attach(conn)
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self  # type: ignore[assignment]
+        conn.send(self.data)
+        self.data = b""
+
+    def upstream_paused(self, paused: bool) -> None:
+        """Nothing to pause: the copy's body is already in memory."""
+
+    # -- the canary's answer ----------------------------------------------------------------
+
+    def whole_response(self, data: bytes, end: int) -> bool:
+        return False  # the parser path; copies are not the hot path
+
+    def flush_response_head(self) -> None:
+        pass
+
+    def response_head(self, status: int, head: bytes, keep_alive: bool) -> None:
+        if status < 200:
+            return
+        self.keep_alive = keep_alive
+        self.finished_status = status
+        if self.mine is not None:
+            self.mine.head(status, head[head.find(b"\r\n") :])
+        if self.method == b"HEAD" and self.conn is not None:
+            self.conn.stale_parser = True
+            self.response_complete()
+
+    def response_body(self, data: bytes) -> None:
+        if self.mine is not None:
+            self.mine.add(data)
+
+    def response_complete(self) -> None:
+        if self.done or self.finished_status is None:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if self.keep_alive:
+                self.pool.give(conn)  # type: ignore[union-attr]
+            else:
+                conn.close()
+        self.end(self.finished_status, None)
+
+    def upgraded(self, rest: bytes) -> None:
+        self.upstream_failed("protocol", "unexpected protocol switch")
+
+    def upstream_lost(self, silent: bool = False) -> None:
+        self.conn = None
+        self.end(0, "reset")
+
+    def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        self.end(0, kind)
+
+    def timed_out(self) -> None:
+        self.upstream_failed("timeout", "shadow timeout")
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def end(self, status: int, error: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.server.awaiting.pop(self, None)
+        self.owner.done(self)
+        rec = self.server.runtime.recorder
+        rec.shadow_finished(self.version, status, time.perf_counter() - self.t0, error)
+        if error is not None:
+            self.owner.counts["failed"] += 1
+            rec.mirrored("failed")
+        self.judge()
+
+    def primary_head(self, status: int, block: bytes) -> None:
+        if self.primary is not None:
+            self.primary.head(status, block)
+
+    def primary_body(self, data: bytes) -> None:
+        if self.primary is not None:
+            self.primary.add(data)
+
+    def primary_done(self, ok: bool) -> None:
+        self.primary_finished = ok
+        if not ok:
+            self.primary = None  # nothing trustworthy to compare with
+        self.judge()
+
+    def judge(self) -> None:
+        """Compare once both sides are over (and both answered)."""
+        cfg = self.cfg.compare
+        if cfg is None or self.primary is None or self.mine is None:
+            return
+        if not (self.done and self.primary_finished) or self.finished_status is None:
+            return
+        primary, mine = self.primary.captured(), self.mine.captured()
+        outcome = compare(primary, mine, cfg)
+        self.primary = self.mine = None
+        key = "matched" if outcome.result == "match" else "mismatched"
+        self.owner.counts[key] += 1
+        self.server.runtime.recorder.compared(outcome.result)
+        if outcome.result == "mismatch":
+            event = {
+                "request": self.request_line.decode("latin-1"),
+                "difference": outcome.kind,
+                "primary_status": primary.status,
+                "shadow_status": mine.status,
+                "detail": outcome.detail,
+                "version": self.version,
+            }
+            self.owner.mismatches.appendleft({"at": time.time(), **event})
+            self.server.controller.event("mismatch", **event)
