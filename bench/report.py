@@ -2,8 +2,10 @@
 
 Only successful runs enter the medians. Ratios are computed between medians
 measured in the same interleaved session: `× nginx` is a target's median req/s
-over nginx's at the same connection count; `added p50` (at c=1 only, where
-latency is not queueing) is a target's median p50 minus the direct upstream's.
+over nginx's at the same connection count; `× turnout` and `p99 × turnout`
+are a `turnout-*` variant's median req/s and median p99 over plain Turnout's
+(the cost of a feature); `added p50` (at c=1 only, where latency is not
+queueing) is a target's median p50 minus the direct upstream's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Row:
     x_nginx: float | None = None
     x_stock: float | None = None  # against NGINX with its stock proxy settings
     x_turnout: float | None = None  # against plain Turnout (the cost of a feature)
+    p99_x_turnout: float | None = None  # p99 against plain Turnout's
     added_p50_ms: float | None = None
 
 
@@ -56,6 +59,8 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
             row.x_stock = row.rps / stock.rps
         if row.rps is not None and name.startswith("turnout-") and plain and plain.rps:
             row.x_turnout = row.rps / plain.rps
+        if row.p99_ms is not None and name.startswith("turnout-") and plain and plain.p99_ms:
+            row.p99_x_turnout = row.p99_ms / plain.p99_ms
         measured = direct is not None and direct.p50_ms is not None and row.p50_ms is not None
         if c == 1 and name != "direct" and measured:
             row.added_p50_ms = row.p50_ms - direct.p50_ms  # type: ignore[operator,union-attr]
@@ -78,8 +83,8 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
         f"{meta['users']} user ids, canary weight {meta['weight']}% · {meta['platform']}",
         "",
         "| target | conns | req/s (median) | req/s min–max | p50 ms | p99 ms | × nginx "
-        "| × nginx-stock | × turnout | added p50 vs direct (ms) | ok runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| × nginx-stock | × turnout | p99 × turnout | added p50 vs direct (ms) | ok runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = "—" if r.rps_min is None else f"{r.rps_min:,.0f}–{r.rps_max:,.0f}"
@@ -87,6 +92,7 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
             f"| {r.target} | {r.connections} | {_num(r.rps, ',.0f')} | {spread} "
             f"| {_num(r.p50_ms, '.3f')} | {_num(r.p99_ms, '.3f')} | {_num(r.x_nginx, '.2f')} "
             f"| {_num(r.x_stock, '.2f')} | {_num(r.x_turnout, '.3f')} "
+            f"| {_num(r.p99_x_turnout, '.3f')} "
             f"| {_num(r.added_p50_ms, '+.3f')} | {r.ok_runs}/{r.total_runs} |"
         )
     if notes:

@@ -3,6 +3,8 @@
     python -m bench.run [--targets direct,turnout,turnout-guard,nginx,nginx-stock]
                         [--connections 64,1]
                         [--duration 5] [--rounds 3] [--body-bytes 100]
+    python -m bench.run --targets mirror --connections 64          # the cost of mirroring
+    python -m bench.run --targets slow-canary --slow-canary 10     # a 10 s canary, mirrored
 
 It starts a fast upstream (nginx with one worker, or bench/upstream.py when
 nginx is absent) serving "blue" and "green" on two ports, then every target
@@ -11,6 +13,12 @@ X-User-Id, so the proxies really route by sticky key). Rounds are interleaved
 — round 1 runs every target at every connection count, then round 2 — so
 machine noise hits all targets alike. Medians go to a markdown table, raw runs
 to results.json, and a chart to chart.png (in bench/results/ by default).
+
+`--targets` also takes preset names (TARGET_PRESETS: default, mirror,
+slow-canary, all). `--slow-canary N` makes the green upstream a separate
+bench/upstream.py that answers every request N seconds late (blue stays fast)
+and sets the default weight to 0, so users only reach blue and green only sees
+shadow copies.
 
 Every process it starts is stopped by its PID on exit, Ctrl-C or error.
 Exit status: 0 all runs clean; 1 a target failed to start or a run failed;
@@ -69,6 +77,8 @@ class Bench:
     upstream_proc: subprocess.Popen[bytes] | None = None
     upstream_log: Path | None = None
     upstream_desc: str = ""
+    upstream_extra: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    admin_ports: dict[str, int] = field(default_factory=dict)  # Turnout target → admin port
     # target name → (process, log) to check before each run
     watched: dict[str, tuple[subprocess.Popen[bytes], Path]] = field(default_factory=dict)
 
@@ -135,6 +145,14 @@ def dump_yaml(doc: dict[str, object]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def scenario_extra(b: Bench, extra: dict[str, object]) -> dict[str, object]:
+    """What the run's options add to a variant: with --slow-canary, a mirror's
+    copies may live N + 5 s, so the slow canary really answers them."""
+    if b.args.slow_canary and isinstance(extra.get("mirror"), dict):
+        return {"mirror": {"timeout": f"{b.args.slow_canary + 5:g}s"}}
+    return {}
+
+
 def turnout_target(name: str, extra: dict[str, object]) -> Target:
     """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in."""
 
@@ -143,7 +161,10 @@ def turnout_target(name: str, extra: dict[str, object]) -> Target:
         folder = b.workdir / name
         folder.mkdir()
         path = folder / "turnout.yaml"
-        path.write_text(dump_yaml(merged(turnout_config(b, port, admin, folder), extra)))
+        doc = merged(turnout_config(b, port, admin, folder), extra)
+        doc = merged(doc, scenario_extra(b, extra))
+        path.write_text(dump_yaml(doc))
+        b.admin_ports[name] = admin
         argv = [b.args.python, "-m", "proxy", "run", "-c", str(path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc, log = b.procs.start(name, argv, cwd=REPO, env=env)
@@ -155,10 +176,14 @@ def turnout_target(name: str, extra: dict[str, object]) -> Target:
     return Target(start, routed=True)
 
 
-# Turnout configurations worth comparing; each is a target of its own.
+# Turnout configurations worth comparing; each is a target of its own. The mirror
+# variants copy every GET that blue serves to green (GET is mirrored by default);
+# at most 64 copies are outstanding, the rest are dropped (and counted).
+MIRROR: dict[str, object] = {"percent": 100, "max_in_flight": 64}
 TURNOUT_VARIANTS: dict[str, dict[str, object]] = {
     "turnout": {},
-    "turnout-mirror": {"mirror": {"percent": 100}},
+    "turnout-mirror": {"mirror": MIRROR},
+    "turnout-mirror-compare": {"mirror": {**MIRROR, "compare": {}}},
     "turnout-guard": {
         "guard": {
             "window": "30s",
@@ -176,32 +201,79 @@ TARGETS: dict[str, Target] = {
     "nginx-stock": nginx_target("nginx-stock", keepalive=False),  # NGINX's proxy defaults
 }
 
+# names `--targets` accepts for a whole list
+TARGET_PRESETS: dict[str, list[str]] = {
+    "default": ["direct", "turnout", "turnout-guard", "nginx", "nginx-stock"],
+    "mirror": ["turnout", "turnout-mirror", "turnout-mirror-compare"],  # the cost of mirroring
+    "slow-canary": ["turnout", "turnout-mirror"],  # with --slow-canary N: mirror off vs on
+    "all": list(TARGETS),
+}
+
 
 # ---------------------------------------------------------------- the upstream
 
 
+def python_upstream(b: Bench, ports: dict[str, int], delay: float = 0.0) -> list[str]:
+    argv = [sys.executable, str(BENCH_DIR / "upstream.py"), "--body-bytes", str(b.args.body_bytes)]
+    for version, port in ports.items():
+        argv += ["--listen", f"{version}=127.0.0.1:{port}"]
+    if b.args.same_body:
+        argv += ["--body-name", STABLE]
+    if delay > 0:
+        argv += ["--delay", f"{delay:g}"]
+    return argv
+
+
 def start_upstream(b: Bench) -> None:
-    """Blue and green on two ports of one process: nginx if allowed and found."""
+    """Blue and green on two ports of one process: nginx if allowed and found.
+
+    With --slow-canary N, green is a process of its own (bench/upstream.py
+    --delay N) and the fast upstream serves blue only."""
     ports = dict(zip((STABLE, CANARY), free_ports(2), strict=True))
-    bodies = {v: make_body(b.args.body_bytes, v) for v in ports}
+    slow = b.args.slow_canary
+    fast = {v: p for v, p in ports.items() if not (slow and v == CANARY)}
+    name = STABLE if b.args.same_body else None
+    bodies = {v: make_body(b.args.body_bytes, name or v) for v in fast}
     use_nginx = b.args.upstream == "nginx" or (b.args.upstream == "auto" and b.nginx)
     if use_nginx:
         if not b.nginx:
             raise BenchError("--upstream nginx: nginx is not installed (apt-get install nginx)")
         prefix = b.workdir / "nginx-upstream"
-        ngx.write_conf(prefix, ngx.upstream_conf(prefix, ports, bodies))
+        ngx.write_conf(prefix, ngx.upstream_conf(prefix, fast, bodies))
         proc, log = b.procs.start("upstream-nginx", ngx.command(b.nginx, prefix))
         b.upstream_desc = f"{ngx.version(b.nginx)} (1 worker)"
     else:
-        argv = [sys.executable, str(BENCH_DIR / "upstream.py"), "--body-bytes"]
-        argv.append(str(b.args.body_bytes))
-        for version, port in ports.items():
-            argv += ["--listen", f"{version}=127.0.0.1:{port}"]
-        proc, log = b.procs.start("upstream-python", argv)
+        proc, log = b.procs.start("upstream-python", python_upstream(b, fast))
         b.upstream_desc = "bench/upstream.py (uvloop + httptools, 1 process)"
-    for port in ports.values():
+    for port in fast.values():
         wait_for_port(proc, port, log, "the upstream", 10)
     b.upstream_ports, b.upstream_proc, b.upstream_log = ports, proc, log
+    if slow:
+        argv = python_upstream(b, {CANARY: ports[CANARY]}, delay=slow)
+        sproc, slog = b.procs.start("upstream-slow-canary", argv)
+        wait_for_port(sproc, ports[CANARY], slog, "the slow canary", 10)
+        b.upstream_extra.append(("the slow canary", sproc, slog))
+        b.upstream_desc += f"; {CANARY}: bench/upstream.py answering after {slow:g} s"
+    if b.args.same_body:
+        b.upstream_desc += f"; both versions serve the same body ({STABLE}'s)"
+
+
+def mirror_counts(admin: int) -> dict[str, object] | None:
+    """Turnout's mirror counters from GET /status on its admin port (None: no mirror)."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    try:
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            return None
+        doc = json.loads(body)
+    except (OSError, ValueError):
+        return None
+    finally:
+        conn.close()
+    mirror = doc.get("mirror") if isinstance(doc, dict) else None
+    return mirror if isinstance(mirror, dict) else None
 
 
 def probe(url: str, routed: bool, users: int = 200) -> str:
@@ -236,6 +308,7 @@ class Session:
         self.notes: list[str] = []
         self.failed_targets: dict[str, str] = {}
         self.runs: list[wrk.WrkRun] = []
+        self.mirror: dict[str, dict[str, object]] = {}  # target → its /status mirror counters
         self.started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     def start_targets(self) -> None:
@@ -267,6 +340,8 @@ class Session:
         run = wrk.WrkRun(name, connections, self.args.threads, duration, rnd)
         run.threads = min(self.args.threads, connections)
         check_alive(self.b.upstream_proc, self.b.upstream_log, "the upstream")  # type: ignore[arg-type]
+        for what, proc, log in self.b.upstream_extra:
+            check_alive(proc, log, what)
         if name in self.b.watched:
             proc, log = self.b.watched[name]
             if proc.poll() is not None:
@@ -285,14 +360,29 @@ class Session:
 
     def rounds(self) -> None:
         a = self.args
+        width = max(15, *map(len, self.urls))
         for rnd in range(1, a.rounds + 1):
             for c in a.connections:
                 for name in self.urls:
                     run = self.measure(name, c, a.duration, rnd)
                     self.runs.append(run)
-                    print(f"  round {rnd}/{a.rounds}  c={c:<4} {name:<15} {describe(run)}")
+                    print(f"  round {rnd}/{a.rounds}  c={c:<4} {name:<{width}} {describe(run)}")
                     if not run.ok and run.output:
                         print(indent(run.output.strip()), file=sys.stderr)
+
+    def mirror_notes(self) -> None:
+        """What each mirroring Turnout did with its copies over the whole session."""
+        for name in self.urls:
+            admin = self.b.admin_ports.get(name)
+            counts = mirror_counts(admin) if admin else None
+            if not counts:
+                continue
+            self.mirror[name] = counts
+            keys = ("sent", "dropped", "failed", "in_flight")
+            if counts.get("compare"):
+                keys += ("matched", "mismatched")
+            text = ", ".join(f"{k} {counts.get(k, 0):,}" for k in keys)
+            self.notes.append(f"{name}: shadow copies over the session (warm-up included): {text}")
 
     def meta(self, interrupted: bool = False) -> dict[str, object]:
         a, b = self.args, self.b
@@ -306,6 +396,9 @@ class Session:
             "body_bytes": a.body_bytes,
             "users": a.users,
             "weight": a.weight,
+            "slow_canary_s": a.slow_canary,
+            "same_body": a.same_body,
+            "mirror": self.mirror,
             "threads": a.threads,
             "rounds": a.rounds,
             "duration_s": a.duration,
@@ -368,13 +461,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.run",
         description="Benchmark Turnout against the direct upstream and NGINX (loopback only).",
-        epilog=f"targets: {', '.join(TARGETS)}",
+        epilog=f"targets: {', '.join(TARGETS)}; presets: "
+        + "; ".join(f"{k} = {','.join(v)}" for k, v in TARGET_PRESETS.items()),
     )
     p.add_argument(
         "--targets",
         type=csv_list,
-        default=["direct", "turnout", "turnout-guard", "nginx", "nginx-stock"],
-        help="comma list, in run order (default direct,turnout,nginx)",
+        default=["default"],
+        help="comma list of targets and presets, in run order (default: the preset 'default')",
     )
     p.add_argument("--connections", type=csv_list, default=["64", "1"], help="default 64,1")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
@@ -383,7 +477,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1, see README)")
     p.add_argument("--body-bytes", type=int, default=100, help="upstream body size (default 100)")
     p.add_argument("--users", type=int, default=10_000, help="distinct X-User-Id values")
-    p.add_argument("--weight", type=int, default=10, help="canary %% in Turnout and nginx")
+    p.add_argument(
+        "--weight",
+        type=int,
+        default=None,
+        help="canary %% in Turnout and nginx (default 10; 0 with --slow-canary)",
+    )
+    p.add_argument(
+        "--slow-canary",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="green answers every request this late (its own bench/upstream.py); blue stays fast",
+    )
+    p.add_argument(
+        "--same-body",
+        action="store_true",
+        help="green serves blue's body, so `compare` sees matches (default: bodies differ)",
+    )
     p.add_argument(
         "--upstream",
         choices=("auto", "nginx", "python"),
@@ -395,6 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", default=sys.executable, help="interpreter for Turnout")
     p.add_argument("--keep-tmp", action="store_true", help="keep the work dir (configs, logs)")
     args = p.parse_args(argv)
+    args.targets = list(dict.fromkeys(t for x in args.targets for t in TARGET_PRESETS.get(x, [x])))
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown or not args.targets:
         p.error(f"unknown target(s) {', '.join(unknown) or '(none)'}; known: {', '.join(TARGETS)}")
@@ -404,8 +516,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--connections takes integers, e.g. 64,1")
     if not args.connections or min(args.connections) < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--connections, --rounds and --threads must be at least 1")
-    if args.duration <= 0 or not 0 <= args.weight <= 100:
-        p.error("--duration must be positive and --weight within 0..100")
+    if args.weight is None:
+        args.weight = 0 if args.slow_canary else 10
+    if args.duration <= 0 or not 0 <= args.weight <= 100 or args.slow_canary < 0:
+        p.error("--duration must be positive, --weight within 0..100, --slow-canary >= 0")
     return args
 
 
@@ -433,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         session.start_targets()
         session.warm_up()
         session.rounds()
+        session.mirror_notes()
         return session.write()
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)

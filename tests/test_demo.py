@@ -242,12 +242,15 @@ async def test_upstream_names_itself_and_injects_faults() -> None:
                 assert await resp.json() == {
                     "version": "green",
                     "path": "/cart?x=1",
-                    "method": "POST",
+                    "cart": {"items": 3, "total": 42.0},
                 }
+            green.quirk = True  # the behaviour change the dark launch catches
+            async with session.get(f"{green.url}/cart") as resp:
+                assert (await resp.json())["cart"]["total"] == 41.5
             green.fault_rate = 1.0
             async with session.get(f"{green.url}/") as resp:
                 assert resp.status == 500
                 assert (await resp.json())["version"] == "green"
-        assert (green.served, green.faults) == (2, 1)
+        assert (green.served, green.faults) == (3, 1)
     finally:
         await green.stop()
