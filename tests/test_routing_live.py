@@ -413,3 +413,21 @@ async def test_run_with_an_invalid_config_exits_2_with_key_path_and_line(tmp_pat
     assert code == 2
     assert "routing.weight" in err and "line 8" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.timeout(40)
+async def test_a_second_proxy_process_gives_every_key_the_same_version(
+    proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream, session
+):
+    """Replicas agree with no shared state: the bucket is a pure function of the key."""
+    cfg = versions_config(blue.url, green.url, routing=keyed(37))
+    one, two = await proxies.start(cfg), await proxies.start(cfg)
+    assert one.pid != two.pid
+    seen = {"blue": 0, "green": 0}
+    for i in range(300):
+        headers = {"X-User-Id": f"replica-user-{i}"}
+        first = await get_version(session, one.url + "/r", headers=headers)
+        second = await get_version(session, two.url + "/r", headers=headers)
+        assert first == second == predicted(f"replica-user-{i}", 37)
+        seen[first] += 1
+    assert seen["blue"] and seen["green"]  # both versions were exercised
