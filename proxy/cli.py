@@ -15,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from .config import ConfigError, load
+from .config import ConfigError, load, render_problems
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
@@ -93,8 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
     except ConfigError as err:
-        print(f"{args.config}: invalid", file=sys.stderr)
-        print(str(err), file=sys.stderr)
+        print(render_problems(err), file=sys.stderr)
         return 2
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -112,8 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load(args.config)
     except ConfigError as err:
-        print(f"{args.config}: invalid", file=sys.stderr)
-        print(str(err), file=sys.stderr)
+        print(render_problems(err), file=sys.stderr)
         return 2
     for warning in cfg.warnings:
         logging.getLogger("turnout").warning("%s", warning)

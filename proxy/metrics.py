@@ -33,7 +33,6 @@ BUCKETS = (
 )  # fmt: skip
 _FINE_S = tuple(ms / 1000.0 for ms in UPPER_MS)
 _EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
-ERROR_KINDS = ("connect", "timeout", "reset", "protocol")
 
 
 class _Histogram:

@@ -971,3 +971,29 @@ def test_the_example_config_has_a_mirror_with_a_compare(env) -> None:
         headers=("content-type",),
         ignore_json_fields=("timestamp", "meta.request_id", "items.*.id"),
     )
+
+
+def test_turnout_check_prints_every_problem_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stable: blue\ncanary: green\nversions:\n"
+        "  blue: {endpoints: [http://127.0.0.1:1]}\n"
+        "  green: {endpoints: [http://127.0.0.1:2]}\n"
+        "routing:\n  weight: 150\n  wieght: 3\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", str(bad)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "routing.weight: must be an integer 0..100, got 150 (line 7)" in run.stderr
+    assert "routing.wieght: unknown key (did you mean 'weight'?) (line 8)" in run.stderr
+    assert "Traceback" not in run.stderr
+    good = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", "config/demo.yaml"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr

@@ -51,7 +51,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "server", "recorder", "transport", "parser", "peer", "peer_bytes", "url",
         "headers", "header_bytes", "current", "queue", "paused", "tunnel", "closed",
-        "idle_since", "reject", "last", "writing_paused", "loop", "in_message", "eof",
+        "idle_since", "reject", "last", "loop", "in_message", "eof",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -73,7 +73,6 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.reject: _Reject | None = None
         self.last: Exchange | None = None  # the exchange whose request is being read
-        self.writing_paused = False
         self.in_message = False  # httptools holds part of a request
         self.eof = False  # the client half-closed its side
 
@@ -125,13 +124,11 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
         ex = self.tunnel or self.current
         if ex is not None and ex.conn is not None and ex.conn.transport is not None:
             ex.conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
         ex = self.tunnel or self.current
         if ex is not None and ex.conn is not None and ex.conn.transport is not None:
             ex.conn.transport.resume_reading()
