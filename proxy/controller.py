@@ -138,9 +138,9 @@ class Controller:
         for version, window in self.windows.items():
             for shadow, totals in ((False, rec.totals), (True, rec.shadow_totals)):
                 requests, errors, latency = totals(version)
-                seen = self.seen.get((version, shadow))
+                seen = self.seen[version, shadow]
                 self.seen[version, shadow] = (requests, errors, latency)
-                if seen is None or requests == seen[0]:
+                if requests == seen[0]:
                     continue
                 window.record_counts(now, requests - seen[0], errors - seen[1], shadow)
                 window.record_latencies(now, [a - b for a, b in zip(latency, seen[2], strict=True)])
@@ -158,7 +158,16 @@ class Controller:
         length = cfg.guard.window if cfg.guard is not None else 30.0
         old = self.windows if length == self.window_length else {}
         self.window_length = length
-        self.windows = {name: old.get(name) or Window(length) for name in (cfg.stable, cfg.canary)}
+        self.windows = {}
+        rec = self.runtime.recorder
+        for name in (cfg.stable, cfg.canary):
+            if name in old:
+                self.windows[name] = old[name]
+                continue
+            self.windows[name] = Window(length)
+            # A new window counts from now on (at start the totals are all zero).
+            self.seen[name, False] = rec.totals(name)
+            self.seen[name, True] = rec.shadow_totals(name)
 
     # -- the tick -----------------------------------------------------------------------------
 

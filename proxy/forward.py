@@ -112,6 +112,12 @@ class Exchange:
         self.head_bytes = head_bytes
         self.req_buf: list[bytes] = [head_bytes]
         self.t0 = time.perf_counter()
+        if snap.config.mirror is not None:
+            # Decided now, not at start(): a pipelined request's body is read while
+            # it waits its turn, and the copy needs it.
+            self.mirror_cfg = client.server.mirroring.eligible(self, decision)
+            if self.mirror_cfg is not None:
+                self.shadow_body = []
 
     # -- start ------------------------------------------------------------------------
 
@@ -121,10 +127,6 @@ class Exchange:
         if length is not None and length > snap.config.limits.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
             return
-        if snap.config.mirror is not None:
-            self.mirror_cfg = self.client.server.mirroring.eligible(self, self.decision)
-            if self.mirror_cfg is not None:
-                self.shadow_body = []
         if self.head.chunked and not self.head.expect_continue and not self.req_done:
             # Hold a chunked body until it has parsed whole (or grown past the
             # connect buffer), so a malformed small body never reaches an upstream.

@@ -2,9 +2,10 @@
 
 Rules:
 - Eligible: served by stable, method listed, not an upgrade, rollback latch not
-  set, `percent` sampled (by the sticky key's bucket in "<group>:mirror" when
-  there is a key, so a user is mirrored consistently; else at random), request
-  body within `max_body_bytes`.
+  set, `percent` sampled (by the bucket of "<group>:mirror:<key>" when the
+  request has a sticky key - header, cookie, query, ip, or the `turnout_id`
+  cookie of `anonymous: cookie` - so a user is mirrored consistently; else at
+  random), request body within `max_body_bytes`.
 - The request body is teed while it streams to the primary, never read twice
   and never held beyond the limit; the copy leaves once the primary's request
   is complete, on the canary's own pooled connections, with
@@ -12,8 +13,14 @@ Rules:
 - The copy never delays, alters or fails the primary, and never holds the
   client's connection: it has no client. Beyond `max_in_flight` copies, or past
   the body limit, a copy is dropped and counted. `timeout` bounds its whole life.
-- Its outcome counts toward the canary's guard window as shadow traffic; with
-  `compare`, its response is compared with the primary's (proxy.compare).
+- A copy ends like a primary exchange would: a body framed by the connection's
+  close ends with it; a pooled connection the canary closed unanswered is
+  retried once on a fresh one (idempotent methods); a request without Host gets
+  the endpoint's.
+- Its outcome counts toward the canary's guard window as shadow traffic, and so
+  does a copy that finds no usable canary endpoint (a connect error, as a
+  primary would get a 502); with `compare`, a complete response is compared
+  with the primary's (proxy.compare), a failed copy never is.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import TYPE_CHECKING
 
 from .compare import Captured, compare
 from .config import Mirror
-from .headers import HOP_BY_HOP, RequestHead
+from .forward import IDEMPOTENT, NO_BODY_STATUS
+from .headers import HOP_BY_HOP, RequestHead, scan_response
 from .http.upstream import Pool, UpstreamConnection
-from .routing import Decision, bucket
+from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
 if TYPE_CHECKING:
     from .forward import Exchange
@@ -57,7 +65,7 @@ class Mirroring:
         if ex.method.decode("latin-1") not in cfg.methods:
             return None
         if cfg.percent < 100:
-            key = ex.head.routing.get(snap.table.key_name) if snap.table.key_kind else None
+            key = sampling_key(ex, decision)
             if key:
                 if bucket(snap.table.group + ":mirror", key) > cfg.percent:
                     return None
@@ -82,8 +90,12 @@ class Mirroring:
         pools = snap.upstreams.versions[snap.config.canary]
         pool = pools.pick()
         if pool is None:
+            # Like a primary's 502: the guard must see it, or a dead canary (its
+            # endpoints cooling down after refusals) would never fail its dark launch.
+            rec = self.server.runtime.recorder
             self.counts["failed"] += 1
-            self.server.runtime.recorder.mirrored("failed")
+            rec.mirrored("failed")
+            rec.shadow_finished(snap.config.canary, 0, 0.0, "connect")
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
@@ -96,8 +108,33 @@ class Mirroring:
         self.in_flight -= 1
 
 
+def sampling_key(ex: Exchange, decision: Decision) -> str | None:
+    """The request's sticky key as routing reads it (any kind), or None."""
+    table = ex.snap.table
+    if table.key_kind is None and table.anonymous != "cookie":
+        return None
+    headers = ex.head.routing
+    cookies = parse_cookies(headers.get("cookie")) if table.needs_cookies else None
+    path, _, query = ex.target.partition(b"?")
+    view = RequestView(
+        ex.method.decode("latin-1"),
+        path.decode("latin-1"),
+        query.decode("latin-1"),
+        headers,
+        ex.client.peer,
+    )
+    key = table.sticky_key(view, cookies)
+    if key is None and table.anonymous == "cookie":
+        key = decision.set_cookie or (cookies or {}).get(COOKIE_NAME) or None
+    return key
+
+
 def shadow_request(ex: Exchange, body: bytes) -> bytes:
-    """The copy's head: the primary's headers as sent upstream, framed by length."""
+    """The copy's head: the primary's headers as sent upstream, framed by length.
+
+    Mirrors headers.upstream_request (X-Forwarded-*, `TE: trailers`) for a plain
+    request; the body is whole, so a chunked one goes with a Content-Length.
+    """
     head: RequestHead = ex.head
     block = head.block
     lines = [ex.method, b" ", ex.target, b" HTTP/1.1", block]
@@ -105,6 +142,8 @@ def shadow_request(ex: Exchange, body: bytes) -> bytes:
     lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % xff)
     if head.host is not None:
         lines.append(b"X-Forwarded-Host: %s\r\n" % head.host)
+    if head.te_trailers:  # the one TE the primary keeps (headers.upstream_request)
+        lines.append(b"TE: trailers\r\n")
     if head.content_length is None and (body or head.chunked):
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"X-Turnout-Shadow: 1\r\n\r\n")
@@ -157,7 +196,8 @@ class ShadowExchange:
         self.version = primary.snap.config.canary
         self.method = primary.method
         self.request_line = b"%s %s" % (primary.method, primary.target)
-        self.data = shadow_request(primary, body)
+        self.data = shadow_request(primary, body)  # kept for one resend (see stale_pooled)
+        self.needs_host = primary.head.host is None
         self.loop = primary.client.loop
         self.server = owner.server
         self.conn: UpstreamConnection | None = None
@@ -166,6 +206,8 @@ class ShadowExchange:
         self.deadline = self.t0 + cfg.timeout
         self.done = False
         self.keep_alive = True
+        self.until_close = False  # the canary's body ends when it closes the connection
+        self.reused = False  # the connection came from the pool
         limit = cfg.compare.max_body_bytes if cfg.compare is not None else 0
         self.mine = _Capture(limit) if cfg.compare is not None else None
         self.primary = _Capture(limit) if cfg.compare is not None else None
@@ -179,6 +221,7 @@ class ShadowExchange:
         self.server.awaiting[self] = None  # the timeout covers the whole copy
         conn = pool.take()
         if conn is not None:
+            self.reused = True
             self.attach(conn)
         else:
             self.loop.create_task(self.connect(pool))
@@ -198,8 +241,14 @@ class ShadowExchange:
     def attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
-        conn.send(self.data)
-        self.data = b""
+        data = self.data
+        if self.needs_host:  # as the primary does: HTTP/1.1 upstreams require a Host
+            line_end = data.index(b"\r\n") + 2
+            host = conn.pool.endpoint.key.encode()
+            data = b"%sHost: %s\r\n%s" % (data[:line_end], host, data[line_end:])
+        conn.send(data)
+        if not self.reused:
+            self.data = b""  # a fresh connection is never resent on
 
     def upstream_paused(self, paused: bool) -> None:
         """Nothing to pause: the copy's body is already in memory."""
@@ -217,8 +266,17 @@ class ShadowExchange:
             return
         self.keep_alive = keep_alive
         self.finished_status = status
+        self.data = b""  # answered: no resend any more
+        block = head[head.find(b"\r\n") :]
+        rh = scan_response(block, False)
+        self.until_close = (
+            rh.content_length is None
+            and not rh.chunked
+            and status not in NO_BODY_STATUS
+            and self.method != b"HEAD"
+        )
         if self.mine is not None:
-            self.mine.head(status, head[head.find(b"\r\n") :])
+            self.mine.head(status, block)
         if self.method == b"HEAD" and self.conn is not None:
             self.conn.stale_parser = True
             self.response_complete()
@@ -242,8 +300,28 @@ class ShadowExchange:
         self.upstream_failed("protocol", "unexpected protocol switch")
 
     def upstream_lost(self, silent: bool = False) -> None:
+        """The canary's connection closed (`silent`: before one byte of an answer)."""
         self.conn = None
+        if self.done:
+            return
+        if silent and self.stale_pooled():
+            return
+        if self.finished_status is not None and self.until_close:
+            self.end(self.finished_status, None)  # the close is the end of the body
+            return
         self.end(0, "reset")
+
+    def stale_pooled(self) -> bool:
+        """Resend once on a fresh connection when a pooled one was closed under the copy.
+
+        The canary may close an idle keep-alive connection just as it is reused; the
+        copy was then never processed. As for primaries, only idempotent methods.
+        """
+        if not (self.reused and self.data) or self.method not in IDEMPOTENT or self.pool is None:
+            return False
+        self.reused = False
+        self.loop.create_task(self.connect(self.pool))
+        return True
 
     def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None:
         conn, self.conn = self.conn, None
@@ -267,6 +345,7 @@ class ShadowExchange:
         if error is not None:
             self.owner.counts["failed"] += 1
             rec.mirrored("failed")
+            self.mine = self.primary = None  # an answer cut short is not compared
         self.judge()
 
     def primary_head(self, status: int, block: bytes) -> None:
