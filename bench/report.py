@@ -2,7 +2,8 @@
 
 Only successful runs enter the medians. Ratios are computed between medians
 measured in the same interleaved session: `× nginx` is a target's median req/s
-over nginx's at the same connection count; `× turnout` and `p99 × turnout`
+over nginx's at the same connection count; `max ms` is the slowest request of
+any clean run (wrk's Max); `× turnout` and `p99 × turnout`
 are a `turnout-*` variant's median req/s and median p99 over plain Turnout's
 (the cost of a feature); `added p50` (at c=1 only, where latency is not
 queueing) is a target's median p50 minus the direct upstream's.
@@ -29,6 +30,7 @@ class Row:
     rps_max: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    max_ms: float | None = None  # the slowest request of any clean run
     x_nginx: float | None = None
     x_stock: float | None = None  # against NGINX with its stock proxy settings
     x_turnout: float | None = None  # against plain Turnout (the cost of a feature)
@@ -49,6 +51,7 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
                 row.rps_min, row.rps_max = min(rps), max(rps)
                 row.p50_ms = statistics.median(r.p50_ms for r in good if r.p50_ms is not None)
                 row.p99_ms = statistics.median(r.p99_ms for r in good if r.p99_ms is not None)
+                row.max_ms = max((r.max_ms for r in good if r.max_ms is not None), default=None)
             rows[name, c] = row
     for (name, c), row in rows.items():
         nginx, direct = rows.get(("nginx", c)), rows.get(("direct", c))
@@ -76,21 +79,26 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
         f"## Turnout benchmark — {meta['cpu_count']} cores (os.cpu_count()), "
         f"wrk -t{meta['threads']}, {meta['rounds']} interleaved round(s) × {meta['duration_s']:g} s"
     )
+    same = " (the same on both versions)" if meta.get("same_body") else ""
+    slow = meta.get("slow_canary_s")
+    scenario = f" · slow canary: green answers after {slow:g} s" if slow else ""
     lines = [
         head,
         "",
-        f"{meta['started_at']} · upstream: {meta['upstream']}, {meta['body_bytes']}-byte body · "
-        f"{meta['users']} user ids, canary weight {meta['weight']}% · {meta['platform']}",
+        f"{meta['started_at']} · upstream: {meta['upstream']}, {meta['body_bytes']}-byte body"
+        f"{same} · {meta['users']} user ids, canary weight {meta['weight']}%{scenario} · "
+        f"{meta['platform']}",
         "",
-        "| target | conns | req/s (median) | req/s min–max | p50 ms | p99 ms | × nginx "
+        "| target | conns | req/s (median) | req/s min–max | p50 ms | p99 ms | max ms | × nginx "
         "| × nginx-stock | × turnout | p99 × turnout | added p50 vs direct (ms) | ok runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = "—" if r.rps_min is None else f"{r.rps_min:,.0f}–{r.rps_max:,.0f}"
         lines.append(
             f"| {r.target} | {r.connections} | {_num(r.rps, ',.0f')} | {spread} "
-            f"| {_num(r.p50_ms, '.3f')} | {_num(r.p99_ms, '.3f')} | {_num(r.x_nginx, '.2f')} "
+            f"| {_num(r.p50_ms, '.3f')} | {_num(r.p99_ms, '.3f')} | {_num(r.max_ms, '.2f')} "
+            f"| {_num(r.x_nginx, '.2f')} "
             f"| {_num(r.x_stock, '.2f')} | {_num(r.x_turnout, '.3f')} "
             f"| {_num(r.p99_x_turnout, '.3f')} "
             f"| {_num(r.added_p50_ms, '+.3f')} | {r.ok_runs}/{r.total_runs} |"

@@ -253,9 +253,7 @@ def start_upstream(b: Bench) -> None:
         sproc, slog = b.procs.start("upstream-slow-canary", argv)
         wait_for_port(sproc, ports[CANARY], slog, "the slow canary", 10)
         b.upstream_extra.append(("the slow canary", sproc, slog))
-        b.upstream_desc += f"; {CANARY}: bench/upstream.py answering after {slow:g} s"
-    if b.args.same_body:
-        b.upstream_desc += f"; both versions serve the same body ({STABLE}'s)"
+        b.upstream_desc += f" for {STABLE}, bench/upstream.py --delay {slow:g} for {CANARY}"
 
 
 def mirror_counts(admin: int) -> dict[str, object] | None:

@@ -21,6 +21,7 @@ _TIME = r"([\d.]+)(us|ms|s|m|h)"
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 _P50 = re.compile(r"^\s+50(?:\.000)?%\s+" + _TIME, re.M)
 _P99 = re.compile(r"^\s+99(?:\.000)?%\s+" + _TIME, re.M)
+_MAX = re.compile(r"^\s+Latency\s+\S+\s+\S+\s+" + _TIME, re.M)  # avg, stdev, max
 _TOTAL = re.compile(r"^\s+(\d+) requests in ([\d.]+)(us|ms|s|m|h)", re.M)
 _NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
@@ -37,6 +38,7 @@ class WrkRun:
     rps: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    max_ms: float | None = None  # the slowest request of the run
     requests: int | None = None
     non_2xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
@@ -65,6 +67,8 @@ def parse(run: WrkRun, text: str) -> WrkRun:
     run.rps = float(rps.group(1))
     run.p50_ms = to_ms(*p50.groups())
     run.p99_ms = to_ms(*p99.groups())
+    if m := _MAX.search(text):
+        run.max_ms = to_ms(*m.groups())
     run.requests = int(total.group(1))
     if m := _NON2XX.search(text):
         run.non_2xx = int(m.group(1))
