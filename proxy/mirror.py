@@ -189,30 +189,33 @@ class ShadowExchange:
 
     tunnel = False
     resp_pending = None
+    # Class-level defaults: most keep them for the copy's whole life.
+    conn: UpstreamConnection | None = None
+    pool: Pool | None = None
+    done = False
+    keep_alive = True
+    until_close = False  # the canary's body ends when it closes the connection
+    reused = False  # the connection came from the pool
+    mine: _Capture | None = None  # the canary's answer, when comparing
+    primary: _Capture | None = None  # the primary's answer, when comparing
+    primary_finished = False
+    finished_status: int | None = None
 
     def __init__(self, owner: Mirroring, primary: Exchange, cfg: Mirror, body: bytes) -> None:
         self.owner = owner
         self.cfg = cfg
         self.version = primary.snap.config.canary
         self.method = primary.method
-        self.request_line = b"%s %s" % (primary.method, primary.target)
+        self.target = primary.target
         self.data = shadow_request(primary, body)  # kept for one resend (see stale_pooled)
         self.needs_host = primary.head.host is None
         self.loop = primary.client.loop
         self.server = owner.server
-        self.conn: UpstreamConnection | None = None
-        self.pool: Pool | None = None
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + cfg.timeout
-        self.done = False
-        self.keep_alive = True
-        self.until_close = False  # the canary's body ends when it closes the connection
-        self.reused = False  # the connection came from the pool
-        limit = cfg.compare.max_body_bytes if cfg.compare is not None else 0
-        self.mine = _Capture(limit) if cfg.compare is not None else None
-        self.primary = _Capture(limit) if cfg.compare is not None else None
-        self.primary_finished = False
-        self.finished_status: int | None = None
+        if cfg.compare is not None:
+            limit = cfg.compare.max_body_bytes
+            self.mine, self.primary = _Capture(limit), _Capture(limit)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -256,7 +259,24 @@ class ShadowExchange:
     # -- the canary's answer ----------------------------------------------------------------
 
     def whole_response(self, data: bytes, end: int) -> bool:
-        return False  # the parser path; copies are not the hot path
+        """A complete, sized answer read in one piece: take it without the parser."""
+        if data[:9] != b"HTTP/1.1 " or self.method == b"HEAD" or not data[9:12].isdigit():
+            return False
+        status = int(data[9:12])
+        if status < 200 or status in NO_BODY_STATUS:
+            return False
+        block = data[data.find(b"\r\n") : end + 2]
+        rh = scan_response(block, False)
+        if rh.content_length is None or rh.chunked or len(data) != end + 4 + rh.content_length:
+            return False
+        self.finished_status = status
+        self.keep_alive = not rh.close
+        self.data = b""
+        if self.mine is not None:
+            self.mine.head(status, block)
+            self.mine.add(data[end + 4 :])
+        self.response_complete()
+        return True
 
     def flush_response_head(self) -> None:
         pass
@@ -377,7 +397,7 @@ class ShadowExchange:
         self.server.runtime.recorder.compared(outcome.result)
         if outcome.result == "mismatch":
             event = {
-                "request": self.request_line.decode("latin-1"),
+                "request": f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}",
                 "difference": outcome.kind,
                 "primary_status": primary.status,
                 "shadow_status": mine.status,
