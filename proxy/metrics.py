@@ -66,6 +66,7 @@ class Recorder:
         self.reloads = {"success": 0, "failure": 0}
         self.generation = 0
         self.canary_weight = 0
+        self.decision_labels: tuple[tuple[str, str], ...] = ()  # the table in force
         self.rollback_active = 0
         self.rollbacks = 0
         self.rollout_step = 0
@@ -221,8 +222,10 @@ class _Collector(Collector):
             "turnout_route_decisions", "Routing decisions, by version and reason",
             labels=["version", "reason"],
         )  # fmt: skip
-        for (version, reason), n in sorted(rec.decisions.items()):
-            d.add_metric([version, reason], n)
+        # Every label pair the routing table in force can produce is exported, at 0
+        # until it happens, so rate() and alerts see the series from the start.
+        for version, reason in sorted(set(rec.decisions) | set(rec.decision_labels)):
+            d.add_metric([version, reason], rec.decisions.get((version, reason), 0))
         yield d
         g = GaugeMetricFamily(
             "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]

@@ -64,6 +64,7 @@ class Runtime:
     def _build(self, config: Config, upstreams: Upstreams, generation: int) -> Snapshot:
         table = Table(config, self.configured_weight(config), self.latch.active)
         self.recorder.canary_weight = table.weight
+        self.recorder.decision_labels = table.labels
         self.recorder.rollback_active = int(self.latch.active)
         return Snapshot(config, table, upstreams, generation, time.time())
 

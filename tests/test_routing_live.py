@@ -236,6 +236,8 @@ async def test_rules_route_to_the_canary_with_reason(
     assert m.get("turnout_route_decisions_total", version="blue", reason="random") == 2
     # explain is a dry run: it is not counted as traffic
     assert m.get("turnout_requests_total") == 10
+    # every pair the table can produce is exported from the start, at 0 until it happens
+    assert 'turnout_route_decisions_total{reason="rollback",version="blue"} 0.0' in m.text
 
 
 @pytest.mark.timeout(30)
