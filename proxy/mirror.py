@@ -72,7 +72,9 @@ class Mirroring:
             elif random.random() * 100 >= cfg.percent:
                 return None
         length = ex.head.content_length
-        if length is not None and length > cfg.max_body_bytes:
+        if (length is not None and length > cfg.max_body_bytes) or (
+            self.in_flight >= cfg.max_in_flight  # full now: do not even tee the body
+        ):
             self.drop()
             return None
         return cfg
