@@ -772,3 +772,15 @@ async def proxy(proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream) ->
 async def session():
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         yield s
+
+
+@pytest.fixture
+async def pair():
+    """Blue (healthy) and green (fault rate switchable) upstreams in the test's loop."""
+    from bench.detection import FaultyUpstream
+
+    blue = await FaultyUpstream("blue").start()
+    green = await FaultyUpstream("green").start()
+    yield blue, green
+    await green.stop()
+    await blue.stop()

@@ -46,16 +46,6 @@ FAST_GUARD = {  # trips within a fraction of a second at weight 50 and 100 % fau
 
 
 @pytest.fixture
-async def pair():
-    """Blue (healthy) and green (fault rate switchable) upstreams in the test's loop."""
-    blue = await FaultyUpstream("blue").start()
-    green = await FaultyUpstream("green").start()
-    yield blue, green
-    await green.stop()
-    await blue.stop()
-
-
-@pytest.fixture
 async def client():
     connector = aiohttp.TCPConnector(limit=256)
     timeout = aiohttp.ClientTimeout(total=10)

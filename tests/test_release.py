@@ -8,8 +8,6 @@ import asyncio
 
 import pytest
 
-from bench.detection import FaultyUpstream
-
 from .conftest import Proxy, ProxyFactory
 from .live import (
     admin,
@@ -41,15 +39,6 @@ ENG, PAT, VIEW = (
     SECRETS["TURNOUT_TOKEN_PAT"],
     SECRETS["TURNOUT_TOKEN_VIEW"],
 )
-
-
-@pytest.fixture
-async def pair():
-    blue = await FaultyUpstream("blue").start()
-    green = await FaultyUpstream("green").start()
-    yield blue, green
-    await green.stop()
-    await blue.stop()
 
 
 def rollout_config(blue, green, steps: list, interval: str) -> dict:
