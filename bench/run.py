@@ -360,8 +360,11 @@ class Session:
         a = self.args
         width = max(15, *map(len, self.urls))
         for rnd in range(1, a.rounds + 1):
+            # every other round runs the targets in reverse, so a drift of the
+            # machine over the session favours no position in the list
+            order = list(self.urls) if rnd % 2 else list(reversed(self.urls))
             for c in a.connections:
-                for name in self.urls:
+                for name in order:
                     run = self.measure(name, c, a.duration, rnd)
                     self.runs.append(run)
                     print(f"  round {rnd}/{a.rounds}  c={c:<4} {name:<{width}} {describe(run)}")

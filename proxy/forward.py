@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .headers import RequestHead, ResponseHead, scan_response
+from .http.outbox import abort, close, send
 from .http.upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -283,7 +284,7 @@ class Exchange:
         if status < 200 and status != 101:
             self.interim = True
             if self.http11 and (status != 100 or self.head.expect_continue):
-                self.client.transport.write(status_line + b"\r\n\r\n")
+                send(self.client.transport, status_line + b"\r\n\r\n")
             return
         self.awaiting_done()
         upgrading = status == 101 and self.upgrade
@@ -373,7 +374,7 @@ class Exchange:
             self.shadow.primary_head(status, block)
             self.shadow.primary_body(data[end + 4 :])
         head = self.client_head(status, data[:sle], rh, not rh.close, False)
-        self.client.transport.write(head + data[end + 4 :] if length else head)
+        send(self.client.transport, head + data[end + 4 :] if length else head)
         self.resp_started = True
         self.release()
         return True
@@ -383,7 +384,7 @@ class Exchange:
         if pending is not None:
             self.resp_pending = None
             self.resp_started = True
-            self.client.transport.write(pending)
+            send(self.client.transport, pending)
 
     def response_body(self, data: bytes) -> None:
         if self.done:
@@ -397,7 +398,7 @@ class Exchange:
             self.resp_pending = None
             self.resp_started = True
             data = pending + data
-        self.client.transport.write(data)
+        send(self.client.transport, data)
 
     def response_complete(self) -> None:
         if self.interim:
@@ -411,7 +412,7 @@ class Exchange:
             out += b"0\r\n\r\n"
         self.resp_started = True
         if out:
-            self.client.transport.write(out)
+            send(self.client.transport, out)
         self.release()
 
     def release(self) -> None:
@@ -440,7 +441,7 @@ class Exchange:
         self.tunnel = True
         self.resp_started = True
         pending, self.resp_pending = self.resp_pending, None
-        self.client.transport.write((pending or b"") + rest)
+        send(self.client.transport, (pending or b"") + rest)
         if self.tunnel_buf:
             self.conn.send(self.tunnel_buf)  # type: ignore[union-attr]
             self.tunnel_buf = b""
@@ -464,7 +465,7 @@ class Exchange:
         if silent and self.stale_pooled():
             return
         if self.tunnel:
-            self.client.transport.close()
+            close(self.client.transport)
             return
         if self.done:
             return
@@ -512,12 +513,12 @@ class Exchange:
         self.awaiting_done()
         self.close_client = True
         if self.resp_started:
-            self.client.transport.abort()
+            abort(self.client.transport)
             self.finish(self.status or status, kind)
             return
         self.resp_pending = None
         expose = self.snap.config.expose_version
-        self.client.transport.write(error_response(status, self.version, cause, expose))
+        send(self.client.transport, error_response(status, self.version, cause, expose))
         self.resp_started = True
         self.finish(status, kind)
 

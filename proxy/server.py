@@ -23,6 +23,7 @@ from .config import Config
 from .controller import Controller
 from .forward import Exchange
 from .http.downstream import ClientConnection
+from .http.outbox import abort, flush
 from .mirror import Mirroring, ShadowExchange
 from .notify import Webhook
 from .reload import Reloader
@@ -148,13 +149,14 @@ class Server:
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.transport.abort()
+            abort(conn.transport)
         await self.reloader.stop()
         await self.controller.stop()
         await self.webhook.close()
         if self.admin is not None:
             await self.admin.stop()
         self.runtime.snapshot.upstreams.close()
+        flush()
         self.stopped.set()
         log.info("stopped")
 

@@ -25,6 +25,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from ..forward import Exchange, error_response
 from ..headers import HeaderError, RequestHead, header_block, scan_request, upstream_request
 from ..routing import RequestView, decide
+from .outbox import close, send
 
 if TYPE_CHECKING:
     from ..runtime import Snapshot
@@ -303,7 +304,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue.clear()
         self.recorder.rejected(reject.status)
         expose = self.server.runtime.snapshot.config.expose_version
-        self.transport.write(error_response(reject.status, None, reject.cause, expose))
+        send(self.transport, error_response(reject.status, None, reject.cause, expose))
         self.close()
 
     # -- flow control and lifecycle --------------------------------------------------------
@@ -325,7 +326,7 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.transport.close()
+            close(self.transport)
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue

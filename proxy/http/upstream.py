@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from ..config import Config, Endpoint
+from .outbox import abort, send
 
 if TYPE_CHECKING:
     from ..forward import Exchange
@@ -58,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         if ex.tunnel:
-            ex.client.transport.write(data)
+            send(ex.client.transport, data)
             return
         if self.want_head:
             if not self.head_buf:
@@ -129,14 +130,14 @@ class UpstreamConnection(asyncio.Protocol):
     # -- helpers ------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        send(self.transport, data)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.exchange = None
         if not self.closed:
             self.closed = True
             if self.transport is not None:
-                self.transport.abort()
+                abort(self.transport)
 
     def reset_parser(self) -> None:
         self.parser = HttpResponseParser(self)

@@ -1,0 +1,72 @@
+"""Writes held to the end of the event loop's turn, then made in the order queued.
+
+Why: every send() on a socket wakes the process that reads its other end. A
+proxy that writes as it goes wakes its upstream and its clients once per
+message, and on a virtual machine a wake-up (an inter-processor interrupt)
+costs more CPU than copying the bytes. Queueing the writes of one turn of the
+loop and making them back to back, after every ready socket has been read,
+lets a woken peer find several messages at once: measured with `make bench`,
+about a fifth less CPU per proxied request. The added delay is the rest of the
+current turn, microseconds.
+
+Rules:
+- Everything queued goes out in FIFO order at the end of the turn
+  (`loop.call_soon`), or earlier when something calls `flush()`.
+- What must come after a queued write - closing or aborting a transport, a
+  write too large to queue - flushes first: use `close()`, `abort()` and
+  `send()` here instead of the transport's own methods.
+- A write larger than LARGE goes straight out (after a flush), so flow control
+  (`pause_writing`) acts at once on big bodies.
+- A write to a transport that was closed in the meantime is dropped, as the
+  transport would have refused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+LARGE = 64 * 1024  # bytes; larger writes are not held
+
+_queue: list[tuple[asyncio.WriteTransport, bytes]] = []
+_flushing = False
+
+
+def send(transport: asyncio.WriteTransport, data: bytes) -> None:
+    """Write `data` at the end of this turn of the loop (now, if it is large)."""
+    if len(data) > LARGE:
+        flush()
+        transport.write(data)
+        return
+    if not _queue:
+        asyncio.get_running_loop().call_soon(flush)
+    _queue.append((transport, data))
+
+
+def flush() -> None:
+    """Make every queued write now, in order."""
+    global _flushing
+    if _flushing or not _queue:
+        return  # a flush already under way takes what is queued meanwhile too
+    _flushing = True
+    try:
+        i = 0
+        while i < len(_queue):
+            transport, data = _queue[i]
+            i += 1
+            if not transport.is_closing():
+                transport.write(data)
+    finally:
+        _queue.clear()
+        _flushing = False
+
+
+def close(transport: asyncio.BaseTransport) -> None:
+    """Close after what was queued for it has been written."""
+    flush()
+    transport.close()
+
+
+def abort(transport: asyncio.BaseTransport) -> None:
+    """Abort now; what was queued before still goes out first, as it would have."""
+    flush()
+    transport.abort()  # type: ignore[attr-defined]
