@@ -548,6 +548,27 @@ async def test_content_length_over_limit_is_413_without_upstream(
 
 
 @pytest.mark.timeout(20)
+async def test_refusal_behind_a_relayed_response_keeps_their_order(
+    proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream
+):
+    """Writes are held to the end of the loop's turn: a response relayed and a
+    refusal made in the same turn still reach the client in order, before the close."""
+    cfg = versions_config(blue.url, green.url, limits={"max_body_bytes": "1MiB"})
+    proxy = await proxies.start(cfg)
+    too_big = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % (2 * MiB)
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(request("GET", "/first") + too_big)
+        first, second = await c.response(), await c.response()
+        assert await c.closed_by_peer()
+    finally:
+        await c.close()
+    assert (first.status, first.json()["path"]) == (200, "/first")
+    assert second.status == 413
+    assert blue.paths() == ["/first"]
+
+
+@pytest.mark.timeout(20)
 async def test_small_chunked_body_over_limit_is_413_and_never_forwarded(
     proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream
 ):
