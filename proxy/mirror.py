@@ -53,16 +53,23 @@ class Mirroring:
         self.in_flight = 0
         self.counts = {"sent": 0, "dropped": 0, "failed": 0, "matched": 0, "mismatched": 0}
         self.mismatches: deque[dict] = deque(maxlen=MAX_MISMATCHES)
+        self.cfg: Mirror | None = None  # the policy `methods` was made from
+        self.methods: frozenset[bytes] = frozenset()
 
     def eligible(self, ex: Exchange, decision: Decision) -> Mirror | None:
-        """The mirror policy if `ex` should be copied (before its body is known)."""
+        """The mirror policy if `ex` should be copied (before its body is known).
+
+        Called for every request while a mirror is configured: the common "no"
+        answers come first and cost a few attribute reads.
+        """
         snap = ex.snap
         cfg = snap.config.mirror
-        if cfg is None or ex.upgrade or snap.table.latched:
+        if cfg is None or decision.version != snap.config.stable or ex.upgrade:
             return None
-        if decision.version != snap.config.stable:
-            return None
-        if ex.method.decode("latin-1") not in cfg.methods:
+        if cfg is not self.cfg:  # methods as bytes, once per configuration
+            self.cfg = cfg
+            self.methods = frozenset(m.encode("latin-1") for m in cfg.methods)
+        if ex.method not in self.methods or snap.table.latched:
             return None
         if cfg.percent < 100:
             key = sampling_key(ex, decision)
