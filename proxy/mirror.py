@@ -46,12 +46,14 @@ MAX_MISMATCHES = 50  # kept for /status and /events
 
 
 class Mirroring:
-    """Per server: what is in flight, the counts, the latest mismatches."""
+    """Per server: what is in flight and the latest mismatches.
+
+    The counts (sent, dropped, failed, compared) live in the Recorder, which
+    both /metrics and /status read."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.in_flight = 0
-        self.counts = {"sent": 0, "dropped": 0, "failed": 0, "matched": 0, "mismatched": 0}
         self.mismatches: deque[dict] = deque(maxlen=MAX_MISMATCHES)
         self.cfg: Mirror | None = None  # the policy `methods` was made from
         self.methods: frozenset[bytes] = frozenset()
@@ -87,7 +89,6 @@ class Mirroring:
         return cfg
 
     def drop(self) -> None:
-        self.counts["dropped"] += 1
         self.server.runtime.recorder.mirrored("dropped")
 
     def launch(self, ex: Exchange, cfg: Mirror, body: list[bytes]) -> ShadowExchange | None:
@@ -102,13 +103,11 @@ class Mirroring:
             # Like a primary's 502: the guard must see it, or a dead canary (its
             # endpoints cooling down after refusals) would never fail its dark launch.
             rec = self.server.runtime.recorder
-            self.counts["failed"] += 1
             rec.mirrored("failed")
             rec.shadow_finished(snap.config.canary, 0, 0.0, "connect")
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
-        self.counts["sent"] += 1
         self.server.runtime.recorder.mirrored("sent")
         shadow.dispatch(pool)
         return shadow
@@ -372,7 +371,6 @@ class ShadowExchange:
         rec = self.server.runtime.recorder
         rec.shadow_finished(self.version, status, time.perf_counter() - self.t0, error)
         if error is not None:
-            self.owner.counts["failed"] += 1
             rec.mirrored("failed")
             self.mine = self.primary = None  # an answer cut short is not compared
         self.judge()
@@ -401,8 +399,6 @@ class ShadowExchange:
         primary, mine = self.primary.captured(), self.mine.captured()
         outcome = compare(primary, mine, cfg)
         self.primary = self.mine = None
-        key = "matched" if outcome.result == "match" else "mismatched"
-        self.owner.counts[key] += 1
         self.server.runtime.recorder.compared(outcome.result)
         if outcome.result == "mismatch":
             event = {

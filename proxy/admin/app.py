@@ -76,8 +76,11 @@ def _mirror(server: Server) -> dict | None:
     if cfg is None:
         return None
     m = server.mirroring
+    rec = server.runtime.recorder
     return {
-        **m.counts,
+        **rec.mirror,
+        "matched": rec.comparisons["match"],
+        "mismatched": rec.comparisons["mismatch"],
         "in_flight": m.in_flight,
         "percent": cfg.percent,
         "methods": sorted(cfg.methods),
