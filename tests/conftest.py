@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 MiB = 1024 * 1024
@@ -45,9 +46,7 @@ MiB = 1024 * 1024
 
 def free_port() -> int:
     """A port nothing listens on right now (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 async def eventually(probe: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
@@ -557,8 +556,7 @@ class Proxy:
     def __init__(self, workdir: Path, config_path: Path) -> None:
         self.workdir = workdir
         self.config_path = config_path
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port, self.admin_port = free_ports(2)  # chosen together: never the same
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / f"proxy-{self.port}.log"
         self.session: aiohttp.ClientSession | None = None

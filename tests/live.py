@@ -12,16 +12,16 @@ import json
 import os
 import random
 import sys
-import time
 from collections import Counter
 from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from bench.detection import KEY_HEADER, VERSION_HEADER, FaultyUpstream, Load
 
-from .conftest import ROOT, Proxy
+from .conftest import LOOPBACK, ROOT, Proxy, eventually, free_port
 
 
 def guard_config(
@@ -138,16 +138,29 @@ async def background_load(proxy: Proxy, rate: float, limit: float, seed: int | N
             await task
 
 
-async def wait_for(probe, timeout: float, interval: float = 0.05) -> Any:
-    """Poll the async `probe` until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+async def wait_latched(proxy: Proxy, timeout: float = 8.0) -> dict:
+    """Poll /status until the rollback latch is set; returns that status."""
+
+    async def latched():
+        doc = await status(proxy)
+        return doc if doc["rollback"]["active"] else None
+
+    return await eventually(latched, timeout)
+
+
+@contextlib.asynccontextmanager
+async def hook_server(path: str, handler):
+    """A webhook receiver on 127.0.0.1 calling `handler` for POST `path`; yields its URL."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, LOOPBACK, port).start()
+    try:
+        yield f"http://{LOOPBACK}:{port}{path}"
+    finally:
+        await runner.cleanup()
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

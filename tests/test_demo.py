@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from bench.procs import free_ports
 from proxy import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +31,6 @@ SHARE_LINE = re.compile(
     re.M,
 )
 ARROW = "(?:→|->)"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports nothing listens on (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def demo_env(ports: list[int]) -> dict[str, str]:

@@ -24,16 +24,17 @@ from bench.detection import FaultyUpstream, Result, measure
 from proxy.admin.auth import Caller, Denied, identify
 from proxy.config import Token
 
-from .conftest import LOOPBACK, Proxy, ProxyFactory, free_port
+from .conftest import LOOPBACK, Proxy, ProxyFactory, eventually
 from .live import (
     admin,
     background_load,
     guard_config,
+    hook_server,
     run_cli,
     state_doc,
     status,
     versions_seen,
-    wait_for,
+    wait_latched,
 )
 
 FAST_GUARD = {  # trips within a fraction of a second at weight 50 and 100 % faults
@@ -58,12 +59,7 @@ async def trip(proxy: Proxy, green: FaultyUpstream, rate: float = 200.0) -> dict
     green.fault_rate = 1.0
     try:
         async with background_load(proxy, rate, limit=10):
-
-            async def latched():
-                doc = await status(proxy)
-                return doc if doc["rollback"]["active"] else None
-
-            doc = await wait_for(latched, timeout=8)
+            doc = await wait_latched(proxy)
     finally:
         green.fault_rate = 0.0
     return doc
@@ -187,12 +183,12 @@ async def test_latch_lifetime(pair, proxies: ProxyFactory, client, tmp_path: Pat
         doc = await status(proxy)
         return doc if doc["config"]["generation"] >= n else None
 
-    doc = await wait_for(lambda: generation(2), timeout=5)
+    doc = await eventually(lambda: generation(2), timeout=5)
     assert doc["rollback"]["active"] and doc["rollback"]["reason"] == latch["reason"]
     assert doc["weight"] == {"configured": 30, "effective": 0}
     # So does SIGHUP.
     proxy.signal(signal.SIGHUP)
-    doc = await wait_for(lambda: generation(3), timeout=5)
+    doc = await eventually(lambda: generation(3), timeout=5)
     assert doc["rollback"]["active"]
     assert set(await versions_seen(client, proxy, 100)) == {"blue"}
 
@@ -236,7 +232,7 @@ async def test_latch_lifetime(pair, proxies: ProxyFactory, client, tmp_path: Pat
     assert m.get("turnout_rollback_active") == 1 and m.get("turnout_rollbacks_total") == 2
     gen = (await status(proxy))["config"]["generation"]
     proxy.write_config(guard_config(blue, green, 30, release="2.1.0", guard=FAST_GUARD))
-    doc = await wait_for(lambda: generation(gen + 1), timeout=5)
+    doc = await eventually(lambda: generation(gen + 1), timeout=5)
     assert doc["rollback"]["active"] is False
     assert state_doc(proxy)["latch"]["active"] is False
     assert state_doc(proxy)["release"] == "2.1.0"
@@ -279,19 +275,11 @@ async def test_webhook_receives_the_rollback(pair, proxies: ProxyFactory, client
                          "body": await request.json()})  # fmt: skip
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/hooks/turnout", hook)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, LOOPBACK, port).start()
-    try:
-        guard = {**FAST_GUARD, "webhook": f"http://{LOOPBACK}:{port}/hooks/turnout"}
+    async with hook_server("/hooks/turnout", hook) as url:
+        guard = {**FAST_GUARD, "webhook": url}
         proxy = await proxies.start(guard_config(blue, green, 50, guard=guard))
         doc = await trip(proxy, green)
-        await wait_for(lambda: asyncio.sleep(0, bool(received)), timeout=5)
-    finally:
-        await runner.cleanup()
+        await eventually(lambda: asyncio.sleep(0, bool(received)), timeout=5)
     assert len(received) == 1, received
     got = received[0]
     assert got["path"] == "/hooks/turnout" and got["type"] == "application/json"
@@ -325,7 +313,7 @@ async def test_hanging_webhook_delays_nothing(pair, proxies: ProxyFactory, clien
         t0 = time.monotonic()
         await trip(proxy, green)
         latched_after = time.monotonic() - t0
-        await wait_for(lambda: asyncio.sleep(0, bool(accepted)), timeout=5)
+        await eventually(lambda: asyncio.sleep(0, bool(accepted)), timeout=5)
         # The webhook is hanging right now: the latch is in force, routing follows it,
         # and the admin API answers promptly.
         t1 = time.monotonic()
@@ -374,7 +362,7 @@ async def test_on_breach_pause_freezes_the_rollout(pair, proxies: ProxyFactory, 
                 doc = await status(proxy)
                 return doc if doc["rollout"]["state"] == "paused" else None
 
-            doc = await wait_for(paused, timeout=8)
+            doc = await eventually(paused, timeout=8)
             await asyncio.sleep(1.0)  # the breach goes on: nothing else must happen
         doc = await status(proxy)
         assert doc["rollout"]["state"] == "paused" and doc["rollout"]["step"] == 0
@@ -411,7 +399,7 @@ async def test_on_breach_pause_after_the_rollout_completed_still_alerts(
             doc = await status(proxy)
             return doc if doc["rollout"]["state"] == "complete" else None
 
-        await wait_for(complete, timeout=5)
+        await eventually(complete, timeout=5)
         green.fault_rate = 0.5
         try:
 
@@ -419,7 +407,7 @@ async def test_on_breach_pause_after_the_rollout_completed_still_alerts(
                 _, body = await admin(proxy, "GET", "/events?limit=500")
                 return [e for e in body["events"] if e["kind"] == "breach"]
 
-            await wait_for(breach_event, timeout=5)
+            await eventually(breach_event, timeout=5)
             await asyncio.sleep(1.0)  # the breach goes on
         finally:
             green.fault_rate = 0.0
@@ -439,31 +427,25 @@ async def test_on_breach_alert_only_reports(pair, proxies: ProxyFactory, client)
         received.append(await request.json())
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, LOOPBACK, port).start()
-    try:
-        guard = {**FAST_GUARD, "on_breach": "alert", "webhook": f"http://{LOOPBACK}:{port}/hook"}
+    async with hook_server("/hook", hook) as url:
+        guard = {**FAST_GUARD, "on_breach": "alert", "webhook": url}
         proxy = await proxies.start(guard_config(blue, green, 50, guard=guard))
         green.fault_rate = 0.5
-        async with background_load(proxy, 200, limit=10):
+        try:
+            async with background_load(proxy, 200, limit=10):
 
-            async def breached():
+                async def breached():
+                    doc = await status(proxy)
+                    return doc if doc["guard"]["state"] == "breach" else None
+
+                await eventually(breached, timeout=8)
+                await eventually(lambda: asyncio.sleep(0, bool(received)), timeout=5)
+                await asyncio.sleep(1.0)  # the breach goes on
                 doc = await status(proxy)
-                return doc if doc["guard"]["state"] == "breach" else None
-
-            await wait_for(breached, timeout=8)
-            await wait_for(lambda: asyncio.sleep(0, bool(received)), timeout=5)
-            await asyncio.sleep(1.0)  # the breach goes on
-            doc = await status(proxy)
-            assert doc["guard"]["state"] == "breach"
-            seen = await versions_seen(client, proxy, 200, all_ok=False)
-    finally:
-        green.fault_rate = 0.0
-        await runner.cleanup()
+                assert doc["guard"]["state"] == "breach"
+                seen = await versions_seen(client, proxy, 200, all_ok=False)
+        finally:
+            green.fault_rate = 0.0
     assert doc["rollback"]["active"] is False
     assert doc["weight"] == {"configured": 50, "effective": 50}
     assert set(seen) == {"blue", "green"}  # routing untouched

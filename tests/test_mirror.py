@@ -8,7 +8,7 @@ something was *not* copied also checks the `sent` counter, which the proxy
 bumps before the primary's response can reach the client.
 
 Everything listens on 127.0.0.1; every wait is bounded (conftest.eventually,
-live.wait_for, RawClient timeouts, bench.detection.Load's hard request count).
+RawClient timeouts, bench.detection.Load's hard request count).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .conftest import (
     request,
     versions_config,
 )
-from .live import admin, background_load, run_cli, state_doc, wait_for
+from .live import admin, background_load, run_cli, state_doc, wait_latched
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
               "transfer-encoding", "upgrade"}  # fmt: skip
@@ -108,7 +108,7 @@ async def settled(proxy: Proxy, timeout: float = 10.0) -> dict:
         doc = await mirror_status(proxy)
         return doc if doc["in_flight"] == 0 else None
 
-    return await wait_for(probe, timeout)
+    return await eventually(probe, timeout)
 
 
 async def counted(proxy: Proxy, key: str, at_least: int, timeout: float = 10.0) -> dict:
@@ -116,7 +116,7 @@ async def counted(proxy: Proxy, key: str, at_least: int, timeout: float = 10.0) 
         doc = await mirror_status(proxy)
         return doc if doc[key] >= at_least else None
 
-    return await wait_for(probe, timeout)
+    return await eventually(probe, timeout)
 
 
 def shadows(up) -> list:
@@ -565,7 +565,7 @@ async def test_compare_counts_matches_and_reports_mismatches(
             doc = await mirror_status(proxy)
             return doc if doc["matched"] + doc["mismatched"] >= n else None
 
-        await wait_for(judged, timeout=5)
+        await eventually(judged, timeout=5)
     doc = await settled(proxy)
     assert (doc["sent"], doc["failed"], doc["matched"], doc["mismatched"]) == (6, 0, 2, 4)
     m = await proxy.metrics()
@@ -656,12 +656,7 @@ async def test_dark_launch_trips_the_guard_without_any_user_on_green(
     proxy = await proxies.start(cfg)
 
     async with background_load(proxy, rate=100, limit=12, seed=3) as load:
-
-        async def latched():
-            doc = await proxy.status()
-            return doc if doc["rollback"]["active"] else None
-
-        doc = await wait_for(latched, timeout=8)
+        doc = await wait_latched(proxy)
         sent_at_latch = doc["mirror"]["sent"]
         served_at_latch = len(load.samples)
         await asyncio.sleep(1.0)  # more load under the latch: no more copies
@@ -738,12 +733,7 @@ async def test_a_dead_canary_fails_its_dark_launch(
     cfg = mirror_config(blue.url, upstreams.dead_url(), {"percent": 100}, guard=DARK_GUARD)
     proxy = await proxies.start(cfg)
     async with background_load(proxy, rate=100, limit=10, seed=4) as load:
-
-        async def latched():
-            doc = await proxy.status()
-            return doc if doc["rollback"]["active"] else None
-
-        doc = await wait_for(latched, timeout=8)
+        doc = await wait_latched(proxy)
     assert all(s.status == 200 and s.version == "blue" for s in load.samples)
     assert doc["mirror"]["failed"] >= DARK_GUARD["min_requests"]
     canary = doc["rollback"]["evidence"]["canary"]
@@ -809,7 +799,7 @@ async def first_verdict(proxy: Proxy) -> None:
     async def probe():
         return (await proxy.status())["guard"]["evidence"] is not None
 
-    await wait_for(probe, timeout=3)
+    await eventually(probe, timeout=3)
 
 
 async def test_a_copy_framed_by_close_is_a_complete_answer(
@@ -829,7 +819,7 @@ async def test_a_copy_framed_by_close_is_a_complete_answer(
         canary = await guard_canary(proxy)
         return canary if canary["shadow_requests"] else None
 
-    canary = await wait_for(judged, timeout=3)
+    canary = await eventually(judged, timeout=3)
     assert (canary["shadow_requests"], canary["shadow_errors"]) == (1, 0)
 
 
@@ -873,7 +863,7 @@ async def test_a_copy_on_a_pooled_connection_the_canary_just_closed_is_resent(
         canary = await guard_canary(proxy)
         return canary if canary["shadow_requests"] >= 3 else None
 
-    canary = await wait_for(judged, timeout=3)
+    canary = await eventually(judged, timeout=3)
     assert (canary["shadow_requests"], canary["shadow_errors"]) == (3, 0)
 
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from .conftest import Proxy, ProxyFactory
+from .conftest import Proxy, ProxyFactory, eventually
 from .live import (
     admin,
     audit_lines,
@@ -17,7 +17,6 @@ from .live import (
     run_cli,
     state_doc,
     status,
-    wait_for,
     write_with_tokens,
 )
 
@@ -80,7 +79,7 @@ async def test_healthy_canary_walks_every_step_to_complete(pair, proxies: ProxyF
                                  m.get("turnout_canary_weight")))  # fmt: skip
             return doc if ro["state"] == "complete" else None
 
-        doc = await wait_for(walk, timeout=25, interval=0.05)
+        doc = await eventually(walk, timeout=25, interval=0.05)
     print(f"rollout walk: (step, weight, turnout_rollout_step, turnout_canary_weight) {observed}")
     assert [(s, w) for s, w, _, _ in observed] == [(0, 1), (1, 10), (2, 50), (3, 100)]
     assert [ms for _, _, ms, _ in observed] == [0, 1, 2, 3]
@@ -110,7 +109,7 @@ async def test_approval_step_needs_the_role_and_everything_is_audited(pair, prox
     cfg = rollout_config(blue, green, [1, {"weight": 50, "approve": "product"}, 100], "500ms")
     proxy = await start_with_tokens(proxies, cfg)
     async with background_load(proxy, 200, limit=40, seed=5):
-        doc = await wait_for(lambda: in_state(proxy, "awaiting_approval", VIEW, step=1), 10)
+        doc = await eventually(lambda: in_state(proxy, "awaiting_approval", VIEW, step=1), 10)
         assert doc["rollout"]["awaiting"] == "product"
         assert doc["rollout"]["weight"] == 1 and doc["weight"]["effective"] == 1
         await asyncio.sleep(0.8)  # past the interval: it keeps waiting
@@ -134,7 +133,7 @@ async def test_approval_step_needs_the_role_and_everything_is_audited(pair, prox
         doc = await status(proxy, VIEW)
         assert doc["rollout"]["weight"] == 50 and doc["weight"]["effective"] == 50
         # then on to 100 by itself
-        doc = await wait_for(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
+        doc = await eventually(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
         assert doc["weight"]["effective"] == 100
 
     # The CLI without a token is refused like any caller.
@@ -180,7 +179,7 @@ async def test_pause_freezes_and_resume_continues(pair, proxies: ProxyFactory):
         assert "pause: ok (by dashboard)" in out and "rollout paused step 0" in out
         sent = len(load.samples)
         await asyncio.sleep(2.0)  # twice the interval, with traffic: frozen
-        doc = await wait_for(lambda: in_state(proxy, "paused", VIEW, step=0), 1)
+        doc = await eventually(lambda: in_state(proxy, "paused", VIEW, step=0), 1)
         assert doc["weight"]["effective"] == 10
         assert len(load.samples) - sent > 200
         recent = {s.version for s in load.samples[sent:]}
@@ -193,14 +192,14 @@ async def test_pause_freezes_and_resume_continues(pair, proxies: ProxyFactory):
         assert await in_state(proxy, "paused", VIEW, step=0)
         code, body = await admin(proxy, "POST", "/resume", ENG)
         assert code == 200 and body["status"]["rollout"]["state"] == "progressing"
-        await wait_for(lambda: in_state(proxy, "progressing", VIEW, step=1), 10)
+        await eventually(lambda: in_state(proxy, "progressing", VIEW, step=1), 10)
 
         # Promote while progressing: the next step at once, skipping the dwell.
         code, body = await admin(proxy, "POST", "/promote", ENG)
         assert code == 200, body
         assert body["status"]["rollout"]["step"] == 2
         assert body["status"]["rollout"]["weight"] == 100
-        await wait_for(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
+        await eventually(lambda: in_state(proxy, "complete", VIEW, step=2), 10)
         # Nothing left to promote or pause.
         code, body = await admin(proxy, "POST", "/promote", ENG)
         assert code == 409 and "complete" in body["error"]
@@ -231,7 +230,7 @@ async def test_rollout_progress_survives_a_restart_and_keeps_moving(pair, proxie
     cfg["guard"] = {**GUARD, "min_requests": 20}
     proxy = await proxies.start(cfg)
     async with background_load(proxy, 200, limit=40, seed=11):
-        await wait_for(lambda: in_state(proxy, "progressing", step=1), 10)
+        await eventually(lambda: in_state(proxy, "progressing", step=1), 10)
         code, _ = await admin(proxy, "POST", "/pause")
         assert code == 200
         proxy.signal(9)
@@ -253,6 +252,6 @@ async def test_rollout_progress_survives_a_restart_and_keeps_moving(pair, proxie
         code, _ = await admin(proxy, "POST", "/resume")
         assert code == 200
         # a 1 s dwell and 20 canary requests (~0.2 s at 120/s): well within 2.5 s
-        doc = await wait_for(lambda: in_state(proxy, "progressing", step=2), 2.5)
+        doc = await eventually(lambda: in_state(proxy, "progressing", step=2), 2.5)
     assert doc["weight"]["effective"] == 100
     assert (await proxy.metrics()).get("turnout_rollout_step") == 2
