@@ -204,20 +204,55 @@ class Load:
 
 
 class ProxyProcess:
-    """`python -m proxy run -c FILE` on free loopback ports, in a temp folder."""
+    """`python -m proxy run -c FILE` on free loopback ports, its config in `workdir`.
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    Also the base of the test suite's `Proxy` (tests/conftest.py), which adds
+    admin helpers: starting, waiting for /readyz and stopping live here only.
+    """
+
+    def __init__(self, workdir: Path, config_path: Path | None = None) -> None:
         self.workdir = workdir
         self.port, self.admin_port = free_ports(2)
-        self.config_path = workdir / "turnout.yaml"
-        self.state_path = workdir / "turnout-state.json"
-        self.log_path = workdir / "proxy.log"
-        cfg = dict(config)
-        cfg["listen"] = f"{LOOPBACK}:{self.port}"
-        cfg["admin"] = {"listen": f"{LOOPBACK}:{self.admin_port}"}
-        cfg.setdefault("limits", {"drain_timeout": "3s"})
-        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.config_path = config_path or workdir / "turnout.yaml"
+        self.log_path = workdir / f"proxy-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_path(self) -> Path:
+        """Where `guard_config` puts the state file (beside the config)."""
+        return self.config_path.parent / "turnout-state.json"
+
+    # -- config ---------------------------------------------------------------------
+
+    def render(self, config: dict[str, Any] | str) -> str:
+        """The YAML text for `config` with this proxy's listen and admin addresses.
+
+        A dict gets `listen`, `admin.listen` and a short drain timeout filled in
+        (unless given); text gets the two addresses prepended (three lines).
+        """
+        listen, admin = f"{LOOPBACK}:{self.port}", f"{LOOPBACK}:{self.admin_port}"
+        if isinstance(config, str):
+            return f"listen: {listen}\nadmin:\n  listen: {admin}\n" + config
+        cfg = dict(config)
+        cfg["listen"] = listen
+        cfg["admin"] = {"listen": admin}
+        limits = dict(cfg.get("limits") or {})
+        limits.setdefault("drain_timeout", "3s")
+        cfg["limits"] = limits
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+    def write_config(self, config: dict[str, Any] | str, atomic: bool = True) -> str:
+        """Write the config file (by default atomically, via rename); returns the text."""
+        text = self.render(config)
+        if atomic:
+            tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.config_path)
+        else:
+            self.config_path.write_text(text)
+        return text
+
+    # -- process --------------------------------------------------------------------
 
     @property
     def url(self) -> str:
@@ -227,12 +262,18 @@ class ProxyProcess:
     def admin_url(self) -> str:
         return f"http://{LOOPBACK}:{self.admin_port}"
 
-    async def start(self, session: aiohttp.ClientSession, timeout: float = 15.0) -> None:
+    async def spawn(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float = 15.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start the process (`env`: its whole environment) and wait for /readyz."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
                 cwd=REPO,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                env=env if env is not None else dict(os.environ, PYTHONUNBUFFERED="1"),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -245,26 +286,38 @@ class ProxyProcess:
                 async with session.get(self.admin_url + "/readyz") as r:
                     if r.status == 200:
                         return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         raise RuntimeError(f"proxy not ready within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-6000:]
+            return self.log_path.read_text(errors="replace")[-8000:]
         except OSError:
             return ""
 
-    async def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 5)
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    async def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if still running after `timeout` seconds."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.proc.poll()
+
+    async def stop(self) -> int | None:
+        """SIGTERM, up to 10 s to drain, then SIGKILL; the exit code."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        code = await self.wait(10.0)
+        if code is None:
+            self.proc.kill()
+            code = await asyncio.to_thread(self.proc.wait, 5)
+        return code
 
 
 # ----------------------------------------------------------------------- measuring
@@ -413,9 +466,10 @@ async def one_run(args: argparse.Namespace, index: int) -> Result:
         rng = random.Random(args.seed + index) if args.seed is not None else random.Random()
         green = await FaultyUpstream("green", rng=None if args.deterministic else rng).start()
         with tempfile.TemporaryDirectory(prefix="turnout-detect-") as tmp:
-            proxy = ProxyProcess(Path(tmp), guard_config(blue.url, green.url, args.weight, guard))
+            proxy = ProxyProcess(Path(tmp))
+            proxy.write_config(guard_config(blue.url, green.url, args.weight, guard))
             try:
-                await proxy.start(session)
+                await proxy.spawn(session)
                 return await measure(
                     session, proxy.url, proxy.admin_url, proxy.state_path, green,
                     rate=args.rate, warmup=args.warmup, warmup_rate=args.warmup_rate,

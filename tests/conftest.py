@@ -19,9 +19,6 @@ import contextlib
 import inspect
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,10 +27,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.detection import FaultyUpstream, ProxyProcess
 from bench.procs import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -550,121 +547,35 @@ def versions_config(blue: list[str] | str, green: list[str] | str, **extra: Any)
     return cfg
 
 
-class Proxy:
-    """One `python -m proxy run` subprocess on free ports, with admin helpers."""
+class Proxy(ProxyProcess):
+    """One `python -m proxy run` subprocess on free ports, with admin helpers.
+
+    Config rendering and the process's life are `bench.detection.ProxyProcess`'s.
+    """
 
     def __init__(self, workdir: Path, config_path: Path) -> None:
-        self.workdir = workdir
-        self.config_path = config_path
-        self.port, self.admin_port = free_ports(2)  # chosen together: never the same
-        self.proc: subprocess.Popen | None = None
-        self.log_path = workdir / f"proxy-{self.port}.log"
+        super().__init__(workdir, config_path)
         self.session: aiohttp.ClientSession | None = None
-
-    # -- config ---------------------------------------------------------------------
-
-    def render(self, config: dict | str) -> str:
-        """The YAML text for `config` with this proxy's listen and admin addresses.
-
-        A dict gets `listen`, `admin.listen` and a short drain timeout filled in
-        (unless given); text gets the two addresses prepended (three lines).
-        """
-        if isinstance(config, str):
-            listen = f"{LOOPBACK}:{self.port}"
-            admin = f"{LOOPBACK}:{self.admin_port}"
-            return f"listen: {listen}\nadmin:\n  listen: {admin}\n" + config
-        cfg = dict(config)
-        cfg["listen"] = f"{LOOPBACK}:{self.port}"
-        cfg["admin"] = {"listen": f"{LOOPBACK}:{self.admin_port}"}
-        limits = dict(cfg.get("limits") or {})
-        limits.setdefault("drain_timeout", "3s")
-        cfg["limits"] = limits
-        return yaml.safe_dump(cfg, sort_keys=False)
-
-    def write_config(self, config: dict | str, atomic: bool = True) -> str:
-        """Write the config file (by default atomically, via rename); returns the text."""
-        text = self.render(config)
-        if atomic:
-            tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, self.config_path)
-        else:
-            self.config_path.write_text(text)
-        return text
-
-    # -- process --------------------------------------------------------------------
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.admin_port}"
-
     async def start(self, timeout: float = 10.0, env: dict[str, str] | None = None) -> Proxy:
         """Start the subprocess; `env` adds (or overrides) environment variables for it."""
-        extra = env or {}
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("TURNOUT_TOKEN", None)
-        env.update(extra)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        full = dict(os.environ, PYTHONUNBUFFERED="1")
+        full.pop("TURNOUT_TOKEN", None)
+        full.update(env or {})
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
-                async with self.session.get(self.admin_url + "/readyz") as r:
-                    if r.status == 200:
-                        return self
-            await asyncio.sleep(0.02)
-        raise RuntimeError(f"proxy not ready within {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    async def wait(self, timeout: float) -> int | None:
-        """The exit code, or None if still running after `timeout` seconds."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.proc.poll()
+        await self.spawn(self.session, timeout, full)
+        return self
 
     async def stop(self) -> int | None:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self.proc is None:
-            return None
-        self.signal(signal.SIGTERM)
-        code = await self.wait(10.0)
-        if code is None:
-            self.proc.kill()
-            code = await asyncio.to_thread(self.proc.wait, 5)
-        return code
+        return await super().stop()
 
     # -- admin API ------------------------------------------------------------------
 
@@ -775,8 +686,6 @@ async def session():
 @pytest.fixture
 async def pair():
     """Blue (healthy) and green (fault rate switchable) upstreams in the test's loop."""
-    from bench.detection import FaultyUpstream
-
     blue = await FaultyUpstream("blue").start()
     green = await FaultyUpstream("green").start()
     yield blue, green

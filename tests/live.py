@@ -58,7 +58,7 @@ def write_with_tokens(proxy: Proxy, config: dict[str, Any], tokens: list[dict]) 
 
 
 def state_doc(proxy: Proxy) -> dict:
-    return json.loads((proxy.config_path.parent / "turnout-state.json").read_text())
+    return json.loads(proxy.state_path.read_text())
 
 
 def audit_lines(proxy: Proxy) -> list[dict]:
