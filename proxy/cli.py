@@ -156,7 +156,8 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
             detail = json.loads(err.read()).get("error", "")
         except (ValueError, AttributeError):
             detail = ""
-        raise CommandError(f"{url}: HTTP {err.code} {detail}".rstrip()) from None
+        hint = " (pass --token or set TURNOUT_TOKEN)" if err.code == 401 and not args.token else ""
+        raise CommandError(f"{url}: HTTP {err.code} {detail}".rstrip() + hint) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise CommandError(f"cannot reach the admin API at {args.admin}: {reason}") from None

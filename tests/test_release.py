@@ -138,7 +138,7 @@ async def test_approval_step_needs_the_role_and_everything_is_audited(pair, prox
 
     # The CLI without a token is refused like any caller.
     rc, out, err = await run_cli("pause", "--admin", proxy.admin_url)
-    assert rc == 1 and "HTTP 401" in err
+    assert rc == 1 and "HTTP 401" in err and "TURNOUT_TOKEN" in err  # says how to pass one
 
     audit = [(a["actor"], a["action"], a["outcome"]) for a in audit_lines(proxy)]
     assert audit == [
