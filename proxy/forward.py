@@ -19,7 +19,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from .headers import RequestHead, ResponseHead, scan_response
+from .headers import RequestHead, ResponseHead, plain_response, scan_response
 from .http.outbox import abort, close, send
 from .http.upstream import Pool, UpstreamConnection
 
@@ -358,14 +358,9 @@ class Exchange:
             return False
         sle = data.find(b"\r\n")
         block = data[sle : end + 2]
-        if (
-            block.count(b"\n") != block.count(b"\r")
-            or b"\n " in block
-            or b"\n\t" in block
-            or b"\0" in block
-        ):
+        rh = plain_response(block)
+        if rh is None:
             return False  # bare CR or LF, folded lines, NUL: let httptools judge the response
-        rh = scan_response(block, False)
         length = rh.content_length
         if length is None or rh.chunked or len(data) != end + 4 + length:
             return False

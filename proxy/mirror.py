@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from .compare import Captured, compare
 from .config import Mirror
 from .forward import IDEMPOTENT, NO_BODY_STATUS
-from .headers import HOP_BY_HOP, RequestHead, scan_response
+from .headers import HOP_BY_HOP, RequestHead, plain_response, scan_response
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
@@ -274,8 +274,10 @@ class ShadowExchange:
         if status < 200 or status in NO_BODY_STATUS:
             return False
         block = data[data.find(b"\r\n") : end + 2]
-        rh = scan_response(block, False)
-        if rh.content_length is None or rh.chunked or len(data) != end + 4 + rh.content_length:
+        rh = plain_response(block)
+        if rh is None or rh.content_length is None or rh.chunked:
+            return False
+        if len(data) != end + 4 + rh.content_length:
             return False
         self.finished_status = status
         self.keep_alive = not rh.close

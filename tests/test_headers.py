@@ -7,6 +7,7 @@ import pytest
 from proxy.headers import (
     HeaderError,
     header_block,
+    plain_response,
     request_scanner,
     scan_request,
     scan_response,
@@ -126,3 +127,30 @@ def test_common_keep_alive_line_is_cut_and_the_rest_kept():
     assert rh.content_length == 3 and not rh.close
     closing = scan_response(b"\r\nConnection: close\r\nContent-Length: 0\r\n", False)
     assert closing.close and b"onnection" not in closing.block
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"\r\nContent-Length: 2\nX-A: b\r\n",  # a bare LF
+        b"\r\nContent-Length: 2\r\nX-A: b\rX-B: c\r\n",  # a bare CR
+        b"\r\nContent-Length: 2\r\nX-A: b\r\n c\r\n",  # a folded line
+        b"\r\nContent-Length: 2\r\nX-A: b\0\r\n",  # a NUL
+    ],
+)
+def test_plain_response_refuses_odd_heads_every_time(block):
+    assert plain_response(block) is None
+    assert plain_response(block) is None  # the remembered verdict is the same
+
+
+def test_plain_response_matches_scan_response_and_remembers_the_head():
+    block = (
+        b"\r\nDate: Sun, 22 Nov 2026 02:16:28 GMT\r\nContent-Length: 5\r\n"
+        b"Connection: keep-alive\r\n"
+    )
+    first = plain_response(block)
+    fresh = scan_response(block, False)
+    assert (first.content_length, first.chunked, first.close, first.block) == (
+        fresh.content_length, fresh.chunked, fresh.close, fresh.block,
+    )  # fmt: skip
+    assert plain_response(bytes(bytearray(block))) is first  # an equal head, not re-scanned
