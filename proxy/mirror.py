@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from .compare import Captured, compare
 from .config import Mirror
 from .forward import IDEMPOTENT, NO_BODY_STATUS
-from .headers import HOP_BY_HOP, RequestHead, plain_response, scan_response
+from .headers import HOP_BY_HOP, plain_response, scan_response
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
@@ -137,25 +137,22 @@ def sampling_key(ex: Exchange, decision: Decision) -> str | None:
     return key
 
 
-def shadow_request(ex: Exchange, body: bytes) -> bytes:
-    """The copy's head: the primary's headers as sent upstream, framed by length.
+_CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"  # the last line upstream_request adds
 
-    Mirrors headers.upstream_request (X-Forwarded-*, `TE: trailers`) for a plain
-    request; the body is whole, so a chunked one goes with a Content-Length.
+
+def shadow_request(ex: Exchange, body: bytes) -> bytes:
+    """The copy: the primary's head as sent upstream, framed by length, and its body.
+
+    The head is the one headers.upstream_request made for the primary (never an
+    upgrade: those are not mirrored); the body is whole, so a chunked one goes
+    with a Content-Length instead.
     """
-    head: RequestHead = ex.head
-    block = head.block
-    lines = [ex.method, b" ", ex.target, b" HTTP/1.1", block]
-    xff = ex.client.peer_bytes if head.xff is None else head.xff + b", " + ex.client.peer_bytes
-    lines.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % xff)
-    if head.host is not None:
-        lines.append(b"X-Forwarded-Host: %s\r\n" % head.host)
-    if head.te_trailers:  # the one TE the primary keeps (headers.upstream_request)
-        lines.append(b"TE: trailers\r\n")
-    if head.content_length is None and (body or head.chunked):
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines.append(b"X-Turnout-Shadow: 1\r\n\r\n")
-    return b"".join(lines) + body
+    head = ex.head_bytes[:-2]  # without the blank line that ends it
+    if ex.head.chunked:
+        head = head[: -len(_CHUNKED_LINE)]
+    if ex.head.content_length is None and (body or ex.head.chunked):
+        head += b"Content-Length: %d\r\n" % len(body)
+    return b"%sX-Turnout-Shadow: 1\r\n\r\n%s" % (head, body)
 
 
 class _Capture:
