@@ -47,6 +47,29 @@ REASONS = {
 }
 
 
+def sized_response(data: bytes, end: int) -> tuple[int, int, ResponseHead] | None:
+    """A whole response read in one piece, plainly formed and framed by its length:
+    (status, where its status line ends, its head); None when httptools must judge it.
+
+    `end` is where its head ends (the blank line). Not for an answer to HEAD.
+    """
+    if data[:9] != b"HTTP/1.1 ":
+        return None
+    code = data[9:12]
+    if not code.isdigit() or data[12:13] not in (b" ", b"\r"):
+        return None
+    status = int(code)
+    if status < 200 or status in NO_BODY_STATUS:
+        return None
+    sle = data.find(b"\r\n")
+    rh = plain_response(data[sle : end + 2])  # None: bare CR or LF, folded lines, NUL
+    if rh is None or rh.content_length is None or rh.chunked:
+        return None
+    if len(data) != end + 4 + rh.content_length:
+        return None
+    return status, sle, rh
+
+
 def error_response(status: int, version: str | None, cause: str, expose: bool) -> bytes:
     body = json.dumps({"error": REASONS[status].decode(), "version": version, "cause": cause})
     data = body.encode() + b"\n"
@@ -348,28 +371,18 @@ class Exchange:
         `end` is where its head ends. Returns False, having changed nothing, when
         the response needs the full parser.
         """
-        if data[:9] != b"HTTP/1.1 " or self.is_head or self.upgrade:
+        if self.is_head or self.upgrade:
             return False
-        code = data[9:12]
-        if not code.isdigit() or data[12:13] not in (b" ", b"\r"):
+        found = sized_response(data, end)
+        if found is None:
             return False
-        status = int(code)
-        if status < 200 or status in NO_BODY_STATUS:
-            return False
-        sle = data.find(b"\r\n")
-        block = data[sle : end + 2]
-        rh = plain_response(block)
-        if rh is None:
-            return False  # bare CR or LF, folded lines, NUL: let httptools judge the response
-        length = rh.content_length
-        if length is None or rh.chunked or len(data) != end + 4 + length:
-            return False
+        status, sle, rh = found
         self.awaiting_done()
         if self.shadow is not None:
-            self.shadow.primary_head(status, block)
+            self.shadow.primary_head(status, data[sle : end + 2])
             self.shadow.primary_body(data[end + 4 :])
         head = self.client_head(status, data[:sle], rh, not rh.close, False)
-        send(self.client.transport, head + data[end + 4 :] if length else head)
+        send(self.client.transport, head + data[end + 4 :] if rh.content_length else head)
         self.resp_started = True
         self.release()
         return True

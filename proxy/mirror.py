@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 from .compare import Captured, compare
 from .config import Mirror
-from .forward import IDEMPOTENT, NO_BODY_STATUS
-from .headers import HOP_BY_HOP, plain_response, scan_response
+from .forward import IDEMPOTENT, NO_BODY_STATUS, sized_response
+from .headers import HOP_BY_HOP, scan_response
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
@@ -265,22 +265,17 @@ class ShadowExchange:
 
     def whole_response(self, data: bytes, end: int) -> bool:
         """A complete, sized answer read in one piece: take it without the parser."""
-        if data[:9] != b"HTTP/1.1 " or self.method == b"HEAD" or not data[9:12].isdigit():
+        if self.method == b"HEAD":
             return False
-        status = int(data[9:12])
-        if status < 200 or status in NO_BODY_STATUS:
+        found = sized_response(data, end)
+        if found is None:
             return False
-        block = data[data.find(b"\r\n") : end + 2]
-        rh = plain_response(block)
-        if rh is None or rh.content_length is None or rh.chunked:
-            return False
-        if len(data) != end + 4 + rh.content_length:
-            return False
+        status, sle, rh = found
         self.finished_status = status
         self.keep_alive = not rh.close
         self.data = b""
         if self.mine is not None:
-            self.mine.head(status, block)
+            self.mine.head(status, data[sle : end + 2])
             self.mine.add(data[end + 4 :])
         self.response_complete()
         return True
