@@ -107,7 +107,7 @@ class Exchange:
     mirror_cfg: Mirror | None = None  # this request is to be copied to the canary
     shadow_body: list[bytes] | None = None  # the request body, teed for the copy
     shadow_bytes = 0
-    shadow: ShadowExchange | None = None  # the copy in flight, fed the primary's answer
+    shadow: ShadowExchange | None = None  # a copy in flight that compares: fed our answer
 
     def __init__(
         self,

@@ -92,7 +92,11 @@ class Mirroring:
         self.server.runtime.recorder.mirrored("dropped")
 
     def launch(self, ex: Exchange, cfg: Mirror, body: list[bytes]) -> ShadowExchange | None:
-        """Send the copy now that the primary's request is complete, or drop it."""
+        """Send the copy now that the primary's request is complete, or drop it.
+
+        Returns the copy when the primary must feed it its answer (`compare` on);
+        otherwise the primary has nothing more to do with it.
+        """
         if self.in_flight >= cfg.max_in_flight or self.server.runtime.snapshot.table.latched:
             self.drop()
             return None
@@ -110,7 +114,7 @@ class Mirroring:
         self.in_flight += 1
         self.server.runtime.recorder.mirrored("sent")
         shadow.dispatch(pool)
-        return shadow
+        return shadow if cfg.compare is not None else None
 
     def done(self, shadow: ShadowExchange) -> None:
         self.in_flight -= 1
