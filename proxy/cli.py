@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True)
     run.add_argument("--log-level", default=os.environ.get("TURNOUT_LOG_LEVEL", "info"))
+    run.add_argument(
+        "--workers",
+        default=os.environ.get("TURNOUT_WORKERS", "1"),
+        help="processes sharing the port: a number, or 'auto' for one per core (default 1)",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config file")
@@ -115,6 +120,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     for warning in cfg.warnings:
         logging.getLogger("turnout").warning("%s", warning)
+    from .workers import Supervisor, parse_workers, role_from_env
+
+    try:
+        workers = parse_workers(args.workers)
+    except ValueError as err:
+        print(f"turnout: {err}", file=sys.stderr)
+        return 2
+    if workers > 1 and role_from_env() is None:
+        return Supervisor(args.config, workers, args.log_level).run()
     import uvloop
 
     from .server import Server

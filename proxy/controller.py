@@ -14,6 +14,10 @@ Rules:
   the rollout from its first step).
 - A state file that cannot be read at start leaves the proxy latched to
   stable, with the reason saying why — never silently fresh.
+- Under `--workers N` (workers.py) the leading worker runs all of the above on
+  the fleet's summed counts and is the only writer of the state file; a
+  following controller (`follower=True`) judges nothing, writes nothing, and
+  takes the latch and the rollout from the state file whenever it changes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +38,7 @@ from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Res
 from .state import Latch, State, StateError
 
 if TYPE_CHECKING:
+    from .metrics import Recorder
     from .runtime import Runtime
 
 log = logging.getLogger("turnout.controller")
@@ -53,8 +58,19 @@ class ActionError(Exception):
 
 
 class Controller:
-    def __init__(self, runtime: Runtime, notify: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        notify: Callable[[dict], None] | None = None,
+        follower: bool = False,
+    ) -> None:
         self.runtime = runtime
+        self.follower = follower  # a following worker: the state file decides
+        # Where the guard and the rollout read counts: this process's Recorder, or
+        # the sum over a fleet of workers; `collect` refreshes that sum each tick.
+        self.counts: Callable[[], Recorder] = lambda: runtime.recorder
+        self.collect: Callable[[], Awaitable[None]] | None = None
+        self.state_seen: tuple[int, int, int] | None = None  # the state file last followed
         self.notify = notify  # called with each event that leaves the process (the webhook)
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.windows: dict[str, Window] = {}
@@ -121,9 +137,47 @@ class Controller:
         while True:
             await asyncio.sleep(TICK)
             try:
+                if self.follower:
+                    self.follow()
+                    continue
+                if self.collect is not None:
+                    await self.collect()
                 self.tick(time.monotonic(), time.time())
             except Exception:  # the controller must outlive any one bad tick
                 log.exception("controller tick failed")
+
+    def follow(self) -> None:
+        """Take the leading worker's latch and rollout from the state file, if it changed."""
+        rt = self.runtime
+        path = rt.config.state_file
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        key = (st.st_mtime_ns, st.st_ino, st.st_size)
+        if key == self.state_seen:
+            return
+        try:
+            saved = state.load(path)
+        except StateError as err:  # written atomically, so unexpected: keep what is in force
+            log.error("cannot follow the state file: %s", err)
+            return
+        if saved.release != _release(rt.config):
+            return  # written for another release: the leader has not reloaded yet, or we have not
+        self.state_seen = key
+        progress = None
+        if saved.rollout is not None and rt.config.rollout is not None:
+            progress = rollout.from_dict(saved.rollout)
+        if saved.latch == rt.latch and progress == rt.progress:
+            return
+        if saved.latch.active != rt.latch.active:
+            log.warning("rollback latch %s by the leading worker: %s",
+                        "set" if saved.latch.active else "cleared",
+                        saved.latch.reason or rt.latch.reason)  # fmt: skip
+        rt.latch = saved.latch
+        rt.progress = progress
+        rt.refresh()
+        rt.recorder.rollout_step = progress.step if progress else 0
 
     # -- the hot-path hook -----------------------------------------------------------------
 
@@ -134,7 +188,7 @@ class Controller:
         the differences of its cumulative counters here, so judging costs the
         forwarding path nothing.
         """
-        rec = self.runtime.recorder
+        rec = self.counts()
         for version, window in self.windows.items():
             for shadow, totals in ((False, rec.totals), (True, rec.shadow_totals)):
                 requests, errors, latency = totals(version)
@@ -149,9 +203,7 @@ class Controller:
     def canary_requests(self) -> int:
         """Requests the canary has answered since start (grows monotonically)."""
         canary = self.runtime.config.canary
-        return sum(
-            n for (version, _), n in self.runtime.recorder.requests.items() if version == canary
-        )
+        return sum(n for (version, _), n in self.counts().requests.items() if version == canary)
 
     def make_windows(self, cfg: Config) -> None:
         """One window per version; kept across reloads unless its length changed."""
@@ -159,7 +211,7 @@ class Controller:
         old = self.windows if length == self.window_length else {}
         self.window_length = length
         self.windows = {}
-        rec = self.runtime.recorder
+        rec = self.counts()
         for name in (cfg.stable, cfg.canary):
             if name in old:
                 self.windows[name] = old[name]
@@ -341,6 +393,8 @@ class Controller:
     # -- persistence and events ---------------------------------------------------------------
 
     def persist(self) -> None:
+        if self.follower:
+            return  # the leading worker writes the state file
         rt = self.runtime
         doc = State(
             latch=rt.latch,

@@ -169,6 +169,58 @@ class Recorder:
         latency = list(h.counts) if h is not None else [0] * LATENCY_BUCKETS
         return requests, self.failures.get(version, 0), latency
 
+    # -- several workers (see workers.py) -------------------------------------------
+
+    def counts(self) -> dict:
+        """The counters (not the gauges) as plain JSON, for the leading worker."""
+        return {
+            "requests": [[v, code, n] for (v, code), n in self.requests.items()],
+            "decisions": [[v, reason, n] for (v, reason), n in self.decisions.items()],
+            "upstream_errors": [[v, kind, n] for (v, kind), n in self.upstream_errors.items()],
+            "durations": {v: [h.counts, h.total, h.count] for v, h in self.durations.items()},
+            "shadow_durations": {
+                v: [h.counts, h.total, h.count] for v, h in self.shadow_durations.items()
+            },
+            "failures": self.failures,
+            "shadow_requests": self.shadow_requests,
+            "shadow_failures": self.shadow_failures,
+            "mirror": self.mirror,
+            "comparisons": self.comparisons,
+            "reloads": self.reloads,
+            "in_flight": self.in_flight(),
+        }
+
+    def add_counts(self, doc: dict) -> None:
+        """Add another worker's `counts()` to these (its in-flight gauge is not added)."""
+        for field in ("requests", "decisions", "upstream_errors"):
+            table = getattr(self, field)
+            for a, b, n in doc.get(field, ()):
+                key = (a, int(b)) if field == "requests" else (a, b)
+                table[key] = table.get(key, 0) + n
+        for field in ("durations", "shadow_durations"):
+            hists = getattr(self, field)
+            for version, (counts, total, count) in doc.get(field, {}).items():
+                h = hists.get(version)
+                if h is None:
+                    h = hists[version] = _Histogram()
+                h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
+                h.total += total
+                h.count += count
+        for field in ("failures", "shadow_requests", "shadow_failures", "mirror", "comparisons",
+                      "reloads"):  # fmt: skip
+            table = getattr(self, field)
+            for key, n in doc.get(field, {}).items():
+                table[key] = table.get(key, 0) + n
+
+    def copy(self) -> Recorder:
+        """A new Recorder with these counters and gauges."""
+        rec = Recorder()
+        rec.add_counts(self.counts())
+        for gauge in ("canary_weight", "generation", "decision_labels", "rollback_active",
+                      "rollbacks", "rollout_step", "breaches", "in_flight"):  # fmt: skip
+            setattr(rec, gauge, getattr(self, gauge))
+        return rec
+
     def registry(self) -> CollectorRegistry:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(_Collector(self))

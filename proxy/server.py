@@ -7,6 +7,9 @@ Rules:
 - SIGHUP reloads. `listen` and `admin.listen` are read at start only; a
   reload that changes them is applied otherwise and the log says a restart
   is needed for the new address.
+- As one of several workers (workers.py): the listener shares its port
+  (SO_REUSEPORT); the leader serves the admin API with the fleet's summed
+  counts, a follower answers its counts on its Unix socket instead.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from .controller import Controller
 from .forward import Exchange
 from .http.downstream import ClientConnection
 from .http.outbox import abort, flush
+from .metrics import Recorder
 from .mirror import Mirroring, ShadowExchange
 from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
+from .workers import CountsListener, Fleet, role_from_env
 
 log = logging.getLogger("turnout")
 
@@ -50,7 +55,15 @@ class Server:
         self.runtime.recorder.in_flight = self.in_flight
         self.mirroring = Mirroring(self)
         self.webhook = Webhook(self.webhook_url)
-        self.controller = Controller(self.runtime, notify=self.webhook.send)
+        self.role = role_from_env()
+        follower = self.role is not None and not self.role.leader
+        self.controller = Controller(self.runtime, notify=self.webhook.send, follower=follower)
+        self.fleet: Fleet | None = None
+        self.counts_listener: CountsListener | None = None
+        if self.role is not None and self.role.leader and self.role.count > 1:
+            self.fleet = Fleet(self.role, self.runtime.recorder)
+            self.controller.counts = self.fleet.merged
+            self.controller.collect = self.fleet.collect
         self.controller.restore()
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
         self.stopped = asyncio.Event()
@@ -64,6 +77,10 @@ class Server:
             if ex is not None and (conn.tunnel is not None or not ex.done):
                 counts[ex.version] = counts.get(ex.version, 0) + 1
         return counts
+
+    def counts(self) -> Recorder:
+        """The counters to show: this process's, or the whole fleet's on the leader."""
+        return self.fleet.merged() if self.fleet is not None else self.runtime.recorder
 
     def webhook_url(self) -> str | None:
         guard = self.runtime.config.guard
@@ -88,12 +105,17 @@ class Server:
             cfg.listen_port,
             backlog=2048,
             reuse_address=True,
+            reuse_port=self.role is not None,
         )
         for sock in self.listener.sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.admin = AdminServer(self)
-        await self.admin.start(cfg.admin.host, cfg.admin.port)
+        if self.role is None or self.role.leader:
+            self.admin = AdminServer(self)
+            await self.admin.start(cfg.admin.host, cfg.admin.port)
+        else:
+            self.counts_listener = CountsListener(self.role, self)
+            await self.counts_listener.start()
         self.reloader.start()
         self.controller.start()
         loop.create_task(self.sweep())
@@ -103,9 +125,12 @@ class Server:
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
         self.ready = True
+        role = self.role
         log.info(
-            "turnout listening on %s:%s, admin on %s:%s (config %s, generation %d)",
-            cfg.listen_host, cfg.listen_port, cfg.admin.host, cfg.admin.port,
+            "turnout%s listening on %s:%s, admin on %s (config %s, generation %d)",
+            f" worker {role.index} of {role.count}" if role else "",
+            cfg.listen_host, cfg.listen_port,
+            f"{cfg.admin.host}:{cfg.admin.port}" if self.admin else "the leading worker",
             cfg.path, self.runtime.snapshot.generation,
         )  # fmt: skip
 
@@ -155,6 +180,10 @@ class Server:
         await self.webhook.close()
         if self.admin is not None:
             await self.admin.stop()
+        if self.counts_listener is not None:
+            await self.counts_listener.stop()
+        if self.fleet is not None:
+            await self.fleet.close()
         self.runtime.snapshot.upstreams.close()
         flush()
         self.stopped.set()

@@ -13,7 +13,7 @@ Rules:
   `os.replace` over the old one and an fsync of the folder. A failure at any
   point leaves the old file as it was and no temp file behind.
 - Concurrent `save`s in one process are serialized per path; the last one wins
-  whole. (Several processes writing the same file are not handled yet.)
+  whole. Under `--workers N` only the leading worker writes; the others read.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .. import rollout
 from ..controller import ALL_ROLES, ActionError
-from ..metrics import exposition
+from ..metrics import Recorder, exposition
 from ..routing import RequestView, decide
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
@@ -35,7 +35,7 @@ def status_document(server: Server) -> dict:
     rt = server.runtime
     snap = rt.snapshot
     cfg = snap.config
-    rec = rt.recorder
+    rec = server.counts()
     totals = rec.version_totals()
     in_flight = rec.in_flight()
     versions = {}
@@ -67,16 +67,27 @@ def status_document(server: Server) -> dict:
         "rollout": _rollout(server),
         "guard": _guard(server),
         "versions": versions,
-        "mirror": _mirror(server),
+        "mirror": _mirror(server, rec),
+        "workers": _workers(server),
     }
 
 
-def _mirror(server: Server) -> dict | None:
+def _workers(server: Server) -> dict | None:
+    if server.fleet is None:
+        return None
+    return {"count": server.fleet.role.count, "members": server.fleet.members()}
+
+
+def _mirror(server: Server, rec: Recorder) -> dict | None:
     cfg = server.runtime.config.mirror
     if cfg is None:
         return None
     m = server.mirroring
-    rec = server.runtime.recorder
+    latest = list(m.mismatches)
+    if server.fleet is not None:
+        for events in server.fleet.mismatches.values():
+            latest.extend(events)
+        latest.sort(key=lambda x: x["at"], reverse=True)
     return {
         **rec.mirror,
         "matched": rec.comparisons["match"],
@@ -85,7 +96,7 @@ def _mirror(server: Server) -> dict | None:
         "percent": cfg.percent,
         "methods": sorted(cfg.methods),
         "compare": cfg.compare is not None,
-        "latest_mismatches": [{**x, "at": _iso(x["at"])} for x in list(m.mismatches)[:10]],
+        "latest_mismatches": [{**x, "at": _iso(x["at"])} for x in latest[:10]],
     }
 
 
@@ -266,12 +277,15 @@ class AdminServer:
             ctl.promote(caller.name, roles)
             return {}
         ok, error = self.server.reloader.reload(f"POST /reload by {caller.name}")
+        if ok and self.server.fleet is not None:
+            self.server.fleet.reload_followers()
         if not ok:
             raise ActionError(f"config rejected, the old one stays in force:\n{error}", 422)
         return {"generation": self.server.runtime.snapshot.generation}
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = exposition(self.registry)
+        fleet = self.server.fleet
+        body = exposition(self.registry if fleet is None else fleet.merged().registry())
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def healthz(self, request: web.Request) -> web.Response:
