@@ -1,11 +1,11 @@
 """nginx configs for the benchmark: the fast upstream and the reference proxy.
 
 Each nginx instance gets its own prefix directory (pid file, error log, temp
-paths), one worker process, `daemon off` (so the harness owns the master's PID)
-and `access_log off`. The proxy config is the closest nginx equivalent of what
-Turnout does per request: hash the user id into a version (`split_clients`),
-forward over pooled keep-alive upstream connections, set X-Forwarded-*, keep
-the client's Host and add X-Turnout-Version.
+paths), one worker process unless told otherwise, `daemon off` (so the
+harness owns the master's PID) and `access_log off`. The proxy config is the
+closest nginx equivalent of what Turnout does per request: hash the user id
+into a version (`split_clients`), forward over pooled keep-alive upstream
+connections, set X-Forwarded-*, keep the client's Host and add X-Turnout-Version.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 MAX_INLINE_BODY = 3000
 
 _COMMON = """\
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 master_process on;
 pid {prefix}/nginx.pid;
@@ -85,7 +85,7 @@ def upstream_conf(prefix: Path, ports: dict[str, int], bodies: dict[str, bytes])
             f"        location / {{ {location} }}\n"
             f"    }}"
         )
-    return _COMMON.format(prefix=prefix, body="\n".join(servers))
+    return _COMMON.format(prefix=prefix, body="\n".join(servers), workers=1)
 
 
 def proxy_conf(
@@ -95,12 +95,13 @@ def proxy_conf(
     canary: str,
     weight: int,
     keepalive: bool = True,
+    workers: int = 1,
 ) -> str:
     """The reference proxy: `split_clients` on X-User-Id, `weight`% to `canary`.
 
     `keepalive`: pooled HTTP/1.1 upstream connections (`keepalive 64`), as a tuned
     production config has; without it, NGINX's stock proxy behaviour: a new
-    HTTP/1.0 upstream connection per request.
+    HTTP/1.0 upstream connection per request. `workers`: worker processes.
     """
     stable = next(name for name in upstreams if name != canary)
     pool_lines = "        keepalive 64;\n        keepalive_requests 1000000;\n" if keepalive else ""
@@ -136,7 +137,7 @@ def proxy_conf(
             add_header X-Turnout-Version $backend always;
         }}
     }}"""
-    return _COMMON.format(prefix=prefix, body=body)
+    return _COMMON.format(prefix=prefix, body=body, workers=workers)
 
 
 def command(nginx: str, prefix: Path) -> list[str]:

@@ -2,7 +2,8 @@
 
 Only successful runs enter the medians. Ratios are computed between medians
 measured in the same interleaved session: `× nginx` is a target's median req/s
-over nginx's at the same connection count; `max ms` is the slowest request of
+over nginx's at the same connection count (a `*-workers` target's over
+nginx-workers': the same number of processes); `max ms` is the slowest request of
 any clean run (wrk's Max); `× turnout` and `p99 × turnout`
 are a `turnout-*` variant's median req/s and median p99 over plain Turnout's
 (the cost of a feature); `added p50` (at c=1 only, where latency is not
@@ -54,10 +55,13 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
                 row.max_ms = max((r.max_ms for r in good if r.max_ms is not None), default=None)
             rows[name, c] = row
     for (name, c), row in rows.items():
-        nginx, direct = rows.get(("nginx", c)), rows.get(("direct", c))
+        ref = "nginx-workers" if name.endswith("-workers") else "nginx"
+        nginx, direct = rows.get((ref, c)), rows.get(("direct", c))
         stock, plain = rows.get(("nginx-stock", c)), rows.get(("turnout", c))
         if row.rps is not None and nginx is not None and nginx.rps:
             row.x_nginx = row.rps / nginx.rps
+        if name.endswith("-workers"):
+            continue  # the other ratios compare single processes
         if row.rps is not None and stock is not None and stock.rps:
             row.x_stock = row.rps / stock.rps
         if row.rps is not None and name.startswith("turnout-") and plain and plain.rps:
@@ -146,7 +150,7 @@ def chart(path: Path, rows: list[Row], meta: dict[str, object]) -> str | None:
         )
         for x, r in zip(xs, mine, strict=True):
             label = "failed" if r.rps is None else f"{r.rps:,.0f}"
-            if r.x_nginx is not None and r.target != "nginx":
+            if r.x_nginx is not None and r.target not in ("nginx", "nginx-workers"):
                 label += f"\n{r.x_nginx:.2f}× nginx"
             ax.annotate(
                 label,

@@ -38,6 +38,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,12 +102,15 @@ def start_direct(b: Bench) -> str:
     return b.endpoint(STABLE) + "/"
 
 
-def nginx_target(name: str, keepalive: bool) -> Target:
+def nginx_target(name: str, keepalive: bool, workers: bool = False) -> Target:
+    """`workers`: one worker process per `--workers` (else one)."""
+
     def start(b: Bench) -> str:
         assert b.nginx is not None
         (port,) = free_ports(1)
         prefix = b.workdir / name
-        conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight, keepalive)
+        n = b.args.workers if workers else 1
+        conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight, keepalive, n)
         ngx.write_conf(prefix, conf)
         proc, log = b.procs.start(name, ngx.command(b.nginx, prefix))
         b.watched[name] = (proc, log)
@@ -153,8 +158,9 @@ def scenario_extra(b: Bench, extra: dict[str, object]) -> dict[str, object]:
     return {}
 
 
-def turnout_target(name: str, extra: dict[str, object]) -> Target:
-    """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in."""
+def turnout_target(name: str, extra: dict[str, object], workers: bool = False) -> Target:
+    """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in;
+    `workers`: with `--workers` processes (else one)."""
 
     def start(b: Bench) -> str:
         port, admin = free_ports(2)
@@ -166,14 +172,38 @@ def turnout_target(name: str, extra: dict[str, object]) -> Target:
         path.write_text(dump_yaml(doc))
         b.admin_ports[name] = admin
         argv = [b.args.python, "-m", "proxy", "run", "-c", str(path)]
+        if workers:
+            argv += ["--workers", str(b.args.workers)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc, log = b.procs.start(name, argv, cwd=REPO, env=env)
         b.watched[name] = (proc, log)
         wait_for_http_200(proc, admin, "/readyz", log, name, b.args.ready_timeout)
         wait_for_port(proc, port, log, name, 2)
+        if workers:
+            wait_for_workers(proc, admin, b.args.workers, log, name, b.args.ready_timeout)
         return f"http://127.0.0.1:{port}/"
 
     return Target(start, routed=True)
+
+
+def wait_for_workers(
+    proc: subprocess.Popen[bytes], admin: int, count: int, log: Path, what: str, timeout: float
+) -> None:
+    """Poll the leader's /status until all `count` workers have reported."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check_alive(proc, log, what)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=1.0) as r:
+                workers = json.load(r).get("workers") or {}
+            if len(workers.get("members", ())) >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            missing = f"not all {count} workers up within {timeout:g}s"
+            raise BenchError(f"{what}: {missing}:\n{tail(log)}")
+        time.sleep(0.1)
 
 
 # Turnout configurations worth comparing; each is a target of its own. The mirror
@@ -199,11 +229,22 @@ TARGETS: dict[str, Target] = {
     **{name: turnout_target(name, extra) for name, extra in TURNOUT_VARIANTS.items()},
     "nginx": nginx_target("nginx", keepalive=True),  # tuned: pooled upstream connections
     "nginx-stock": nginx_target("nginx-stock", keepalive=False),  # NGINX's proxy defaults
+    # one process per core each (--workers): how both are deployed on a whole machine
+    "turnout-workers": turnout_target("turnout-workers", {}, workers=True),
+    "nginx-workers": nginx_target("nginx-workers", keepalive=True, workers=True),
 }
 
 # names `--targets` accepts for a whole list
 TARGET_PRESETS: dict[str, list[str]] = {
-    "default": ["direct", "turnout", "turnout-guard", "nginx", "nginx-stock"],
+    "default": [
+        "direct",
+        "turnout",
+        "turnout-guard",
+        "nginx",
+        "nginx-stock",
+        "turnout-workers",
+        "nginx-workers",
+    ],  # fmt: skip
     "mirror": ["turnout", "turnout-mirror", "turnout-mirror-compare"],  # the cost of mirroring
     "slow-canary": ["turnout", "turnout-mirror"],  # with --slow-canary N: mirror off vs on
     "all": list(TARGETS),
@@ -503,6 +544,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto: nginx when installed, else bench/upstream.py",
     )
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes of the *-workers targets (default: one per core)",
+    )
     p.add_argument("--ready-timeout", type=float, default=20.0, help="seconds to wait for /readyz")
     p.add_argument("--python", default=sys.executable, help="interpreter for Turnout")
     p.add_argument("--keep-tmp", action="store_true", help="keep the work dir (configs, logs)")

@@ -208,8 +208,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.exchange_for(snap, method, target, head, minor == b"1", minor == b"1", False)
         self.last = None
         self.current = ex
-        ex.start()
-        ex.request_complete()
+        ex.send_whole()
         return True
 
     def new_exchange(self) -> Exchange:
