@@ -2,26 +2,33 @@
 #
 #   make demo    create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
 #   make test    create .venv if needed, then run the whole test suite
+#   make build   compile the forwarding path again (after editing one of its modules)
 #   make lint    ruff check + ruff format --check
 #   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
 #   make clean   remove caches and build output; `make distclean` also removes .venv
 #
-# .venv is (re)installed only when pyproject.toml is newer than its stamp file.
+# .venv is (re)installed, which also compiles the forwarding path with mypyc (setup.py),
+# when pyproject.toml, setup.py or one of the modules setup.py compiles is newer than
+# its stamp file. TURNOUT_PURE=1 installs pure Python instead.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the modules setup.py compiles: a compiled module shadows its source until rebuilt
+COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test lint bench clean distclean
+.PHONY: help venv build demo test lint bench clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+build: venv
+
+$(STAMP): pyproject.toml setup.py $(COMPILED)
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -e '.[test,bench]'
 	@touch $@
@@ -49,6 +56,7 @@ bench: venv
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -name '*.so' -not -path './$(VENV)/*' -delete
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean

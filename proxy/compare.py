@@ -58,8 +58,8 @@ def compare(primary: Captured, shadow: Captured, cfg: Compare) -> Outcome:
         paths = _diff(a, b, cfg.ignore_json_fields, MAX_PATHS)
         if not paths:
             return Outcome("match", None, {})
-        detail = {"paths": paths, **_excerpts(primary, shadow)}
-        return Outcome("mismatch", "body", detail)
+        found: dict[str, Any] = {"paths": paths, **_excerpts(primary, shadow)}
+        return Outcome("mismatch", "body", found)
     if primary.digest == shadow.digest:
         return Outcome("match", None, {})
     detail = {

@@ -371,7 +371,8 @@ def _list(
     """A non-empty list of `item`s (the valid ones); `key(value)` says what must be unique."""
     if not isinstance(node, SequenceNode) or not node.value:
         return ctx.error(path, node, f"must be a non-empty list of {what}, got {_got(node)}")
-    out, first = [], {}
+    out: list[Any] = []
+    first: dict[Any, int] = {}
     for i, sub in enumerate(node.value):
         if (value := item(ctx, sub, f"{path}[{i}]")) is _BAD:
             continue
@@ -529,7 +530,10 @@ def _as(*names: str, parse: Parser) -> Parser:
 def _admin(ctx: _Ctx, node: Node, path: str) -> Admin:
     fields = _fields(ctx, node, path, ADMIN_FIELDS)
     tokens = tuple(fields.get("tokens", ()))
-    return Admin(*fields["listen"], tokens) if "listen" in fields else Admin(tokens=tokens)
+    if "listen" not in fields:
+        return Admin(tokens=tokens)
+    host, port = fields["listen"]
+    return Admin(host, port, tokens)
 
 
 def _limits(ctx: _Ctx, node: Node, path: str) -> Limits:
@@ -613,7 +617,8 @@ def _sticky(ctx: _Ctx, node: Node, path: str) -> Any:
     if "key" not in fields:
         return _BAD
     group, anonymous = fields.get("group", ""), fields.get("anonymous", "random")
-    return Sticky(*fields["key"], group, anonymous)  # group "" = the canary's name
+    kind, name = fields["key"]
+    return Sticky(kind, name, group, anonymous)  # group "" = the canary's name
 
 
 _QUERY_NAME = re.compile(r"[^\s&=#]+")

@@ -47,25 +47,47 @@ REASONS = {
 }
 
 
+# Upstreams send the same few response heads over and over (most often only the
+# Date line changes, once a second): what sized_response made of a head seen
+# lately is kept, so a repeated head costs one dictionary lookup.
+_SIZED: dict[bytes, tuple[int, int, ResponseHead] | None] = {}
+SIZED_HEADS_MAX = 256  # distinct heads remembered; then the memory starts afresh
+
+
 def sized_response(data: bytes, end: int) -> tuple[int, int, ResponseHead] | None:
     """A whole response read in one piece, plainly formed and framed by its length:
     (status, where its status line ends, its head); None when httptools must judge it.
 
-    `end` is where its head ends (the blank line). Not for an answer to HEAD.
+    `end` is where its head ends (the blank line). Not for an answer to HEAD. The
+    result for a head is remembered (see above); a ResponseHead is never changed
+    after it is made, so one may serve many responses.
     """
-    if data[:9] != b"HTTP/1.1 ":
+    head = data[: end + 2]
+    try:
+        found = _SIZED[head]
+    except KeyError:
+        found = _sized_head(head)
+        if len(_SIZED) >= SIZED_HEADS_MAX:
+            _SIZED.clear()
+        _SIZED[head] = found
+    if found is None or len(data) != end + 4 + found[2].content_length:  # type: ignore[operator]
         return None
-    code = data[9:12]
-    if not code.isdigit() or data[12:13] not in (b" ", b"\r"):
+    return found
+
+
+def _sized_head(head: bytes) -> tuple[int, int, ResponseHead] | None:
+    """`head`: a status line and header lines, each ending CRLF."""
+    if head[:9] != b"HTTP/1.1 ":
+        return None
+    code = head[9:12]
+    if not code.isdigit() or head[12:13] not in (b" ", b"\r"):
         return None
     status = int(code)
     if status < 200 or status in NO_BODY_STATUS:
         return None
-    sle = data.find(b"\r\n")
-    rh = plain_response(data[sle : end + 2])  # None: bare CR or LF, folded lines, NUL
+    sle = head.find(b"\r\n")
+    rh = plain_response(head[sle:])  # None: bare CR or LF, folded lines, NUL
     if rh is None or rh.content_length is None or rh.chunked:
-        return None
-    if len(data) != end + 4 + rh.content_length:
         return None
     return status, sle, rh
 
@@ -172,7 +194,7 @@ class Exchange:
         self.reused = True
         self.conn = conn
         conn.exchange = self
-        send(conn.transport, self.head_bytes)
+        conn.send(self.head_bytes)
         self.sent = True
         self.req_done = True
         if self.shadow_body is not None:

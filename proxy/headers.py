@@ -249,33 +249,17 @@ def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
     return head
 
 
-# Upstreams send the same few response heads over and over (most often only the
-# Date line changes, once a second): the verdict on a head seen lately is kept.
-_PLAIN_HEADS: dict[bytes, ResponseHead | None] = {}
-PLAIN_HEADS_MAX = 256  # distinct heads remembered; then the memory starts afresh
-_UNSEEN = object()
-
-
 def plain_response(block: bytes) -> ResponseHead | None:
     """`scan_response(block)` for a plainly formed head, else None.
 
     Plain: CRLF line ends only, no folded lines, no NUL; anything else is left
-    to httptools to judge. Heads are remembered (see above); a ResponseHead is
-    never changed after it is made, so one may serve many responses.
+    to httptools to judge.
     """
-    rh = _PLAIN_HEADS.get(block, _UNSEEN)
-    if rh is not _UNSEEN:
-        return rh  # type: ignore[return-value]
     if (
         block.count(b"\n") != block.count(b"\r")
         or b"\n " in block
         or b"\n\t" in block
         or b"\0" in block
     ):
-        rh = None
-    else:
-        rh = scan_response(block, False)
-    if len(_PLAIN_HEADS) >= PLAIN_HEADS_MAX:
-        _PLAIN_HEADS.clear()
-    _PLAIN_HEADS[block] = rh
-    return rh
+        return None
+    return scan_response(block, False)

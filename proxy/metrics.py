@@ -208,9 +208,9 @@ class Recorder:
                 h.count += count
         for field in ("failures", "shadow_requests", "shadow_failures", "mirror", "comparisons",
                       "reloads"):  # fmt: skip
-            table = getattr(self, field)
-            for key, n in doc.get(field, {}).items():
-                table[key] = table.get(key, 0) + n
+            counts = getattr(self, field)
+            for name, n in doc.get(field, {}).items():
+                counts[name] = counts.get(name, 0) + n
 
     def copy(self) -> Recorder:
         """A new Recorder with these counters and gauges."""

@@ -29,7 +29,7 @@ import hashlib
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .compare import Captured, compare
 from .config import Mirror
@@ -419,7 +419,7 @@ class ShadowExchange:
         self.primary = self.mine = None
         self.server.runtime.recorder.compared(outcome.result)
         if outcome.result == "mismatch":
-            event = {
+            event: dict[str, Any] = {
                 "request": f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}",
                 "difference": outcome.kind,
                 "primary_status": primary.status,

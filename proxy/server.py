@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 
+from . import native
 from .admin.app import AdminServer
 from .config import Config
 from .controller import Controller
@@ -100,7 +101,7 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.runtime.config
         self.listener = await loop.create_server(
-            lambda: ClientConnection(self),
+            lambda: ClientConnection(self),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,
             cfg.listen_port,
             backlog=2048,
@@ -127,12 +128,15 @@ class Server:
         self.ready = True
         role = self.role
         log.info(
-            "turnout%s listening on %s:%s, admin on %s (config %s, generation %d)",
+            "turnout%s listening on %s:%s, admin on %s (config %s, generation %d, %s)",
             f" worker {role.index} of {role.count}" if role else "",
             cfg.listen_host, cfg.listen_port,
             f"{cfg.admin.host}:{cfg.admin.port}" if self.admin else "the leading worker",
             cfg.path, self.runtime.snapshot.generation,
+            "compiled" if native.build() == "mypyc" else "pure Python",
         )  # fmt: skip
+        for source in native.stale():
+            log.warning("%s changed after it was compiled: the old code runs (make build)", source)
 
     async def sweep(self) -> None:
         """Close connections idle past `idle_timeout`, client side and pooled."""

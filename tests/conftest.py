@@ -41,6 +41,18 @@ MiB = 1024 * 1024
 # --------------------------------------------------------------------------- helpers
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a compiled module older than its source: the old code would run."""
+    from proxy import native
+
+    if native.stale():
+        pytest.exit(
+            f"compiled modules are older than their sources ({', '.join(native.stale())}):"
+            " run `make build` first",
+            returncode=2,
+        )
+
+
 def free_port() -> int:
     """A port nothing listens on right now (bind to port 0, read it, release it)."""
     return free_ports(1)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.forward import sized_response
 from proxy.headers import (
     HeaderError,
     header_block,
@@ -138,19 +139,41 @@ def test_common_keep_alive_line_is_cut_and_the_rest_kept():
         b"\r\nContent-Length: 2\r\nX-A: b\0\r\n",  # a NUL
     ],
 )
-def test_plain_response_refuses_odd_heads_every_time(block):
+def test_odd_heads_are_refused_every_time(block):
     assert plain_response(block) is None
-    assert plain_response(block) is None  # the remembered verdict is the same
+    whole = b"HTTP/1.1 200 OK" + block + b"\r\nok"
+    end = whole.find(b"\r\n\r\n")
+    assert sized_response(whole, end) is None
+    assert sized_response(whole, end) is None  # the remembered verdict is the same
 
 
-def test_plain_response_matches_scan_response_and_remembers_the_head():
+def test_a_sized_response_matches_scan_response_and_its_head_is_remembered():
     block = (
         b"\r\nDate: Sun, 22 Nov 2026 02:16:28 GMT\r\nContent-Length: 5\r\n"
         b"Connection: keep-alive\r\n"
     )
-    first = plain_response(block)
+    whole = b"HTTP/1.1 200 OK" + block + b"\r\nhello"
+    end = whole.find(b"\r\n\r\n")
+    status, sle, first = sized_response(whole, end)
+    assert (status, sle) == (200, 15)
     fresh = scan_response(block, False)
     assert (first.content_length, first.chunked, first.close, first.block) == (
         fresh.content_length, fresh.chunked, fresh.close, fresh.block,
     )  # fmt: skip
-    assert plain_response(bytes(bytearray(block))) is first  # an equal head, not re-scanned
+    again = bytes(bytearray(whole))  # an equal head, not re-scanned
+    assert sized_response(again, end)[2] is first
+    assert sized_response(whole + b"!", end) is None  # the body must be exactly as long
+
+
+@pytest.mark.parametrize(
+    "whole",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",  # no body by its status
+        b"HTTP/1.1 101 Switching\r\nContent-Length: 0\r\n\r\n",  # interim
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",  # not HTTP/1.1
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # not sized
+        b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",  # not a status
+    ],
+)
+def test_other_responses_go_to_the_parser(whole):
+    assert sized_response(whole, whole.find(b"\r\n\r\n")) is None

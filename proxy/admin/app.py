@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .. import rollout
+from .. import native, rollout
 from ..controller import ALL_ROLES, ActionError
 from ..metrics import Recorder, exposition
 from ..routing import RequestView, decide
@@ -69,6 +69,7 @@ def status_document(server: Server) -> dict:
         "versions": versions,
         "mirror": _mirror(server, rec),
         "workers": _workers(server),
+        "build": native.build(),
     }
 
 

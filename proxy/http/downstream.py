@@ -48,7 +48,11 @@ class _Reject(Exception):
         self.cause = cause
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
+    """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
+    the loop only calls the methods, and a class with no Python base compiles to a
+    native class (see proxy/native.py)."""
+
     __slots__ = (
         "server", "recorder", "transport", "parser", "peer", "peer_bytes", "url",
         "headers", "header_bytes", "current", "queue", "paused", "tunnel", "closed",

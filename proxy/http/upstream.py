@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -31,7 +31,9 @@ MAX_IDLE = 512  # idle connections kept per endpoint
 MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    """An asyncio Protocol by its methods, not by its base class (as ClientConnection)."""
+
     __slots__ = (
         "pool", "transport", "parser", "exchange", "closed", "idle_since",
         "head_buf", "want_head", "stale_parser",
@@ -58,8 +60,8 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:  # an idle connection must not speak: drop it
             self.close()
             return
-        if ex.tunnel:
-            send(ex.client.transport, data)
+        if ex.tunnel:  # only a primary exchange tunnels
+            send(cast("Exchange", ex).client.transport, data)
             return
         if self.want_head:
             if not self.head_buf:
@@ -179,7 +181,8 @@ class Pool:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self), ep.host, ep.port),
+            # a Protocol by its methods, not by its base class (see the class)
+            loop.create_connection(lambda: UpstreamConnection(self), ep.host, ep.port),  # type: ignore[type-var]
             timeout,
         )
         return conn
