@@ -13,17 +13,28 @@
 # probes, Prometheus scrapes, `turnout status --admin ...`), your config must set
 # `admin.listen: 0.0.0.0:9901` — see deploy/kubernetes/ — and then publish 9901
 # only where it is safe to do so.
+#
+# Two stages: the first compiles the forwarding path with mypyc (setup.py) into a
+# wheel, which needs a C compiler; the image itself gets only the wheel.
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy/ ./proxy/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY proxy/ ./proxy/
-RUN pip install --no-cache-dir --root-user-action=ignore . \
- && rm -rf /src
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --root-user-action=ignore /wheels/*.whl \
+ && rm -rf /wheels
 
 # A fixed, non-root uid/gid (10001), so volume permissions and Kubernetes'
 # runAsNonRoot / runAsUser can rely on it. /etc/turnout belongs to that user

@@ -60,13 +60,13 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
         stock, plain = rows.get(("nginx-stock", c)), rows.get(("turnout", c))
         if row.rps is not None and nginx is not None and nginx.rps:
             row.x_nginx = row.rps / nginx.rps
-        if name.endswith("-workers"):
-            continue  # the other ratios compare single processes
-        if row.rps is not None and stock is not None and stock.rps:
+        single = not name.endswith("-workers")  # the other ratios compare single processes
+        if single and row.rps is not None and stock is not None and stock.rps:
             row.x_stock = row.rps / stock.rps
-        if row.rps is not None and name.startswith("turnout-") and plain and plain.rps:
+        variant = single and name.startswith("turnout-")
+        if row.rps is not None and variant and plain and plain.rps:
             row.x_turnout = row.rps / plain.rps
-        if row.p99_ms is not None and name.startswith("turnout-") and plain and plain.p99_ms:
+        if row.p99_ms is not None and variant and plain and plain.p99_ms:
             row.p99_x_turnout = row.p99_ms / plain.p99_ms
         measured = direct is not None and direct.p50_ms is not None and row.p50_ms is not None
         if c == 1 and name != "direct" and measured:

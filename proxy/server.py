@@ -142,6 +142,9 @@ class Server:
         """Close connections idle past `idle_timeout`, client side and pooled."""
         while not self.stopped.is_set():
             await asyncio.sleep(SWEEP_INTERVAL)
+            if self.role is not None and self.role.orphaned() and not self.draining:
+                log.error("the supervisor is gone: worker %d stops", self.role.index)
+                self.loop.create_task(self.drain())
             snap = self.runtime.snapshot
             timeout = snap.config.limits.idle_timeout
             cutoff = time.monotonic() - timeout

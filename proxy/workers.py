@@ -7,7 +7,9 @@ Rules:
   worker drain and the supervisor exits 0 once they all have. A worker that
   dies on its own is started again after RESPAWN_DELAY; one that dies
   CRASH_LIMIT times in a row within STARTUP seconds of starting stops the
-  whole fleet (exit 1): a port in use or a broken install does not heal.
+  whole fleet (exit 1): a port in use or a broken install does not heal. A
+  worker whose supervisor is gone (killed outright) drains and exits within a
+  second, so no orphan keeps the port.
 - Every worker listens on `listen` with SO_REUSEPORT; the kernel spreads
   connections over them. Routing needs no coordination (buckets are pure).
 - Worker 0 leads: it serves `admin.listen`, judges the canary from the counts
@@ -74,6 +76,10 @@ class Role:
     index: int
     count: int
     folder: str
+    supervisor: int  # its pid: a worker whose supervisor is gone stops
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.supervisor
 
     @property
     def leader(self) -> bool:
@@ -89,7 +95,7 @@ def role_from_env() -> Role | None:
     if not spec or not folder:
         return None
     index, _, count = spec.partition("/")
-    return Role(int(index), int(count), folder)
+    return Role(int(index), int(count), folder, os.getppid())
 
 
 # -- the supervisor -----------------------------------------------------------------------

@@ -157,10 +157,17 @@ def test_bundled_config_passes_check_as_laid_out_in_the_image(
     assert_checks(tmp_path / Path(CONFIG_IN_IMAGE).name)
 
 
-def test_image_installs_the_package(image: list[tuple[str, str]]) -> None:
-    copied = " ".join(args for w, args in image if w == "COPY")
-    for needed in ("pyproject.toml", "README.md", "proxy/"):
+def test_image_installs_the_package_built_in_its_own_stage(image: list[tuple[str, str]]) -> None:
+    """A first stage (with a C compiler) builds the compiled wheel; the image installs it."""
+    stages = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    build = stages[: stages.index(image[0])]
+    copied = " ".join(args for w, args in build if w == "COPY")
+    for needed in ("pyproject.toml", "setup.py", "README.md", "proxy/"):
         assert needed in copied
+    assert any(w == "RUN" and "gcc" in args for w, args in build)
+    assert any(w == "RUN" and "pip wheel" in args for w, args in build)
+    name = only(build, "FROM").split()[-1]
+    assert any(w == "COPY" and args.startswith(f"--from={name} ") for w, args in image)
     assert any(w == "RUN" and "pip install --no-cache-dir" in args for w, args in image)
 
 
@@ -171,6 +178,7 @@ def test_dockerignore_keeps_what_the_image_needs() -> None:
     if "*" in rules:  # an allowlist: everything the Dockerfile copies is let back in
         for needed in (
             "!pyproject.toml",
+            "!setup.py",
             "!README.md",
             "!proxy/",
             "!config/turnout.yaml",

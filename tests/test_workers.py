@@ -222,3 +222,27 @@ async def test_one_worker_is_the_plain_process(proxies, blue, green):
     proxy = await proxies.start(cfg, env=dict(os.environ, TURNOUT_WORKERS="1"))
     doc = await status(proxy)
     assert doc["workers"] is None
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(proxies, blue, green):
+    proxy = await start_fleet(proxies, sticky_config(blue, green, 0))
+    pids = [m["pid"] for m in await members(proxy)]
+    proxy.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+    proxy.proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    async def all_gone():
+        return all(gone(pid) for pid in pids) or None
+
+    await eventually(all_gone, timeout=5)
+    refused = socket.socket()
+    try:
+        assert refused.connect_ex((LOOPBACK, proxy.port)) != 0  # nobody keeps the port
+    finally:
+        refused.close()
