@@ -38,6 +38,8 @@ demo: venv
 
 test: venv
 	$(BIN)/pytest -q
+	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
+	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py
 
 lint: venv
 	$(BIN)/ruff check .
