@@ -30,8 +30,10 @@ def ext_modules() -> list:
         return []
     from mypyc.build import mypycify
 
+    # Third-party modules are typed as Any whether or not they are installed yet,
+    # so a build compiles the same code in a fresh environment and an old one.
     return mypycify(
-        ["--ignore-missing-imports", *COMPILED],
+        ["--ignore-missing-imports", "--no-site-packages", *COMPILED],
         opt_level="3",
         group_name="turnout_native",
     )

@@ -183,12 +183,15 @@ class Exchange:
     def send_whole(self) -> None:
         """`start()` then `request_complete()` for a whole bodiless request, in one go
         when a pooled connection is at hand (the common case)."""
-        vp = self.snap.upstreams.versions[self.version]
-        pool = vp.pick(None)
-        conn = pool.take() if pool is not None else None
-        if conn is None:
-            self.start()
-            self.request_complete()
+        pool = self.snap.upstreams.versions[self.version].pick(None)
+        if pool is None:
+            self.fail(502, "connect", "no endpoint available")
+            return
+        conn = pool.take()
+        if conn is None:  # dial the endpoint picked (a second pick would skip one)
+            self.pool = pool
+            self.client.loop.create_task(self.connect(pool))
+            self.request_complete()  # sent, with its deadline, once connected
             return
         self.pool = pool
         self.reused = True

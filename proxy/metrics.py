@@ -2,40 +2,26 @@
 
 Rules:
 - The hot path only bumps plain ints in dicts and lists (no locks, no label
-  lookups in prometheus_client); a custom collector turns them into Prometheus
-  families when `/metrics` is scraped.
+  lookups in prometheus_client); a custom collector (exposition.py) turns them
+  into Prometheus families when `/metrics` is scraped.
 - Label values are bounded: versions and reasons come from the config, codes
   are HTTP status codes, kinds are a fixed set.
-- This is the only module that imports prometheus_client.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.registry import Collector
+from collections.abc import Callable
 
 from .guard import LATENCY_BUCKETS, UPPER_MS, quantile_ms
 
 # Durations are counted in the guard's fine histogram (UPPER_MS: 1, 1.5, 2, 2.5, 3,
 # 4, 5, 6, 8 per decade), so the guard reads the same counts the metrics export and
-# the hot path records each request once. Prometheus gets these coarser bounds (s),
-# each of which is one of the fine edges.
-BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+# the hot path records each request once (exposition.py exports coarser bounds).
 _FINE_S = tuple(ms / 1000.0 for ms in UPPER_MS)
-_EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
 
 
-class _Histogram:
+class Histogram:
     __slots__ = ("counts", "total", "count")
 
     def __init__(self) -> None:
@@ -49,14 +35,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
-        self.durations: dict[str, _Histogram] = {}
+        self.durations: dict[str, Histogram] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         # per version: answers >= 500 and failed exchanges (the guard's errors)
         self.failures: dict[str, int] = {}
         # shadow copies (dark launch): outcomes per version, like the live ones
         self.shadow_requests: dict[str, int] = {}
         self.shadow_failures: dict[str, int] = {}
-        self.shadow_durations: dict[str, _Histogram] = {}
+        self.shadow_durations: dict[str, Histogram] = {}
         self.mirror = {"sent": 0, "dropped": 0, "failed": 0}
         self.comparisons = {"match": 0, "mismatch": 0}
         self.decisions: dict[tuple[str, str], int] = {}
@@ -89,7 +75,7 @@ class Recorder:
         r[key] = r.get(key, 0) + 1
         h = self.durations.get(version)
         if h is None:
-            h = self.durations[version] = _Histogram()
+            h = self.durations[version] = Histogram()
         h.counts[bisect_left(_FINE_S, seconds)] += 1
         h.total += seconds
         h.count += 1
@@ -121,7 +107,7 @@ class Recorder:
             self.shadow_failures[version] = self.shadow_failures.get(version, 0) + 1
         h = self.shadow_durations.get(version)
         if h is None:
-            h = self.shadow_durations[version] = _Histogram()
+            h = self.shadow_durations[version] = Histogram()
         h.counts[bisect_left(_FINE_S, seconds)] += 1
         h.total += seconds
         h.count += 1
@@ -202,7 +188,7 @@ class Recorder:
             for version, (counts, total, count) in doc.get(field, {}).items():
                 h = hists.get(version)
                 if h is None:
-                    h = hists[version] = _Histogram()
+                    h = hists[version] = Histogram()
                 h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
                 h.total += total
                 h.count += count
@@ -220,114 +206,3 @@ class Recorder:
                       "rollbacks", "rollout_step", "breaches", "in_flight"):  # fmt: skip
             setattr(rec, gauge, getattr(self, gauge))
         return rec
-
-    def registry(self) -> CollectorRegistry:
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(_Collector(self))
-        return reg
-
-
-class _Collector(Collector):
-    def __init__(self, rec: Recorder) -> None:
-        self.rec = rec
-
-    def collect(self) -> Iterator:
-        rec = self.rec
-        c = CounterMetricFamily(
-            "turnout_requests", "Requests answered, by version and status code",
-            labels=["version", "code"],
-        )  # fmt: skip
-        for (version, code), n in sorted(rec.requests.items()):
-            c.add_metric([version, str(code)], n)
-        yield c
-        yield _histogram(
-            "turnout_request_duration_seconds",
-            "Time from request head to the end of the response, by version",
-            rec.durations,
-        )
-        yield _histogram(
-            "turnout_mirror_duration_seconds",
-            "Duration of shadow copies sent to the canary, by version",
-            rec.shadow_durations,
-        )
-        m = CounterMetricFamily(
-            "turnout_mirror_requests", "Shadow copies, by outcome", labels=["outcome"]
-        )
-        for outcome, n in sorted(rec.mirror.items()):
-            m.add_metric([outcome], n)
-        yield m
-        cmp = CounterMetricFamily(
-            "turnout_mirror_compared", "Shadow responses compared with the primary",
-            labels=["result"],
-        )  # fmt: skip
-        for result, n in sorted(rec.comparisons.items()):
-            cmp.add_metric([result], n)
-        yield cmp
-        e = CounterMetricFamily(
-            "turnout_upstream_errors", "Upstream failures, by version and kind",
-            labels=["version", "kind"],
-        )  # fmt: skip
-        for (version, kind), n in sorted(rec.upstream_errors.items()):
-            e.add_metric([version, kind], n)
-        yield e
-        d = CounterMetricFamily(
-            "turnout_route_decisions", "Routing decisions, by version and reason",
-            labels=["version", "reason"],
-        )  # fmt: skip
-        # Every label pair the routing table in force can produce is exported, at 0
-        # until it happens, so rate() and alerts see the series from the start.
-        for version, reason in sorted(set(rec.decisions) | set(rec.decision_labels)):
-            d.add_metric([version, reason], rec.decisions.get((version, reason), 0))
-        yield d
-        g = GaugeMetricFamily(
-            "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]
-        )
-        for version, n in sorted(rec.in_flight().items()):
-            g.add_metric([version], n)
-        yield g
-        yield GaugeMetricFamily(
-            "turnout_canary_weight", "Effective canary weight (%)", value=rec.canary_weight
-        )
-        r = CounterMetricFamily(
-            "turnout_config_reloads", "Config reloads, by result", labels=["result"]
-        )
-        for result, n in sorted(rec.reloads.items()):
-            r.add_metric([result], n)
-        yield r
-        yield GaugeMetricFamily(
-            "turnout_config_generation", "Config generation in force", value=rec.generation
-        )
-        yield GaugeMetricFamily(
-            "turnout_rollback_active",
-            "1 while the rollback latch is set",
-            value=rec.rollback_active,
-        )
-        yield CounterMetricFamily(
-            "turnout_rollbacks", "Rollbacks (guard or manual)", value=rec.rollbacks
-        )
-        yield GaugeMetricFamily(
-            "turnout_rollout_step", "Current rollout step (0-based)", value=rec.rollout_step
-        )
-        yield CounterMetricFamily(
-            "turnout_guard_breaches",
-            "Guard breaches reported without a rollback (on_breach pause or alert)",
-            value=rec.breaches,
-        )
-
-
-def _histogram(name: str, text: str, hists: dict[str, _Histogram]) -> HistogramMetricFamily:
-    """The fine histograms, exported at the coarser Prometheus bounds."""
-    family = HistogramMetricFamily(name, text, labels=["version"])
-    for version, hist in sorted(hists.items()):
-        cumulative, buckets, fine = 0, [], 0
-        for bound, index in zip(BUCKETS, _EXPORT, strict=True):
-            cumulative += sum(hist.counts[fine : index + 1])
-            fine = index + 1
-            buckets.append((repr(bound), cumulative))
-        buckets.append(("+Inf", hist.count))
-        family.add_metric([version], buckets, hist.total)
-    return family
-
-
-def exposition(reg: CollectorRegistry) -> bytes:
-    return generate_latest(reg)

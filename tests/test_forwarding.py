@@ -1179,6 +1179,19 @@ async def test_dead_endpoint_is_retried_on_the_other_and_skipped(
 
 
 @pytest.mark.timeout(20)
+async def test_endpoints_of_a_version_take_turns(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, session
+):
+    one, two = await upstreams.app("one"), await upstreams.app("two")
+    proxy = await proxies.start(versions_config([one.url, two.url], green.url))
+    for i in range(20):  # one at a time: a pooled connection is always at hand after the first
+        async with session.get(proxy.url + f"/r/{i}") as r:
+            assert r.status == 200
+            await r.read()
+    assert (len(one.requests), len(two.requests)) == (10, 10)
+
+
+@pytest.mark.timeout(20)
 async def test_all_endpoints_dead_gives_502(
     proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, session
 ):

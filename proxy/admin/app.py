@@ -17,7 +17,8 @@ from aiohttp import web
 
 from .. import native, rollout
 from ..controller import ALL_ROLES, ActionError
-from ..metrics import Recorder, exposition
+from ..exposition import registry, render
+from ..metrics import Recorder
 from ..routing import RequestView, decide
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
@@ -185,7 +186,7 @@ def _error(status: int, message: str) -> web.Response:
 class AdminServer:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.registry = server.runtime.recorder.registry()
+        self.registry = registry(server.runtime.recorder)
         self.runner: web.AppRunner | None = None
         app = web.Application()
         app.add_routes(
@@ -286,7 +287,7 @@ class AdminServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         fleet = self.server.fleet
-        body = exposition(self.registry if fleet is None else fleet.merged().registry())
+        body = render(self.registry if fleet is None else registry(fleet.merged()))
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -1,0 +1,139 @@
+"""Prometheus exposition of a Recorder: its counters as metric families, on scrape.
+
+The only module that imports prometheus_client. Not compiled (setup.py): the
+collector derives from prometheus_client's class, and nothing here runs per
+request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .guard import UPPER_MS
+from .metrics import Histogram, Recorder
+
+# The Prometheus bounds (s); each is one of the fine edges the Recorder counts in.
+BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
+
+
+def registry(rec: Recorder) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(rec))
+    return reg
+
+
+class _Collector(Collector):
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def collect(self) -> Iterator:
+        rec = self.rec
+        c = CounterMetricFamily(
+            "turnout_requests", "Requests answered, by version and status code",
+            labels=["version", "code"],
+        )  # fmt: skip
+        for (version, code), n in sorted(rec.requests.items()):
+            c.add_metric([version, str(code)], n)
+        yield c
+        yield _histogram(
+            "turnout_request_duration_seconds",
+            "Time from request head to the end of the response, by version",
+            rec.durations,
+        )
+        yield _histogram(
+            "turnout_mirror_duration_seconds",
+            "Duration of shadow copies sent to the canary, by version",
+            rec.shadow_durations,
+        )
+        m = CounterMetricFamily(
+            "turnout_mirror_requests", "Shadow copies, by outcome", labels=["outcome"]
+        )
+        for outcome, n in sorted(rec.mirror.items()):
+            m.add_metric([outcome], n)
+        yield m
+        cmp = CounterMetricFamily(
+            "turnout_mirror_compared", "Shadow responses compared with the primary",
+            labels=["result"],
+        )  # fmt: skip
+        for result, n in sorted(rec.comparisons.items()):
+            cmp.add_metric([result], n)
+        yield cmp
+        e = CounterMetricFamily(
+            "turnout_upstream_errors", "Upstream failures, by version and kind",
+            labels=["version", "kind"],
+        )  # fmt: skip
+        for (version, kind), n in sorted(rec.upstream_errors.items()):
+            e.add_metric([version, kind], n)
+        yield e
+        d = CounterMetricFamily(
+            "turnout_route_decisions", "Routing decisions, by version and reason",
+            labels=["version", "reason"],
+        )  # fmt: skip
+        # Every label pair the routing table in force can produce is exported, at 0
+        # until it happens, so rate() and alerts see the series from the start.
+        for version, reason in sorted(set(rec.decisions) | set(rec.decision_labels)):
+            d.add_metric([version, reason], rec.decisions.get((version, reason), 0))
+        yield d
+        g = GaugeMetricFamily(
+            "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]
+        )
+        for version, n in sorted(rec.in_flight().items()):
+            g.add_metric([version], n)
+        yield g
+        yield GaugeMetricFamily(
+            "turnout_canary_weight", "Effective canary weight (%)", value=rec.canary_weight
+        )
+        r = CounterMetricFamily(
+            "turnout_config_reloads", "Config reloads, by result", labels=["result"]
+        )
+        for result, n in sorted(rec.reloads.items()):
+            r.add_metric([result], n)
+        yield r
+        yield GaugeMetricFamily(
+            "turnout_config_generation", "Config generation in force", value=rec.generation
+        )
+        yield GaugeMetricFamily(
+            "turnout_rollback_active",
+            "1 while the rollback latch is set",
+            value=rec.rollback_active,
+        )
+        yield CounterMetricFamily(
+            "turnout_rollbacks", "Rollbacks (guard or manual)", value=rec.rollbacks
+        )
+        yield GaugeMetricFamily(
+            "turnout_rollout_step", "Current rollout step (0-based)", value=rec.rollout_step
+        )
+        yield CounterMetricFamily(
+            "turnout_guard_breaches",
+            "Guard breaches reported without a rollback (on_breach pause or alert)",
+            value=rec.breaches,
+        )
+
+
+def _histogram(name: str, text: str, hists: dict[str, Histogram]) -> HistogramMetricFamily:
+    """The fine histograms, exported at the coarser Prometheus bounds."""
+    family = HistogramMetricFamily(name, text, labels=["version"])
+    for version, hist in sorted(hists.items()):
+        cumulative, buckets, fine = 0, [], 0
+        for bound, index in zip(BUCKETS, _EXPORT, strict=True):
+            cumulative += sum(hist.counts[fine : index + 1])
+            fine = index + 1
+            buckets.append((repr(bound), cumulative))
+        buckets.append(("+Inf", hist.count))
+        family.add_metric([version], buckets, hist.total)
+    return family
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)
