@@ -155,7 +155,8 @@ class Supervisor:
                 self.reap()
                 time.sleep(0.1)
         finally:
-            self.on_stop(signal.SIGTERM, None) if self.procs else None
+            if self.procs:  # leaving on an error of our own: take the workers along
+                self.on_stop(signal.SIGTERM, None)
             for proc in self.procs.values():
                 proc.wait()
             shutil.rmtree(self.folder, ignore_errors=True)
