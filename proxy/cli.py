@@ -221,6 +221,11 @@ def render_status(doc: dict) -> str:
                 else ""
             )  # fmt: skip
         )
+    workers = doc.get("workers")
+    if workers:
+        each = " · ".join(f"{m['index']}: pid {m['pid']}, {m['requests']} requests"
+                          for m in workers["members"])  # fmt: skip
+        lines.append(f"workers: {workers['count']} ({each})")
     guard = doc.get("guard")
     if guard:
         lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"

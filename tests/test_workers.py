@@ -16,7 +16,7 @@ import pytest
 from bench.detection import KEY_HEADER, VERSION_HEADER
 
 from .conftest import LOOPBACK, ROOT, Metrics, Proxy, ProxyFactory, eventually, versions_config
-from .live import admin, background_load, guard_config, status, wait_latched
+from .live import admin, background_load, guard_config, run_cli, status, wait_latched
 
 WORKERS_ENV = dict(os.environ, TURNOUT_WORKERS="2", PYTHONUNBUFFERED="1")
 
@@ -93,6 +93,9 @@ async def test_two_workers_share_the_port_and_report_one_sum(proxies, blue, gree
     assert len(pids) == 2 and proxy.proc.pid not in pids  # two worker processes under one
     assert all(m["requests"] > 0 for m in found), found  # the kernel spread the connections
     assert sum(m["requests"] for m in found) == 300
+    code, out, _ = await run_cli("status", "--admin", proxy.admin_url)
+    assert code == 0
+    assert f"workers: 2 (0: pid {found[0]['pid']}, {found[0]['requests']} requests" in out
     code, text = await admin(proxy, "GET", "/metrics")
     assert code == 200
     metrics = Metrics(text)
