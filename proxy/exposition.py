@@ -91,34 +91,27 @@ class _Collector(Collector):
         for version, n in sorted(rec.in_flight().items()):
             g.add_metric([version], n)
         yield g
-        yield GaugeMetricFamily(
-            "turnout_canary_weight", "Effective canary weight (%)", value=rec.canary_weight
-        )
         r = CounterMetricFamily(
             "turnout_config_reloads", "Config reloads, by result", labels=["result"]
         )
         for result, n in sorted(rec.reloads.items()):
             r.add_metric([result], n)
         yield r
-        yield GaugeMetricFamily(
-            "turnout_config_generation", "Config generation in force", value=rec.generation
-        )
-        yield GaugeMetricFamily(
-            "turnout_rollback_active",
-            "1 while the rollback latch is set",
-            value=rec.rollback_active,
-        )
-        yield CounterMetricFamily(
-            "turnout_rollbacks", "Rollbacks (guard or manual)", value=rec.rollbacks
-        )
-        yield GaugeMetricFamily(
-            "turnout_rollout_step", "Current rollout step (0-based)", value=rec.rollout_step
-        )
-        yield CounterMetricFamily(
-            "turnout_guard_breaches",
-            "Guard breaches reported without a rollback (on_breach pause or alert)",
-            value=rec.breaches,
-        )
+        for family, name, text, attr in _SCALARS:
+            yield family(name, text, value=getattr(rec, attr))
+
+
+# Families of one unlabelled value: (kind, name, help, the Recorder attribute).
+_SCALARS = (
+    (GaugeMetricFamily, "turnout_canary_weight", "Effective canary weight (%)", "canary_weight"),
+    (GaugeMetricFamily, "turnout_config_generation", "Config generation in force", "generation"),
+    (GaugeMetricFamily, "turnout_rollback_active", "1 while the rollback latch is set",
+     "rollback_active"),
+    (CounterMetricFamily, "turnout_rollbacks", "Rollbacks (guard or manual)", "rollbacks"),
+    (GaugeMetricFamily, "turnout_rollout_step", "Current rollout step (0-based)", "rollout_step"),
+    (CounterMetricFamily, "turnout_guard_breaches",
+     "Guard breaches reported without a rollback (on_breach pause or alert)", "breaches"),
+)  # fmt: skip
 
 
 def _histogram(name: str, text: str, hists: dict[str, Histogram]) -> HistogramMetricFamily:
