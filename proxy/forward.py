@@ -180,35 +180,6 @@ class Exchange:
             return
         self.dispatch(None)
 
-    def send_whole(self) -> None:
-        """`start()` then `request_complete()` for a whole bodiless request, in one go
-        when a pooled connection is at hand (the common case)."""
-        pool = self.snap.upstreams.versions[self.version].pick(None)
-        if pool is None:
-            self.fail(502, "connect", "no endpoint available")
-            return
-        conn = pool.take()
-        if conn is None:  # dial the endpoint picked (a second pick would skip one)
-            self.pool = pool
-            self.client.loop.create_task(self.connect(pool))
-            self.request_complete()  # sent, with its deadline, once connected
-            return
-        self.pool = pool
-        self.reused = True
-        self.conn = conn
-        conn.exchange = self
-        conn.send(self.head_bytes)
-        self.sent = True
-        self.req_done = True
-        if self.shadow_body is not None:
-            body, self.shadow_body = self.shadow_body, None
-            mirroring = self.client.server.mirroring
-            self.shadow = mirroring.launch(self, self.mirror_cfg, body)  # type: ignore[arg-type]
-        if not self.done:
-            # the request was whole when it was read: its deadline counts from then
-            self.deadline = self.t0 + self.snap.config.limits.response_timeout
-            self.client.server.awaiting[self] = None
-
     def dispatch(self, exclude: Pool | None) -> None:
         pool = self.snap.upstreams.versions[self.version].pick(exclude)
         if pool is None:
@@ -428,39 +399,7 @@ class Exchange:
         if found is None:
             return False
         status, sle, rh = found
-        if self.deadline:
-            self.deadline = 0.0
-            self.client.server.awaiting.pop(self, None)
-        client = self.client
-        if (
-            self.shadow is None
-            and self.req_done
-            and self.keep_alive
-            and self.http11
-            and not self.close_client
-            and not client.closed
-            and not client.server.draining
-            and self.decision.set_cookie is None
-        ):
-            # The common answer, in one go: client_head(), release() and finish() for a
-            # kept-alive HTTP/1.1 exchange with nothing else to do.
-            self.status = status
-            self.resp_mode = LENGTH
-            self.resp_keep_alive = not rh.close
-            self.resp_started = True
-            self.done = True
-            extra = self.decision.version_header if self.snap.config.expose_version else b""
-            out = b"".join((data[:sle], rh.block, extra, b"\r\n", data[end + 4 :]))
-            send(client.transport, out)
-            conn, self.conn = self.conn, None
-            if rh.close:
-                conn.close()  # type: ignore[union-attr]
-            else:
-                self.pool.give(conn)  # type: ignore[union-attr, arg-type]
-            seconds = time.perf_counter() - self.t0
-            client.recorder.finished(self.decision.label, status, seconds, None)
-            client.exchange_done(self)
-            return True
+        self.awaiting_done()
         if self.shadow is not None:
             self.shadow.primary_head(status, data[sle : end + 2])
             self.shadow.primary_body(data[end + 4 :])

@@ -35,7 +35,6 @@ from .compare import Captured, compare
 from .config import Mirror
 from .forward import IDEMPOTENT, NO_BODY_STATUS, sized_response
 from .headers import HOP_BY_HOP, scan_response
-from .http.outbox import send
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
@@ -113,7 +112,7 @@ class Mirroring:
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
-        self.server.runtime.recorder.mirror["sent"] += 1
+        self.server.runtime.recorder.mirrored("sent")
         shadow.dispatch(pool)
         return shadow if cfg.compare is not None else None
 
@@ -237,12 +236,7 @@ class ShadowExchange:
             self.loop.create_task(self.connect(pool))
             return
         self.reused = True
-        if self.needs_host:
-            self.attach(conn)
-            return
-        self.conn = conn
-        conn.exchange = self  # type: ignore[assignment]
-        send(conn.transport, self.data)  # type: ignore[arg-type]
+        self.attach(conn)
 
     async def connect(self, pool: Pool) -> None:
         try:
@@ -284,20 +278,6 @@ class ShadowExchange:
         self.finished_status = status
         self.keep_alive = not rh.close
         self.data = b""
-        if self.mine is None:
-            # Nothing to compare: response_complete() and end() in one go.
-            self.done = True
-            conn, self.conn = self.conn, None
-            if rh.close:
-                conn.close()  # type: ignore[union-attr]
-            else:
-                self.pool.give(conn)  # type: ignore[union-attr, arg-type]
-            server = self.server
-            server.awaiting.pop(self, None)
-            self.owner.in_flight -= 1
-            seconds = time.perf_counter() - self.t0
-            server.runtime.recorder.shadow_finished(self.version, status, seconds, None)
-            return True
         if self.mine is not None:
             self.mine.head(status, data[sle : end + 2])
             self.mine.add(data[end + 4 :])

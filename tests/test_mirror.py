@@ -143,6 +143,16 @@ class Gauge:
         self.now -= 1
 
 
+async def slow_canary(
+    proxies: ProxyFactory, upstreams: Upstreams, blue: AppUpstream, delay: float, mirror: dict
+) -> tuple[Proxy, RawUpstream, Gauge, list[float]]:
+    """A proxy mirroring to a green that answers each copy after `delay` s (below)."""
+    gauge, abandoned = Gauge(), []
+    green = await upstreams.raw("green", slow_handler(delay, gauge, abandoned))
+    proxy = await proxies.start(mirror_config(blue.url, green.url, mirror))
+    return proxy, green, gauge, abandoned
+
+
 def slow_handler(delay: float, gauge: Gauge, abandoned: list[float]):
     """A keep-alive RawUpstream handler that answers each request after `delay` s.
 
@@ -367,10 +377,8 @@ async def test_canary_traffic_upgrades_and_the_latch_are_not_copied(
 async def test_a_slow_canary_never_delays_the_primary(
     proxies: ProxyFactory, upstreams: Upstreams, blue: AppUpstream
 ):
-    gauge, abandoned = Gauge(), []
-    green = await upstreams.raw("green", slow_handler(10.0, gauge, abandoned))
-    proxy = await proxies.start(
-        mirror_config(blue.url, green.url, {"percent": 100, "timeout": "15s"})
+    proxy, _, gauge, abandoned = await slow_canary(
+        proxies, upstreams, blue, 10.0, {"percent": 100, "timeout": "15s"}
     )
 
     latencies: list[float] = []
@@ -417,10 +425,8 @@ async def test_a_slow_canary_never_delays_the_primary(
 async def test_a_copy_past_its_timeout_fails_without_touching_the_primary(
     proxies: ProxyFactory, upstreams: Upstreams, blue: AppUpstream
 ):
-    gauge, abandoned = Gauge(), []
-    green = await upstreams.raw("green", slow_handler(10.0, gauge, abandoned))
-    proxy = await proxies.start(
-        mirror_config(blue.url, green.url, {"percent": 100, "timeout": "1s"})
+    proxy, _, gauge, abandoned = await slow_canary(
+        proxies, upstreams, blue, 10.0, {"percent": 100, "timeout": "1s"}
     )
     t0 = time.monotonic()
     for i in range(10):
@@ -448,10 +454,8 @@ async def test_a_copy_past_its_timeout_fails_without_touching_the_primary(
 async def test_max_in_flight_drops_the_excess(
     proxies: ProxyFactory, upstreams: Upstreams, blue: AppUpstream
 ):
-    gauge, abandoned = Gauge(), []
-    green = await upstreams.raw("green", slow_handler(2.0, gauge, abandoned))
-    proxy = await proxies.start(
-        mirror_config(blue.url, green.url, {"percent": 100, "max_in_flight": 2, "timeout": "5s"})
+    proxy, green, gauge, abandoned = await slow_canary(
+        proxies, upstreams, blue, 2.0, {"percent": 100, "max_in_flight": 2, "timeout": "5s"}
     )
 
     async def one(i: int) -> tuple[Response, float]:

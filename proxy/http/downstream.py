@@ -212,7 +212,8 @@ class ClientConnection:
         ex = self.exchange_for(snap, method, target, head, minor == b"1", minor == b"1", False)
         self.last = None
         self.current = ex
-        ex.send_whole()
+        ex.start()
+        ex.request_complete()
         return True
 
     def new_exchange(self) -> Exchange:
