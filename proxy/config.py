@@ -104,6 +104,11 @@ class Limits:
     max_header_bytes: int = 16384
     max_body_bytes: int = 100 * 1024 * 1024
     drain_timeout: float = 20.0
+    # As NGINX's client_header_timeout, client_body_timeout and send_timeout.
+    client_header_timeout: float = 60.0  # a request head must arrive whole within this
+    client_body_timeout: float = 60.0  # longest pause between two pieces of a request body
+    send_timeout: float = 60.0  # longest a client may leave a response unread
+    max_connections: int = 10000  # client connections per process; beyond: 503 and close
 
 
 @dataclass(frozen=True, slots=True)
@@ -1023,6 +1028,10 @@ LIMITS_FIELDS: dict[str, Parser] = {
     "response_timeout": _duration,
     "idle_timeout": _duration,
     "drain_timeout": _duration,
+    "client_header_timeout": _duration,
+    "client_body_timeout": _duration,
+    "send_timeout": _duration,
+    "max_connections": _size(1, 1 << 20, "between 1 and 1048576"),
     "max_header_bytes": _size(1024, 1 << 20, "between 1KiB (1024) and 1MiB (1048576) bytes"),
     "max_body_bytes": _size(1, 1 << 62, "greater than 0"),
 }
