@@ -18,6 +18,7 @@ COMPILED = [
     "proxy/http/outbox.py",
     "proxy/forward.py",
     "proxy/headers.py",
+    "proxy/framing.py",
     "proxy/routing.py",
     "proxy/metrics.py",
     "proxy/mirror.py",

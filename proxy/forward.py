@@ -19,7 +19,10 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from .headers import RequestHead, ResponseHead, plain_response, scan_response
+from .framing import LENGTH as FRAMED_LENGTH
+from .framing import NONE as FRAMED_NONE
+from .framing import RESPONSE_HEAD, FramingError, response_framing
+from .headers import RequestHead, ResponseHead, scan_response
 from .http.outbox import abort, close, send
 from .http.upstream import Pool, UpstreamConnection
 
@@ -39,6 +42,10 @@ LENGTH, CHUNKED, UNTIL_CLOSE, NONE = 0, 1, 2, 3
 
 REASONS = {
     400: b"Bad Request",
+    408: b"Request Timeout",
+    501: b"Not Implemented",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
     502: b"Bad Gateway",
@@ -76,18 +83,27 @@ def sized_response(data: bytes, end: int) -> tuple[int, int, ResponseHead] | Non
 
 
 def _sized_head(head: bytes) -> tuple[int, int, ResponseHead] | None:
-    """`head`: a status line and header lines, each ending CRLF."""
-    if head[:9] != b"HTTP/1.1 ":
+    """`head`: a status line and header lines, each ending CRLF.
+
+    The framing authority (proxy.framing) judges it as it judges every head; a
+    head it would refuse is left to the full path, which refuses it.
+    """
+    m = RESPONSE_HEAD.fullmatch(head)
+    if m is None or m.group(1) != b"1":
         return None
-    code = head[9:12]
-    if not code.isdigit() or head[12:13] not in (b" ", b"\r"):
-        return None
-    status = int(code)
+    status = int(m.group(2))
     if status < 200 or status in NO_BODY_STATUS:
         return None
     sle = head.find(b"\r\n")
-    rh = plain_response(head[sle:])  # None: bare CR or LF, folded lines, NUL
-    if rh is None or rh.content_length is None or rh.chunked:
+    block = head[sle:]
+    try:
+        framing = response_framing(block, status, False)
+    except FramingError:
+        return None
+    if framing.mode != FRAMED_LENGTH and framing.mode != FRAMED_NONE:
+        return None
+    rh = scan_response(block, False)
+    if rh.content_length is None:
         return None
     return status, sle, rh
 
@@ -120,7 +136,6 @@ class Exchange:
     done = False
     tunnel = False
     tunnel_buf = b""
-    interim = False
     tried: Pool | None = None
     close_client = False
     held = False  # a chunked request body is being collected before dispatch
@@ -183,7 +198,9 @@ class Exchange:
     def dispatch(self, exclude: Pool | None) -> None:
         pool = self.snap.upstreams.versions[self.version].pick(exclude)
         if pool is None:
-            self.fail(502, "connect", "no endpoint available")
+            # Refused without a dial (every endpoint is backing off): counted apart
+            # from the dials that failed.
+            self.fail(502, "unavailable", "no endpoint available")
             return
         self.pool = pool
         conn = pool.take()
@@ -327,7 +344,6 @@ class Exchange:
         if status_line[:8] != b"HTTP/1.1":
             status_line = b"HTTP/1.1" + status_line[8:]
         if status < 200 and status != 101:
-            self.interim = True
             if self.http11 and (status != 100 or self.head.expect_continue):
                 send(self.client.transport, status_line + b"\r\n\r\n")
             return
@@ -338,11 +354,6 @@ class Exchange:
         self.resp_pending = self.client_head(
             status, status_line, scan_response(head[sle:], upgrading), keep_alive, upgrading
         )
-        if self.is_head and not upgrading:
-            # httptools cannot be told the response had no body: finish here and
-            # give the connection a fresh parser before it is reused.
-            self.conn.stale_parser = True  # type: ignore[union-attr]
-            self.response_complete()
 
     def client_head(
         self, status: int, status_line: bytes, rh: ResponseHead, keep_alive: bool, upgrading: bool
@@ -431,9 +442,6 @@ class Exchange:
         send(self.client.transport, data)
 
     def response_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
         if self.done or self.status == 101:
             return  # 101 completes via upgraded()
         out = self.resp_pending or b""
@@ -543,8 +551,9 @@ class Exchange:
         self.awaiting_done()
         self.close_client = True
         if self.resp_started:
+            # A response cut short: counted as the failure it is, not as its head's code.
             abort(self.client.transport)
-            self.finish(self.status or status, kind)
+            self.finish(status, kind)
             return
         self.resp_pending = None
         expose = self.snap.config.expose_version

@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import re
 
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-     b"transfer-encoding", b"upgrade"}
-)  # fmt: skip
+from .framing import CHUNKED, LENGTH, PLAIN, Framing
 
-# Lines the proxy removes or rewrites. Matching one sends a head down the slow path.
-_REQ_SPECIAL = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|x-forwarded-(?:for|proto|host)|expect|x-turnout-shadow)[ \t]*:",
-    re.I,
-)
-_RESP_HOP = re.compile(
-    rb"\r\n(?:connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|x-turnout-version)[ \t]*:[^\r]*",
-    re.I,
-)
+# Hop-by-hop (RFC 9110 §7.6.1, and the proxy credentials): removed in both directions.
+HOP_BY_HOP_NAMES = (
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+)  # fmt: skip
+HOP_BY_HOP = frozenset(HOP_BY_HOP_NAMES)
+_HOP_ALT = b"|".join(HOP_BY_HOP_NAMES)
+
+_RESP_HOP = re.compile(rb"\r\n(?:" + _HOP_ALT + rb"|x-turnout-version)[ \t]*:[^\r]*", re.I)
 _LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*?)[ \t]*(?=\r\n)")
 
 
@@ -87,11 +82,9 @@ class RequestHead:
         self.routing: dict[str, str] = {}  # lower-case name -> value, for decide()
 
 
-_REQ_NAMES = (
-    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"te", b"trailer", b"upgrade", b"x-forwarded-for",
-    b"x-forwarded-proto", b"x-forwarded-host", b"expect", b"x-turnout-shadow",
-)  # fmt: skip
+# Request lines the proxy removes or rewrites: finding one sends a head to the slow path.
+_REWRITTEN = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-turnout-shadow")
+_REQ_NAMES = (b"host", b"content-length", b"expect", *HOP_BY_HOP_NAMES, *_REWRITTEN)
 _SLOW = frozenset(_REQ_NAMES[2:])
 
 
@@ -109,13 +102,23 @@ def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
 
 
-def scan_request(block: bytes, scanner: re.Pattern[bytes], wanted: frozenset[bytes]) -> RequestHead:
+def scan_request(
+    block: bytes,
+    scanner: re.Pattern[bytes],
+    wanted: frozenset[bytes],
+    framing: Framing = PLAIN,
+) -> RequestHead:
     """Classify the client's headers: framing, routing inputs, the block to forward.
 
     `block` is "\\r\\nName: value" lines ending "\\r\\n"; `scanner` comes from
-    `request_scanner(wanted)`; `wanted` holds the lower-case names routing reads.
+    `request_scanner(wanted)`; `wanted` holds the lower-case names routing reads;
+    `framing` is what proxy.framing decided from the same block.
     """
     head = RequestHead(block)
+    if framing.mode == LENGTH:
+        head.content_length = framing.length
+    elif framing.mode == CHUNKED:
+        head.chunked = True
     slow = False
     routing = head.routing
     for name, value in scanner.findall(block):
@@ -131,30 +134,20 @@ def scan_request(block: bytes, scanner: re.Pattern[bytes], wanted: frozenset[byt
             if head.host is not None:
                 raise HeaderError("duplicate Host header")
             head.host = value
-        elif name == b"content-length":
-            if not value.isdigit():
-                raise HeaderError("invalid Content-Length")
-            length = int(value)
-            if head.content_length is not None and head.content_length != length:
-                raise HeaderError("conflicting Content-Length headers")
-            head.content_length = length
         elif name in _SLOW:
             slow = True
     if slow:
         head.special = True
-        _scan_special(head, block.lower())
+        _scan_special(head, block.lower(), framing.options)
     return head
 
 
 _XFF = re.compile(rb"\r\nx-forwarded-for[ \t]*:[ \t]*([^\r]*)", re.I)
 
 
-def _scan_special(head: RequestHead, low: bytes) -> None:
+def _scan_special(head: RequestHead, low: bytes, options: frozenset[bytes]) -> None:
     """The slow path: hop-by-hop, forwarding and upgrade headers are present."""
     block = head.block
-    te = header_value(block, low, b"transfer-encoding")
-    if te is not None:
-        head.chunked = te.lower().endswith(b"chunked")
     head.upgrade = header_value(block, low, b"upgrade")
     te_value = header_value(block, low, b"te")
     head.te_trailers = te_value is not None and te_value.lower() == b"trailers"
@@ -162,12 +155,9 @@ def _scan_special(head: RequestHead, low: bytes) -> None:
     head.expect_continue = expect is not None and expect.lower() == b"100-continue"
     xff = [v.rstrip() for v in _XFF.findall(block)]
     head.xff = b", ".join(xff) if xff else None
-    drop = set(_tokens(header_value(block, low, b"connection")))
-    drop.update(
-        (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-         b"transfer-encoding", b"upgrade", b"x-forwarded-for", b"x-forwarded-proto",
-         b"x-forwarded-host", b"x-turnout-shadow")
-    )  # fmt: skip
+    drop = set(options)  # every header any Connection line names
+    drop.update(HOP_BY_HOP_NAMES)
+    drop.update(_REWRITTEN)
     drop.discard(b"host")
     drop.discard(b"content-length")
     head.block = _drop_named(block, frozenset(drop))
@@ -204,9 +194,7 @@ class ResponseHead:
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 _RESP_SCAN = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-    rb"|x-turnout-version|content-length)[ \t]*:[ \t]*([^\r]*)",
-    re.I,
+    rb"\r\n(" + _HOP_ALT + rb"|x-turnout-version|content-length)[ \t]*:[ \t]*([^\r]*)", re.I
 )
 
 
@@ -247,19 +235,3 @@ def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
             block = block + b"Upgrade: %s\r\n" % upgrade
         head.block = block
     return head
-
-
-def plain_response(block: bytes) -> ResponseHead | None:
-    """`scan_response(block)` for a plainly formed head, else None.
-
-    Plain: CRLF line ends only, no folded lines, no NUL; anything else is left
-    to httptools to judge.
-    """
-    if (
-        block.count(b"\n") != block.count(b"\r")
-        or b"\n " in block
-        or b"\n\t" in block
-        or b"\0" in block
-    ):
-        return None
-    return scan_response(block, False)

@@ -108,7 +108,7 @@ class Mirroring:
             # endpoints cooling down after refusals) would never fail its dark launch.
             rec = self.server.runtime.recorder
             rec.mirrored("failed")
-            rec.shadow_finished(snap.config.canary, 0, 0.0, "connect")
+            rec.shadow_finished(snap.config.canary, 0, 0.0, "unavailable")
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
@@ -303,9 +303,6 @@ class ShadowExchange:
         )
         if self.mine is not None:
             self.mine.head(status, block)
-        if self.method == b"HEAD" and self.conn is not None:
-            self.conn.stale_parser = True
-            self.response_complete()
 
     def response_body(self, data: bytes) -> None:
         if self.mine is not None:

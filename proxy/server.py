@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import socket
 import time
@@ -39,6 +40,27 @@ log = logging.getLogger("turnout")
 
 SWEEP_INTERVAL = 1.0
 DEADLINE_INTERVAL = 0.1
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Raise the soft limit on open files toward the hard one: each client connection
+    and its upstream connection take a descriptor each, and at the usual soft limit of
+    1,024 a busy proxy would refuse connections long before `max_connections`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * connections + 256
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < connections + 256:
+        log.warning(
+            "open-file limit %d is below what max_connections %d needs (%d)",
+            soft, connections, want,
+        )  # fmt: skip
 
 
 class Server:
@@ -100,6 +122,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.runtime.config
+        raise_fd_limit(cfg.limits.max_connections)
         self.listener = await loop.create_server(
             lambda: ClientConnection(self),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,
@@ -146,11 +169,15 @@ class Server:
                 log.error("the supervisor is gone: worker %d stops", self.role.index)
                 self.loop.create_task(self.drain())
             snap = self.runtime.snapshot
-            timeout = snap.config.limits.idle_timeout
-            cutoff = time.monotonic() - timeout
+            limits = snap.config.limits
+            timeout = limits.idle_timeout
+            now = time.monotonic()
+            cutoff = now - timeout
             for conn in list(self.connections):
-                if conn.idle() and conn.idle_since < cutoff:
+                if conn.idle() and conn.idle_since < cutoff and not conn.head_since:
                     conn.close()
+                else:
+                    conn.overdue(now, limits)
             snap.upstreams.sweep(timeout)
 
     async def expire(self) -> None:
@@ -176,7 +203,7 @@ class Server:
             self.listener.close()
         for conn in list(self.connections):
             if conn.idle():
-                conn.close()
+                conn.close()  # a clean close: a request already on its way meets no reset
         deadline = time.monotonic() + self.runtime.config.limits.drain_timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -1,44 +1,63 @@
-"""Client side: one asyncio Protocol per client connection, parsed with httptools.
+"""Client side: one asyncio Protocol per client connection, read with proxy.framing.
 
 Rules:
+- Every request head is judged whole, in the strict grammar, before anything of
+  it is acted on (proxy.framing): one framing authority, no second parser that
+  could read the same bytes differently. Its body is read exactly as its
+  framing says; the next request starts right after it.
 - Requests are answered in order. While one exchange is in flight, pipelined
   requests queue behind it and reading from the client pauses.
-- A malformed request gets 400 and the connection closes; nothing of it
-  reaches an upstream. Oversized headers get 431.
+- A malformed request gets 400 (or 405, 413, 431, 501, 505) and the connection
+  closes; nothing of it reaches an upstream. Head bytes are counted as they
+  arrive: a head past `max_header_bytes` is refused before it is complete.
 - The request target never chooses a destination: absolute-form targets are
   reduced to their path.
-- The snapshot is read once per request, at the end of its headers.
+- The snapshot is read once per request, at the end of its head.
 - Reading is paused for several independent reasons (a bit each): upstream
   back-pressure, queued pipelined requests, buffering while connecting.
+- Timeouts (checked by the server's sweep, see `overdue`): a head must arrive
+  whole within `client_header_timeout`, a body must progress within
+  `client_body_timeout`, a client must read within `send_timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
-
 from ..forward import Exchange, error_response
-from ..headers import HeaderError, RequestHead, header_block, scan_request, upstream_request
+from ..framing import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    REQUEST_HEAD,
+    ChunkedReader,
+    Framing,
+    FramingError,
+    head_fault,
+    request_framing,
+)
+from ..headers import HeaderError, RequestHead, scan_request, upstream_request
 from ..routing import RequestView, decide
-from .outbox import close, send
+from .outbox import abort, close, flush, send
 
 if TYPE_CHECKING:
+    from ..config import Limits
     from ..runtime import Snapshot
     from ..server import Server
 
 PAUSE_PIPELINE = 1  # other bits: 2 upstream back-pressure, 4 connect buffer
+LINGER = 2.0  # seconds a closed connection's late bytes are read and dropped
+MAX_EMPTY_LINES = 8  # blank lines tolerated before a request line (RFC 9112 §2.2)
 
-# One whole bodiless request in strict RFC 9112 grammar: origin-form target,
-# token header names, visible-ASCII/obs-text values. Anything else goes to httptools.
-_FAST_REQUEST = re.compile(
-    rb"([A-Z]{1,20}) (/[!-~]*) HTTP/1\.([01])"
-    rb"((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~\x80-\xff]*)*)\r\n\r\n"
-)
+# What the connection is reading.
+HEAD = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+TUNNEL = 3
+STOPPED = 4  # a request was refused: nothing more is read
 
 
 class _Reject(Exception):
@@ -54,9 +73,10 @@ class ClientConnection:
     native class (see proxy/native.py)."""
 
     __slots__ = (
-        "server", "recorder", "transport", "parser", "peer", "peer_bytes", "url",
-        "headers", "header_bytes", "current", "queue", "paused", "tunnel", "closed",
-        "idle_since", "reject", "last", "loop", "in_message", "eof",
+        "server", "recorder", "transport", "peer", "peer_bytes", "buf", "phase", "left",
+        "chunks", "current", "queue", "paused", "tunnel", "closed", "idle_since", "reject",
+        "last", "loop", "eof", "head_since", "progress", "seen", "seen_at", "write_paused",
+        "up_seen", "up_seen_at",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -64,12 +84,12 @@ class ClientConnection:
         self.recorder = server.runtime.recorder
         self.loop = server.loop
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = HttpRequestParser(self)
         self.peer = ""
         self.peer_bytes = b""
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
+        self.buf = b""  # a request head still being received
+        self.phase = HEAD
+        self.left = 0  # BODY_LENGTH: body bytes still to come
+        self.chunks: ChunkedReader | None = None
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.paused = 0
@@ -78,8 +98,14 @@ class ClientConnection:
         self.idle_since = time.monotonic()
         self.reject: _Reject | None = None
         self.last: Exchange | None = None  # the exchange whose request is being read
-        self.in_message = False  # httptools holds part of a request
         self.eof = False  # the client half-closed its side
+        self.head_since = 0.0  # monotonic time the head being received began; 0: none
+        self.progress = 0  # reads so far
+        self.seen = 0  # `progress` at the last sweep that saw it change
+        self.seen_at = 0.0
+        self.write_paused = 0.0  # monotonic time the client stopped reading; 0: it reads
+        self.up_seen = 0  # the upstream connection's `progress` at the last change seen
+        self.up_seen_at = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -88,30 +114,153 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.peer_bytes = self.peer.encode()
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.runtime.snapshot.config.limits.max_connections:
+            self.closed = True
+            self.phase = STOPPED
+            self.recorder.rejected(503)
+            send(transport, error_response(503, None, "too many connections", False))  # type: ignore[arg-type]
+            close(transport)
+            return
+        server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.progress += 1
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
-        if (
-            self.current is None
-            and not self.in_message
-            and data[-4:] == b"\r\n\r\n"
-            and len(data) <= self.server.max_header_bytes
-            and self.fast_request(data)
-        ):
-            return
+        if self.phase == STOPPED:
+            return  # a refused request: nothing after it is read
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as up:
-            self.upgrade_bytes(data[up.args[0] :])
-        except HttpParserError as exc:
-            self.bad_request(self.reject or _Reject(400, _parse_cause(exc)))
+            self.consume(data)
+        except _Reject as r:
+            self.stop(r)
+        except FramingError as fe:
+            self.stop(_Reject(fe.status, fe.cause))
+        except HeaderError as he:
+            self.stop(_Reject(400, str(he)))
+
+    def consume(self, data: bytes) -> None:
+        """Read requests from `data`, in order, each exactly as its framing says."""
+        while data:
+            phase = self.phase
+            if phase == HEAD:
+                rest = self.read_head(data)
+                if rest is None:
+                    return
+                data = rest
+            elif phase == BODY_LENGTH:
+                left = self.left
+                piece = data if len(data) <= left else data[:left]
+                self.left = left - len(piece)
+                ex = self.last
+                if ex is not None:
+                    ex.request_body(piece)
+                if self.left:
+                    return
+                data = data[len(piece) :]
+                self.message_done()
+            elif phase == BODY_CHUNKED:
+                pieces: list[bytes] = []
+                rest = self.chunks.feed(data, pieces)  # type: ignore[union-attr]
+                ex = self.last
+                for piece in pieces:
+                    if ex is not None:
+                        ex.request_body(piece)
+                if rest is None:
+                    return
+                data = rest
+                self.message_done()
+            elif phase == TUNNEL:
+                if self.tunnel is not None:
+                    self.tunnel.tunnel_from_client(data)
+                return
+            else:
+                return
+
+    def read_head(self, data: bytes) -> bytes | None:
+        """Gather one request head and start its exchange; the bytes after the head,
+        or None when it is not complete yet."""
+        old = len(self.buf)
+        buf = self.buf + data if old else data
+        limit = self.server.max_header_bytes
+        if buf[:2] == b"\r\n":
+            stripped = buf.lstrip(b"\r\n")
+            skipped = buf[: len(buf) - len(stripped)]
+            if len(skipped) > 2 * MAX_EMPTY_LINES or b"\n\n" in skipped or b"\r\r" in skipped:
+                raise _Reject(400, "malformed request: empty lines before the request line")
+            buf, old = stripped, 0
+            if not buf:
+                self.buf = b""
+                return None
+        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        if end == -1 or end + 4 > limit:
+            if len(buf) > limit or end != -1:
+                raise _Reject(431, "request line and headers exceed max_header_bytes")
+            if b"\n\n" in buf or b"\n\r\n" in buf:
+                raise _Reject(400, "malformed request: bare LF line ends")
+            if not self.head_since:
+                self.head_since = time.monotonic()
+            self.buf = buf
+            return None
+        self.buf = b""
+        self.head_since = 0.0
+        self.begin(buf[: end + 2])
+        return buf[end + 4 :]
+
+    def begin(self, head: bytes) -> None:
+        """Judge a whole head, make its exchange, and set up the reading of its body."""
+        m = REQUEST_HEAD.fullmatch(head)
+        if m is None:
+            raise _Reject(400, f"malformed request: {head_fault(head)}")
+        method, target, major, minor, lines = m.groups()
+        if major != b"1" or minor not in (b"0", b"1"):
+            raise _Reject(505, "HTTP version not supported")
+        http11 = minor == b"1"
+        block = lines + b"\r\n"
+        framing = request_framing(block, http11)
+        ex = self.new_exchange(method, target, block, http11, framing)
+        self.last = ex
+        if self.current is None:
+            self.current = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.pause_reading(PAUSE_PIPELINE)
+        mode = framing.mode
+        if mode == LENGTH:
+            self.phase = BODY_LENGTH
+            self.left = framing.length
+        elif mode == CHUNKED:
+            self.phase = BODY_CHUNKED
+            self.chunks = ChunkedReader(400)
+        else:
+            self.message_done()
+            if ex.upgrade:
+                self.phase = TUNNEL
+                self.upgrade_bytes(b"")
+
+    def message_done(self) -> None:
+        self.phase = HEAD
+        self.chunks = None
+        ex = self.last
+        self.last = None
+        if ex is not None:
+            ex.request_complete()
+
+    def stop(self, reject: _Reject) -> None:
+        self.phase = STOPPED
+        self.buf = b""
+        self.bad_request(reject)
 
     def eof_received(self) -> bool | None:
+        if self.phase == STOPPED and self.current is None:
+            return None  # nothing more to answer: the transport closes itself
         if self.tunnel is not None:
             self.tunnel.client_lost()  # a tunnel ends when either side ends it
+            return None
+        if self.phase in (BODY_LENGTH, BODY_CHUNKED):
+            self.stop(_Reject(400, "the client closed the connection mid-request"))
             return None
         # A half-closed client may still be waiting for its answer.
         self.eof = True
@@ -129,110 +278,39 @@ class ClientConnection:
         self.queue.clear()
 
     def pause_writing(self) -> None:
+        self.write_paused = time.monotonic()
         ex = self.tunnel or self.current
         if ex is not None and ex.conn is not None and ex.conn.transport is not None:
             ex.conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = 0.0
         ex = self.tunnel or self.current
         if ex is not None and ex.conn is not None and ex.conn.transport is not None:
             ex.conn.transport.resume_reading()
 
-    # -- parser callbacks -------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.in_message = True
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.header_bytes += len(url)
-        if self.header_bytes > self.server.max_header_bytes:
-            self.reject = _Reject(431, "request line and headers exceed max_header_bytes")
-            raise self.reject
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > self.server.max_header_bytes:
-            self.reject = _Reject(431, "request headers exceed max_header_bytes")
-            raise self.reject
-
-    def on_headers_complete(self) -> None:
-        try:
-            ex = self.new_exchange()
-        except _Reject as r:
-            self.reject = r
-            raise
-        except HeaderError as e:
-            self.reject = _Reject(400, str(e))
-            raise
-        self.last = ex
-        if self.current is None:
-            self.current = ex
-            ex.start()
-        else:
-            self.queue.append(ex)
-            self.pause_reading(PAUSE_PIPELINE)
-
-    def on_body(self, body: bytes) -> None:
-        ex = self.last
-        if ex is not None:
-            ex.request_body(body)
-
-    def on_message_complete(self) -> None:
-        self.in_message = False
-        ex = self.last
-        self.last = None
-        if ex is not None:
-            ex.request_complete()
-
     # -- exchanges --------------------------------------------------------------------
 
-    def fast_request(self, data: bytes) -> bool:
-        """Serve a lone, bodiless, plainly formed request without httptools.
-
-        Returns False, having changed nothing, when the request needs the full parser.
-        """
-        m = _FAST_REQUEST.fullmatch(data)
-        if m is None:
-            return False
-        method, target, minor, block = m.groups()
-        if method == b"CONNECT":
-            return False  # refused by the full path, with 405
-        snap = self.server.runtime.snapshot
-        try:
-            head = scan_request(block + b"\r\n", snap.table.scanner, snap.table.wanted)
-        except HeaderError:
-            return False
-        if head.special or head.content_length is not None or head.host is None:
-            return False
-        ex = self.exchange_for(snap, method, target, head, minor == b"1", minor == b"1", False)
-        self.last = None
-        self.current = ex
-        ex.start()
-        ex.request_complete()
-        return True
-
-    def new_exchange(self) -> Exchange:
-        p = self.parser
-        method = p.get_method()
+    def new_exchange(
+        self, method: bytes, target: bytes, block: bytes, http11: bool, framing: Framing
+    ) -> Exchange:
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported")
-        http11 = p.get_http_version() == "1.1"
-        target = self.url
         if target[:1] != b"/":
-            target = _origin_form(target)
+            target = _origin_form(method, target)
         snap = self.server.runtime.snapshot
-        head = scan_request(header_block(self.headers), snap.table.scanner, snap.table.wanted)
+        head = scan_request(block, snap.table.scanner, snap.table.wanted, framing)
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
-        if head.chunked and head.content_length is not None:
-            raise _Reject(400, "both Content-Length and Transfer-Encoding")
-        upgrade = head.upgrade is not None and p.should_upgrade()
-        return self.exchange_for(snap, method, target, head, http11, p.should_keep_alive(), upgrade)
+        options = framing.options
+        if http11:
+            keep_alive = b"close" not in options
+        else:
+            keep_alive = b"keep-alive" in options and b"close" not in options
+        upgrade = http11 and head.upgrade is not None and b"upgrade" in options
+        if upgrade and framing.mode != NONE:
+            raise _Reject(400, "an upgrade request with a body")
+        return self.exchange_for(snap, method, target, head, http11, keep_alive, upgrade)
 
     def exchange_for(
         self,
@@ -281,7 +359,7 @@ class ClientConnection:
     def upgrade_bytes(self, rest: bytes) -> None:
         ex = self.current
         if ex is None or not ex.upgrade:
-            self.bad_request(_Reject(400, "unexpected protocol upgrade"))
+            self.stop(_Reject(400, "unexpected protocol upgrade"))
             return
         if rest:
             ex.tunnel_from_client(rest)
@@ -324,19 +402,74 @@ class ClientConnection:
         if was and not self.paused and not self.closed:
             self.transport.resume_reading()
 
+    def overdue(self, now: float, limits: Limits) -> None:
+        """Enforce the timeouts; the server's sweep calls this about once a second."""
+        if self.closed:
+            return
+        if self.progress != self.seen:
+            self.seen = self.progress
+            self.seen_at = now
+        if self.write_paused and now - self.write_paused > limits.send_timeout:
+            self.closed = True
+            abort(self.transport)  # it stopped reading: what it did not take is lost anyway
+            return
+        phase = self.phase
+        if phase == HEAD:
+            if self.head_since and now - self.head_since > limits.client_header_timeout:
+                self.stop(_Reject(408, "request head not received within client_header_timeout"))
+                return
+        elif phase in (BODY_LENGTH, BODY_CHUNKED):
+            if self.paused:
+                self.seen_at = now  # the proxy holds the client back: not its delay
+            elif now - self.seen_at > limits.client_body_timeout:
+                self.stop(_Reject(408, "request body stalled past client_body_timeout"))
+                return
+        self.upstream_overdue(now, limits.response_timeout)
+
+    def upstream_overdue(self, now: float, timeout: float) -> None:
+        """An upstream that stops sending mid-response is cut off after `timeout`."""
+        ex = self.current
+        conn = ex.conn if ex is not None else None
+        if ex is None or conn is None or not ex.status or ex.done or ex.tunnel:
+            return
+        if conn.progress != self.up_seen or self.write_paused:
+            self.up_seen = conn.progress
+            self.up_seen_at = now
+        elif now - self.up_seen_at > timeout:
+            ex.upstream_failed("timeout", "upstream stalled mid-response", 504)
+
     def closing(self) -> bool:
         return self.closed or self.server.draining
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            close(self.transport)
+        """Close once what was queued has gone out, lingering as NGINX does.
+
+        Closing a socket with unread bytes makes the kernel answer with a reset,
+        which can destroy an answer (a 400, a 431, the last response before a
+        drain) before the client reads it. So our side is half-closed first, and
+        what the client still sends is read and dropped until it closes its side,
+        for at most LINGER seconds.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.phase = STOPPED
+        transport = self.transport
+        if self.eof or not transport.can_write_eof():
+            close(transport)
+            return
+        flush()
+        transport.write_eof()
+        if self.paused:
+            self.paused = 0
+            transport.resume_reading()
+        self.loop.call_later(LINGER, transport.close)
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
 
 
-def _origin_form(target: bytes) -> bytes:
+def _origin_form(method: bytes, target: bytes) -> bytes:
     """Reduce an absolute-form target to its path; the named host is ignored."""
     low = target[:8].lower()
     if low.startswith(b"http://") or low.startswith(b"https://"):
@@ -346,11 +479,6 @@ def _origin_form(target: bytes) -> bytes:
         if slash == -1 or (query != -1 and query < slash):
             return b"/" + (rest[query:] if query != -1 else b"")
         return rest[slash:]
-    if target == b"*":
+    if target == b"*" and method == b"OPTIONS":
         return target
     raise _Reject(400, "invalid request target")
-
-
-def _parse_cause(exc: Exception) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return f"malformed request: {text}"[:200]

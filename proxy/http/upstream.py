@@ -5,7 +5,8 @@ Rules:
 - One exchange at a time per connection (no upstream pipelining). A connection
   goes back to its pool only when both the request and the response ended
   cleanly with keep-alive; anything else closes it.
-- An endpoint that refuses connections is skipped for `COOLDOWN` seconds.
+- An endpoint that refuses connections is skipped for a short back-off (see
+  BACKOFF_FIRST); the next request after it is the probe.
 - Pools survive config reloads for endpoints that did not change.
 - Parser callbacks are forwarded to the attached exchange; flow control
   (pause/resume_writing) is passed through to the client connection.
@@ -17,38 +18,61 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, cast
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
-
 from ..config import Config, Endpoint
+from ..framing import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    RESPONSE_HEAD,
+    UNTIL_CLOSE,
+    ChunkedReader,
+    FramingError,
+    head_fault,
+    response_framing,
+)
 from .outbox import abort, send
 
 if TYPE_CHECKING:
     from ..forward import Exchange
     from ..mirror import ShadowExchange
 
-COOLDOWN = 5.0  # seconds an endpoint that refused is skipped
+# An endpoint that refused is skipped for a back-off that doubles with each refusal
+# in a row, from BACKOFF_FIRST to BACKOFF_MAX seconds; the first request after it
+# dials again (the probe), and one success ends the back-off. Short on purpose: a
+# restart of a second should cost about a second of refusals, not a cool-down of 5.
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 1.0
 MAX_IDLE = 512  # idle connections kept per endpoint
 MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
 
 
 class UpstreamConnection:
-    """An asyncio Protocol by its methods, not by its base class (as ClientConnection)."""
+    """An asyncio Protocol by its methods, not by its base class (as ClientConnection).
+
+    Responses are read with proxy.framing, the same strict rules as requests: a
+    head is judged whole before anything of it is relayed, and the body ends
+    exactly where the head's framing says. Bytes past that end spoil the
+    connection: it is closed, never pooled.
+    """
 
     __slots__ = (
-        "pool", "transport", "parser", "exchange", "closed", "idle_since",
-        "head_buf", "want_head", "stale_parser",
+        "pool", "transport", "exchange", "closed", "idle_since", "head_buf", "want_head",
+        "mode", "left", "chunks", "spoiled", "progress",
     )  # fmt: skip
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = HttpResponseParser(self)
         self.exchange: Exchange | ShadowExchange | None = None
         self.closed = False
         self.idle_since = 0.0
         self.head_buf = b""  # raw bytes of a response head still being received
         self.want_head = True
-        self.stale_parser = False  # a HEAD response leaves the parser expecting a body
+        self.mode = NONE  # how the body being read ends
+        self.left = 0  # LENGTH: body bytes still to come
+        self.chunks: ChunkedReader | None = None
+        self.spoiled = False  # bytes arrived past a response's end: never reuse
+        self.progress = 0  # reads so far; the server's sweep watches it for stalls
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -60,27 +84,105 @@ class UpstreamConnection:
         if ex is None:  # an idle connection must not speak: drop it
             self.close()
             return
+        self.progress += 1
         if ex.tunnel:  # only a primary exchange tunnels
             send(cast("Exchange", ex).client.transport, data)
             return
-        if self.want_head:
-            if not self.head_buf:
-                end = data.find(b"\r\n\r\n")
-                if end != -1 and ex.whole_response(data, end):
-                    return
-            self.head_buf = self.head_buf + data if self.head_buf else data
+        if self.want_head and not self.head_buf:
+            end = data.find(b"\r\n\r\n")
+            if end != -1 and ex.whole_response(data, end):
+                return
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as up:
-            ex.upgraded(data[up.args[0] :])
-        except HttpParserError:
-            ex.upstream_failed("protocol", "malformed upstream response")
-            return
-        if self.want_head and len(self.head_buf) > MAX_HEAD:
-            ex.upstream_failed("protocol", "upstream response head too large")
+            self.read(ex, data)
+        except FramingError as exc:
+            if self.exchange is ex:
+                ex.upstream_failed("protocol", f"malformed upstream response: {exc.cause}")
             return
         if ex.resp_pending is not None and self.exchange is ex:
             ex.flush_response_head()
+
+    def read(self, ex: Exchange | ShadowExchange, data: bytes) -> None:
+        """Consume `data` for `ex`: heads, then the body as its framing says."""
+        while data:
+            if self.want_head:
+                rest = self.read_head(ex, data)
+                if rest is None:
+                    return
+                data = rest
+            elif self.mode == LENGTH:
+                take = self.left
+                piece = data if len(data) <= take else data[:take]
+                self.left -= len(piece)
+                ex.response_body(piece)
+                if self.left:
+                    return
+                self.body_ended(ex, data[len(piece) :])
+                return
+            elif self.mode == CHUNKED:
+                pieces: list[bytes] = []
+                rest = self.chunks.feed(data, pieces)  # type: ignore[union-attr]
+                for piece in pieces:
+                    if self.exchange is not ex:
+                        return
+                    ex.response_body(piece)
+                if rest is not None and self.exchange is ex:
+                    self.body_ended(ex, rest)
+                return
+            else:  # UNTIL_CLOSE
+                ex.response_body(data)
+                return
+
+    def read_head(self, ex: Exchange | ShadowExchange, data: bytes) -> bytes | None:
+        """Gather and judge one response head; the bytes after it, or None when done."""
+        old = len(self.head_buf)
+        buf = self.head_buf + data if old else data
+        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        if end == -1 or end + 4 > MAX_HEAD:
+            if len(buf) > MAX_HEAD:
+                raise FramingError(502, "response head too large")
+            self.head_buf = buf
+            return None
+        self.head_buf = b""
+        head = buf[: end + 2]
+        m = RESPONSE_HEAD.fullmatch(head)
+        if m is None:
+            raise FramingError(502, head_fault(head))
+        status = int(m.group(2))
+        rest = buf[end + 4 :]
+        if status < 200 and status != 101:
+            ex.response_head(status, head, True)  # interim: the final head follows
+            return rest
+        if status == 101:
+            self.want_head = False
+            ex.response_head(status, head, False)
+            if self.exchange is ex:
+                ex.upgraded(rest)
+            return None
+        framing = response_framing(m.group(3) + b"\r\n", status, ex.method == b"HEAD")
+        options = framing.options
+        if m.group(1) == b"1":
+            keep_alive = b"close" not in options
+        else:
+            keep_alive = b"keep-alive" in options and b"close" not in options
+        self.want_head = False
+        self.mode = framing.mode
+        self.left = framing.length
+        if framing.mode == CHUNKED:
+            self.chunks = ChunkedReader(502)
+        ex.response_head(status, head, keep_alive and framing.mode != UNTIL_CLOSE)
+        if self.exchange is not ex:
+            return None
+        if framing.mode == NONE:
+            self.body_ended(ex, rest)
+            return None
+        return rest
+
+    def body_ended(self, ex: Exchange | ShadowExchange, rest: bytes) -> None:
+        if rest:
+            self.spoiled = True  # more than the framing said: the next reader would desync
+        if ex.resp_pending is not None:
+            ex.flush_response_head()
+        ex.response_complete()
 
     def eof_received(self) -> bool:
         return False
@@ -102,33 +204,6 @@ class UpstreamConnection:
         if ex is not None:
             ex.upstream_paused(False)
 
-    # -- parser callbacks ---------------------------------------------------------
-
-    # No per-header callbacks: the head is taken whole from the raw bytes (see
-    # headers.py), which saves a Python call per header line.
-
-    def on_headers_complete(self) -> None:
-        buf = self.head_buf
-        end = buf.find(b"\r\n\r\n")
-        if end == -1:  # bare-LF framing: not supported from upstreams
-            raise HttpParserError("response head without CRLF line endings")
-        p = self.parser
-        status = p.get_status_code()
-        if status >= 200 or status == 101:
-            self.want_head = False
-            self.head_buf = b""
-        else:
-            self.head_buf = buf[end + 4 :]  # an interim response: the next head follows
-        self.exchange.response_head(status, buf[: end + 2], p.should_keep_alive())  # type: ignore[union-attr]
-
-    def on_body(self, body: bytes) -> None:
-        self.exchange.response_body(body)  # type: ignore[union-attr]
-
-    def on_message_complete(self) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.response_complete()
-
     # -- helpers ------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
@@ -141,21 +216,38 @@ class UpstreamConnection:
             if self.transport is not None:
                 abort(self.transport)
 
-    def reset_parser(self) -> None:
-        self.parser = HttpResponseParser(self)
-        self.stale_parser = False
+    def reusable(self) -> bool:
+        """Ready for the next request: its last response ended exactly at its framing."""
+        if self.closed or self.spoiled or self.head_buf:
+            return False
+        if self.want_head:
+            return True
+        mode = self.mode
+        if mode == LENGTH:
+            return self.left == 0
+        if mode == CHUNKED:
+            return self.chunks is not None and self.chunks.done()
+        return mode == NONE
+
+    def reset(self) -> None:
+        self.want_head = True
+        self.head_buf = b""
+        self.mode = NONE
+        self.left = 0
+        self.chunks = None
 
 
 class Pool:
     """Idle connections to one endpoint, and how to dial a new one."""
 
-    __slots__ = ("endpoint", "idle", "down_until", "retired")
+    __slots__ = ("endpoint", "idle", "down_until", "retired", "refusals")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.idle: list[UpstreamConnection] = []
         self.down_until = 0.0
         self.retired = False
+        self.refusals = 0  # refused dials in a row
 
     def take(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -167,13 +259,10 @@ class Pool:
 
     def give(self, conn: UpstreamConnection) -> None:
         conn.exchange = None
-        if conn.closed or self.retired or len(self.idle) >= MAX_IDLE:
+        if not conn.reusable() or self.retired or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
-        if conn.stale_parser:
-            conn.reset_parser()
-        conn.want_head = True
-        conn.head_buf = b""
+        conn.reset()
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
@@ -185,10 +274,14 @@ class Pool:
             loop.create_connection(lambda: UpstreamConnection(self), ep.host, ep.port),  # type: ignore[type-var]
             timeout,
         )
+        self.refusals = 0
+        self.down_until = 0.0
         return conn
 
     def refused(self) -> None:
-        self.down_until = time.monotonic() + COOLDOWN
+        self.refusals += 1
+        backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self.refusals - 1, 10))
+        self.down_until = time.monotonic() + backoff
 
     def sweep(self, idle_before: float) -> None:
         """Close idle connections unused since `idle_before` (monotonic seconds)."""
