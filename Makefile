@@ -39,7 +39,8 @@ demo: venv
 test: venv
 	$(BIN)/pytest -q
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
-	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py
+	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
+	  tests/test_framing.py tests/test_limits.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -63,7 +63,7 @@ SIZED_HEADS_MAX = 256  # distinct heads remembered; then the memory starts afres
 
 def sized_response(data: bytes, end: int) -> tuple[int, int, ResponseHead] | None:
     """A whole response read in one piece, plainly formed and framed by its length:
-    (status, where its status line ends, its head); None when httptools must judge it.
+    (status, where its status line ends, its head); None when the full path must read it.
 
     `end` is where its head ends (the blank line). Not for an answer to HEAD. The
     result for a head is remembered (see above); a ResponseHead is never changed
@@ -399,7 +399,7 @@ class Exchange:
         return b"".join((status_line, rh.block, framing, b"\r\n"))
 
     def whole_response(self, data: bytes, end: int) -> bool:
-        """Relay a complete, plainly formed response read in one piece, without httptools.
+        """Relay a complete, plainly formed response read in one piece, in one call.
 
         `end` is where its head ends. Returns False, having changed nothing, when
         the response needs the full parser.
