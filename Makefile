@@ -5,6 +5,8 @@
 #   make build   compile the forwarding path again (after editing one of its modules)
 #   make lint    ruff check + ruff format --check
 #   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
+#   make soak    fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
+#                (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
 #   make clean   remove caches and build output; `make distclean` also removes .venv
 #
 # .venv is (re)installed, which also compiles the forwarding path with mypyc (setup.py),
@@ -19,7 +21,7 @@ STAMP  := $(VENV)/.installed
 COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test lint bench clean distclean
+.PHONY: help venv build demo test lint bench soak clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
@@ -56,6 +58,9 @@ bench: venv
 	  fi; \
 	fi
 	$(BIN)/python -m bench.run
+
+soak: venv
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
