@@ -2,6 +2,7 @@
 #
 #   make demo    create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
 #   make test    create .venv if needed, then run the whole test suite
+#   make fuzz    differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
 #   make build   compile the forwarding path again (after editing one of its modules)
 #   make lint    ruff check + ruff format --check
 #   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
@@ -21,7 +22,7 @@ STAMP  := $(VENV)/.installed
 COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test lint bench soak clean distclean
+.PHONY: help venv build demo test fuzz lint bench soak clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
@@ -43,6 +44,20 @@ test: venv
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
 	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
 	  tests/test_framing.py tests/test_limits.py
+
+# `make test` runs tests/test_fuzz.py with 300 examples; this runs FUZZ_EXAMPLES per test
+# on each build, collecting every disagreement (survey mode) instead of stopping at the
+# first; both runs happen even when the first fails. Each prints `fuzz ...: N examples, ...`.
+FUZZ_EXAMPLES ?= 100000
+FUZZ_ENV := TURNOUT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TURNOUT_FUZZ_SURVEY=1
+
+fuzz: venv
+	@status=0; \
+	echo "fuzz: pure Python build (TURNOUT_PURE=1), $(FUZZ_EXAMPLES) examples per test"; \
+	TURNOUT_PURE=1 $(FUZZ_ENV) $(BIN)/pytest -q -m fuzz tests/test_fuzz.py || status=1; \
+	echo "fuzz: compiled build, $(FUZZ_EXAMPLES) examples per test"; \
+	$(FUZZ_ENV) $(BIN)/pytest -q -m fuzz tests/test_fuzz.py || status=1; \
+	exit $$status
 
 lint: venv
 	$(BIN)/ruff check .
