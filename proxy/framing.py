@@ -13,7 +13,8 @@ Rules:
   differently from Turnout.
 - Chunked bodies are decoded strictly: hex sizes of at most 16 digits,
   well-formed extensions (dropped), CRLF after every size line and every
-  chunk, trailer lines in the header grammar (dropped).
+  chunk, trailer lines in the header grammar (dropped) and none of them a
+  framing field.
 - Connection options are the union of every `Connection` line.
 Pure functions and one small decoder; no I/O. A rejection is a `FramingError`
 carrying the status to answer (requests) and a short cause.
@@ -236,6 +237,12 @@ class ChunkedReader:
                 return data[i:]
             elif not _FIELD_RE.fullmatch(line[:-2]):
                 raise FramingError(self.status, "malformed trailer line")
+            elif line[:15].lower() == b"content-length:" or line[:18].lower() == (
+                b"transfer-encoding:"
+            ):
+                # Framing fields may not be trailers (RFC 9110 §6.5.1): no reader may
+                # take one for the framing of anything.
+                raise FramingError(self.status, "a framing field among the trailers")
         return None
 
     def done(self) -> bool:

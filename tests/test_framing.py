@@ -166,6 +166,8 @@ def test_chunked_bodies_decode_in_any_pieces(step):
         b"5;\r\nhello\r\n0\r\n\r\n",
         b"0x5\r\nhello\r\n0\r\n\r\n",
         b"0\r\nX : 1\r\n\r\n",  # a malformed trailer
+        b"0\r\nContent-Length: 5\r\n\r\n",  # a framing field as a trailer
+        b"0\r\ntransfer-encoding: chunked\r\n\r\n",
         b"5" * 5000 + b"\r\n",  # a size line past its limit
     ],
 )

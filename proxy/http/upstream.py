@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 # dials again (the probe), and one success ends the back-off. Short on purpose: a
 # restart of a second should cost about a second of refusals, not a cool-down of 5.
 BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 1.0
+BACKOFF_MAX = 0.5
 MAX_IDLE = 512  # idle connections kept per endpoint
 MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
 
@@ -90,7 +90,7 @@ class UpstreamConnection:
             return
         if self.want_head and not self.head_buf:
             end = data.find(b"\r\n\r\n")
-            if end != -1 and ex.whole_response(data, end):
+            if end != -1 and end < MAX_HEAD and ex.whole_response(data, end):
                 return
         try:
             self.read(ex, data)
