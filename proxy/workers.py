@@ -22,8 +22,9 @@ Rules:
   state file could be written.
 - The private folder is the fleet's memory (`Ledger`): the leader writes the
   state in force there before pushing it, and the fleet's counters before it
-  shows them; a worker that starts (again) takes the state from there, not
-  from the state file, and a leader that takes over carries the counts on.
+  shows them; a worker started again takes the state from there, not from
+  the state file (only the fleet's first start reads that), and a leader
+  that takes over carries the counts on.
   A follower opens its socket before it reads the ledger, and the leader
   writes the ledger before it pushes: a change is either read or pushed.
 - `/metrics` and `/status` on the admin port show the sum, so one scrape
