@@ -36,7 +36,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -219,47 +218,61 @@ class Supervisor:
 class Ledger:
     """Files in the fleet's private folder, which outlives every worker.
 
-    Each is written whole (a temp file, then a rename) so a reader sees the old
-    or the new one, never a part of one. Not fsynced: they outlive a worker's
-    death, not the machine's, and the supervisor removes them with the folder.
+    Each name has two slots written in turn, each copy numbered: a reader takes
+    the newest copy that parses, so a copy cut short by a worker's death (or
+    read while it is written) costs one step of age, never a wrong value. A
+    copy is written in place (no new file, no rename: this runs several times
+    a tick) and not fsynced: it outlives a worker's death, not the machine's,
+    and the supervisor removes the folder when the fleet stops.
     """
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        self.numbers: dict[str, int] = {}  # name -> number of the last copy written
+        self.fds: dict[str, int] = {}  # slot path -> open file
         self.error: str | None = None  # the last write error, logged once
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.folder, name)
+    def slot(self, name: str, n: int) -> str:
+        return os.path.join(self.folder, f"{name}.{n % 2}")
 
     def write(self, name: str, doc: dict) -> bool:
-        path = self.path(name)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        n = self.numbers[name] + 1 if name in self.numbers else self.newest(name)[0] + 1
+        path = self.slot(name, n)
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(doc, f, separators=(",", ":"))
-            os.replace(tmp, path)
+            data = json.dumps({"n": n, "doc": doc}, separators=(",", ":")).encode()
+            fd = self.fds.get(path)
+            if fd is None:
+                fd = self.fds[path] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
         except (OSError, ValueError) as err:
             message = f"cannot write {path}: {err}"
             if message != self.error:  # once per distinct error: this runs every tick
                 log.error("%s (a worker that starts now reads an older copy)", message)
             self.error = message
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             return False
+        self.numbers[name] = n
         self.error = None
         return True
 
     def read(self, name: str) -> dict | None:
-        """The last copy written, or None when there is none (or it cannot be read)."""
-        try:
-            with open(self.path(name), encoding="utf-8") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:
-            log.error("cannot read %s: %s", self.path(name), err)
-            return None
-        return doc if isinstance(doc, dict) else None
+        """The newest copy written, or None when there is none."""
+        return self.newest(name)[1]
+
+    def newest(self, name: str) -> tuple[int, dict | None]:
+        best: tuple[int, dict | None] = (0, None)
+        for n in (0, 1):
+            try:
+                with open(self.slot(name, n), "rb") as f:
+                    copy = json.loads(f.read())
+                number, doc = int(copy["n"]), copy["doc"]
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # cut short, or being written: the other slot stands
+            if number > best[0] and isinstance(doc, dict):
+                best = (number, doc)
+        return best
 
 
 # -- the leader <-> follower channel ---------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from bench.detection import KEY_HEADER, VERSION_HEADER
 from proxy.controller import TICK
+from proxy.workers import Ledger
 
 from .conftest import LOOPBACK, ROOT, Metrics, Proxy, ProxyFactory, eventually, versions_config
 from .live import admin, background_load, guard_config, run_cli, status, wait_latched
@@ -367,6 +368,7 @@ async def test_killing_the_leader_under_load_never_lowers_a_counter(proxies, pai
         leader = (await members(proxy))[0]["pid"]
         before = scrapes[-1].get("turnout_requests_total")
         os.kill(leader, signal.SIGKILL)
+        killed_at = len(scrapes)  # every later scrape is the new leader's
 
         async def new_leader():
             with contextlib.suppress(AssertionError, aiohttp.ClientError, OSError):
@@ -380,7 +382,9 @@ async def test_killing_the_leader_under_load_never_lowers_a_counter(proxies, pai
     stop.set()
     await sampler
     after = (await scrape(proxy)).get("turnout_requests_total")
-    print(f"turnout_requests_total {before:.0f} before the leader was killed, {after:.0f} after")
+    first = scrapes[killed_at].get("turnout_requests_total")
+    print(f"turnout_requests_total {before:.0f} when the leader was killed, {first:.0f} at the"
+          f" new leader's first scrape, {after:.0f} at the end")  # fmt: skip
     assert after >= before
     for earlier, later in zip(scrapes, scrapes[1:], strict=False):
         old, new = counter_series(earlier), counter_series(later)
@@ -423,3 +427,16 @@ async def test_a_corrupt_state_file_is_logged_once_per_worker(proxies, blue, gre
     # Many ticks later (the leader pushes every tick), still one line per worker start.
     await asyncio.sleep(10 * TICK)
     assert proxy.log().count("not valid JSON") == 2
+
+
+def test_the_ledger_keeps_the_newest_whole_copy(tmp_path):
+    first = Ledger(str(tmp_path))
+    assert first.read("counts") is None
+    for i in range(3):  # copies 1, 2, 3 in slots 1, 0, 1
+        assert first.write("counts", {"i": i})
+    assert first.read("counts") == {"i": 2}
+    successor = Ledger(str(tmp_path))  # a new leader numbers on: copy 4, in slot 0
+    assert successor.write("counts", {"i": 3}) and successor.read("counts") == {"i": 3}
+    cut = tmp_path / "counts.0"
+    cut.write_bytes(cut.read_bytes()[:9])  # cut short by a kill in the middle of a write
+    assert Ledger(str(tmp_path)).read("counts") == {"i": 2}  # one step older, never wrong
