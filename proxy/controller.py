@@ -9,20 +9,31 @@ Rules:
   in memory first, then the state file is written atomically, then the event
   is logged and the webhook is called in the background (bounded retries,
   never blocking anything).
+- A state that cannot be written stays in force in memory (a latch is never
+  undone for want of a disk): the failure is counted
+  (`turnout_state_write_failures_total`), logged once per distinct error,
+  shown in /status `state`, and the write is retried every RETRY seconds
+  until it succeeds. While a set latch is unsaved the proxy is not ready
+  (/readyz 503): a restart would forget it. An action that sets the latch is
+  reported done (`confirm`) only once it is on disk and in force in every
+  worker.
 - The latch survives reloads and restarts. It is cleared only by `resume`, or
   when `versions.<canary>.release` changes (a new build, which also restarts
   the rollout from its first step).
 - A state file that cannot be read at start leaves the proxy latched to
   stable, with the reason saying why — never silently fresh.
 - Under `--workers N` (workers.py) the leading worker runs all of the above on
-  the fleet's summed counts and is the only writer of the state file; a
-  following controller (`follower=True`) judges nothing, writes nothing, and
-  takes the latch and the rollout from the state file whenever it changes.
+  the fleet's summed counts and is the only writer of the state file; each
+  state it puts in force gets a `mark` (its start time, a sequence number)
+  and is handed to `share` (the fleet's ledger) and pushed to the followers.
+  A following controller (`follower=True`) judges nothing, writes nothing,
+  and `adopt`s the newest state the leader pushed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import time
@@ -44,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("turnout.controller")
 
 TICK = 0.25  # seconds between verdicts: a bound on detection latency beyond the evidence
+RETRY = 1.0  # seconds between attempts to write a state file that could not be written
 DEFAULT_POLICY = Policy()  # without a guard section a rollout still needs min_requests per step
 MAX_EVENTS = 500  # kept in memory for GET /events
 ALL_ROLES = frozenset({rollout.ANY_ROLE})  # a loopback caller when no tokens are configured
@@ -69,8 +81,21 @@ class Controller:
         # Where the guard and the rollout read counts: this process's Recorder, or
         # the sum over a fleet of workers; `collect` refreshes that sum each tick.
         self.counts: Callable[[], Recorder] = lambda: runtime.recorder
-        self.collect: Callable[[], Awaitable[None]] | None = None
-        self.state_seen: tuple[int, int, int] | None = None  # the state file last followed
+        # Under workers, on the leader: push the state in force to every follower and
+        # take their counts (workers.Fleet.sync); `share` keeps the state in the
+        # fleet's ledger, `keep` the guard's windows.
+        self.collect: Callable[[], Awaitable[dict[int, str]]] | None = None
+        self.share: Callable[[dict], object] | None = None
+        self.keep: Callable[[dict], object] | None = None
+        # The state in force is (epoch, seq): a leader that starts later has a larger
+        # epoch (the clock is the machine's), each change a larger seq. A follower
+        # keeps the mark of the state it adopted and never goes back to an older one.
+        self.epoch = time.monotonic_ns()
+        self.seq = 0
+        self.mark: tuple[int, int] | None = None
+        self.write_error: str | None = None  # why the state in force is not on disk
+        self.unsaved_since: float | None = None
+        self.retry_at = 0.0
         self.notify = notify  # called with each event that leaves the process (the webhook)
         self.events: deque[dict] = deque(maxlen=MAX_EVENTS)
         self.windows: dict[str, Window] = {}
@@ -84,26 +109,23 @@ class Controller:
 
     # -- start ---------------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Read the state file; latch to stable if it cannot be trusted."""
+    def restore(self, shared: dict | None = None) -> None:
+        """Take the state from `shared` (the fleet's ledger, newer than the file) or
+        the state file; latch to stable if the file cannot be trusted."""
         rt = self.runtime
         cfg = rt.config
-        try:
-            saved = state.load(cfg.state_file)
-        except StateError as err:
-            rt.latch = Latch(
-                active=True, reason=f"state file unreadable, starting safe: {err}",
-                at=time.time(), release=_release(cfg), actor="turnout",
-            )  # fmt: skip
-            # The rollout's place is lost with the file: it starts over at step 0, which
-            # the latch holds at weight 0 until an operator resumes.
-            if cfg.rollout is not None:
-                rt.progress = rollout.start(cfg.rollout, time.time(), self.canary_requests)
-            rt.refresh()
-            rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
-            log.error("ROLLBACK LATCHED at start: %s", err)
-            self.event("rollback", reason=rt.latch.reason, actor="turnout")
-            return
+        saved = None
+        if shared is not None:
+            try:
+                saved = self.shared_state(shared)
+            except StateError as err:
+                log.error("%s: reading the state file instead", err)
+        if saved is None:
+            try:
+                saved = state.load(cfg.state_file)
+            except StateError as err:
+                self.start_latched(err)
+                return
         rt.latch = saved.latch
         if saved.rollout is not None and cfg.rollout is not None:
             # The saved request base is the dead process's canary count; this process
@@ -119,8 +141,42 @@ class Controller:
         rt.refresh()
         rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
         if rt.latch.active:
-            log.warning("rollback latch restored from %s: %s", cfg.state_file, rt.latch.reason)
+            where = "the fleet's ledger" if self.mark is not None else cfg.state_file
+            log.warning("rollback latch restored from %s: %s", where, rt.latch.reason)
         self.persist()
+
+    def shared_state(self, shared: dict) -> State:
+        """The state in a ledger doc (StateError when it is not one); its mark is kept."""
+        try:
+            saved = state.from_json(shared["state"])
+            mark = (int(shared["mark"][0]), int(shared["mark"][1]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise StateError(f"the fleet's copy of the state is unusable: {err}") from err
+        self.mark = mark
+        return saved
+
+    def start_latched(self, err: StateError) -> None:
+        """The state cannot be trusted: start latched to stable, saying why."""
+        rt = self.runtime
+        cfg = rt.config
+        rt.latch = Latch(
+            active=True, reason=f"state file unreadable, starting safe: {err}",
+            at=time.time(), release=_release(cfg), actor="turnout",
+        )  # fmt: skip
+        # The rollout's place is lost with the file: it starts over at step 0, which
+        # the latch holds at weight 0 until an operator resumes.
+        if cfg.rollout is not None:
+            rt.progress = rollout.start(cfg.rollout, time.time(), self.canary_requests)
+        rt.refresh()
+        rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
+        log.error("ROLLBACK LATCHED at start: %s", err)
+        self.event("rollback", reason=rt.latch.reason, actor="turnout")
+        # The unreadable file is left for the operator to inspect; a restart reads
+        # it again and latches again, so the latch is as durable as the file. The
+        # followers still get it.
+        self.seq += 1
+        if self.share is not None:
+            self.share(self.current())
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -134,42 +190,46 @@ class Controller:
                 pass
 
     async def run(self) -> None:
+        if self.follower:
+            return  # the leader pushes what is in force (`adopt`)
         while True:
             await asyncio.sleep(TICK)
             try:
-                if self.follower:
-                    self.follow()
-                    continue
-                if self.collect is not None:
-                    await self.collect()
-                self.tick(time.monotonic(), time.time())
+                await self.turn()
             except Exception:  # the controller must outlive any one bad tick
                 log.exception("controller tick failed")
 
-    def follow(self) -> None:
-        """Take the leading worker's latch and rollout from the state file, if it changed."""
+    async def turn(self) -> None:
+        """One tick of the leader: fresh counts, a verdict, a retried write, a push."""
+        if self.collect is not None:
+            await self.collect()  # also re-pushes the state to any follower that missed it
+        seq = self.seq
+        self.tick(time.monotonic(), time.time())
+        if self.write_error is not None and time.monotonic() >= self.retry_at:
+            self.write(self.saved_state())
+        if self.collect is not None and self.seq != seq:
+            await self.collect()  # the verdict changed the state: the followers take it now
+        if self.keep is not None:
+            self.keep(self.guard_doc())
+
+    def adopt(self, doc: dict) -> bool:
+        """A following worker: put the state the leader pushed in force, unless it is
+        older than the one in force. ValueError/KeyError/TypeError if it is no state."""
         rt = self.runtime
-        path = rt.config.state_file
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        key = (st.st_mtime_ns, st.st_ino, st.st_size)
-        if key == self.state_seen:
-            return
-        try:
-            saved = state.load(path)
-        except StateError as err:  # written atomically, so unexpected: keep what is in force
-            log.error("cannot follow the state file: %s", err)
-            return
-        if saved.release != _release(rt.config):
-            return  # written for another release: the leader has not reloaded yet, or we have not
-        self.state_seen = key
-        progress = None
-        if saved.rollout is not None and rt.config.rollout is not None:
-            progress = rollout.from_dict(saved.rollout)
+        mark = (int(doc["mark"][0]), int(doc["mark"][1]))
+        if self.mark is not None and mark < self.mark:
+            return False  # two pushes crossed on the way: the newer one stands
+        saved = state.from_json(doc["state"])
+        self.mark = mark
+        progress = rt.progress
+        if saved.release == _release(rt.config) and rt.config.rollout is not None:
+            # Another release is the leader's or this worker's reload still on the way:
+            # the latch is taken anyway, the rollout once both run the same release.
+            candidate = rollout.from_dict(saved.rollout) if saved.rollout is not None else None
+            if candidate is None or candidate.step < len(rt.config.rollout.steps):
+                progress = candidate
         if saved.latch == rt.latch and progress == rt.progress:
-            return
+            return True
         if saved.latch.active != rt.latch.active:
             log.warning("rollback latch %s by the leading worker: %s",
                         "set" if saved.latch.active else "cleared",
@@ -178,6 +238,7 @@ class Controller:
         rt.progress = progress
         rt.refresh()
         rt.recorder.rollout_step = progress.step if progress else 0
+        return True
 
     # -- the hot-path hook -----------------------------------------------------------------
 
@@ -392,21 +453,117 @@ class Controller:
 
     # -- persistence and events ---------------------------------------------------------------
 
-    def persist(self) -> None:
-        if self.follower:
-            return  # the leading worker writes the state file
+    def saved_state(self) -> State:
         rt = self.runtime
-        doc = State(
+        return State(
             latch=rt.latch,
             rollout=rollout.to_dict(rt.progress) if rt.progress is not None else None,
             release=_release(rt.config),
         )
+
+    def current(self) -> dict:
+        """The state in force with its mark: what the leader shares and pushes."""
+        return {"mark": [self.epoch, self.seq], "state": state.to_json(self.saved_state())}
+
+    def persist(self) -> bool:
+        """The state in force changed: share it with the fleet, then write it down."""
+        if self.follower:
+            return True  # the leading worker writes the state file
+        self.seq += 1
+        if self.share is not None:
+            self.share(self.current())  # first: a worker that starts now must see it
+        return self.write(self.saved_state())
+
+    def write(self, doc: State) -> bool:
+        path = self.runtime.config.state_file
         try:
-            state.save(rt.config.state_file, doc)
-        except OSError as err:
-            # Routing already follows the in-memory state; say loudly that it is not durable.
-            log.error("cannot write state file %s: %s", rt.config.state_file, err)
-            self.event("error", message=f"cannot write state file: {err}", actor="turnout")
+            state.save(path, doc)
+        except (OSError, ValueError) as err:
+            # Routing already follows the in-memory state; say loudly that it is not
+            # durable, once per distinct error (the write is retried every RETRY s).
+            self.runtime.recorder.state_write_failed()
+            # Not str(err): it names the temp file, which differs at every attempt.
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            message = f"cannot write state file {path}: {why}"
+            if message != self.write_error:
+                log.error("%s (retrying every %.0f s)", message, RETRY)
+                self.event("error", message=message, actor="turnout")
+            self.write_error = message
+            self.unsaved_since = self.unsaved_since or time.time()
+            self.retry_at = time.monotonic() + RETRY
+            return False
+        if self.write_error is not None:
+            log.warning("state file %s written: the state in force is on disk again", path)
+            self.event("state", message="state file written again", actor="turnout")
+        self.write_error = None
+        self.unsaved_since = None
+        return True
+
+    @property
+    def latch_unsaved(self) -> bool:
+        """A set latch that a restart would forget: the proxy is not ready."""
+        return self.runtime.latch.active and self.write_error is not None
+
+    def persistence(self) -> dict:
+        """/status `state`: whether the state in force is on disk, and why not."""
+        since = self.unsaved_since
+        return {
+            "file": self.runtime.config.state_file,
+            "persisted": self.write_error is None,
+            "error": self.write_error,
+            "unsaved_since": _iso(since) if since is not None else None,
+            "write_failures": self.runtime.recorder.state_write_failures,
+        }
+
+    async def confirm(self) -> dict:
+        """After an action that set the latch: whether it is on disk and in force in
+        every worker. `ok` only when both; the latch stays in force either way."""
+        workers = await self.collect() if self.collect is not None else {}
+        unconfirmed = {str(i): r for i, r in workers.items() if r not in ("ok", "down")}
+        errors = [self.write_error] if self.write_error is not None else []
+        errors += [f"worker {i} has not confirmed it: {r}" for i, r in unconfirmed.items()]
+        return {
+            "ok": not errors,
+            "latched": self.runtime.latch.active,
+            "persisted": self.write_error is None,
+            "in_force": {
+                "workers": 1 + len(workers),
+                "unconfirmed": unconfirmed,
+                "starting": [i for i, r in workers.items() if r == "down"],
+            },
+            "error": "; ".join(errors) or None,
+        }
+
+    # -- the guard's windows, handed to a leader that takes over ------------------------------
+
+    def guard_doc(self) -> dict:
+        return {
+            "window": self.window_length,
+            "windows": {name: w.dump() for name, w in self.windows.items()},
+            "seen": [[v, shadow, list(t[:2]), t[2]] for (v, shadow), t in self.seen.items()],
+        }
+
+    def take_over(self, doc: dict | None) -> None:
+        """A leader that starts with counts carried over: keep judging from where the
+        last one was (its windows and what they had been fed), or start the windows
+        from the counts as they are now, never from the counts of the past."""
+        self.windows = {}
+        self.window_length = 0.0
+        self.make_windows(self.runtime.config)  # seen = the counts as they are now
+        if doc is None or doc.get("window") != self.window_length:
+            return
+        try:
+            windows = {n: Window.restored(d, self.window_length) for n, d in doc["windows"].items()}
+            seen = {(v, bool(sh)): (int(c[0]), int(c[1]), [int(x) for x in lat])
+                    for v, sh, c, lat in doc["seen"]}  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            log.error("cannot take the guard's windows over (%s): they start afresh", err)
+            return
+        for name in list(self.windows):
+            window = windows.get(name)
+            if window is not None and (name, False) in seen and (name, True) in seen:
+                self.windows[name] = window
+                self.seen[name, False], self.seen[name, True] = seen[name, False], seen[name, True]
 
     def event(self, kind: str, external: bool = False, **fields: Any) -> dict:
         ev = {"at": time.time(), "kind": kind, **fields}
@@ -417,6 +574,10 @@ class Controller:
 
     def audit_path(self) -> str:
         return os.path.join(os.path.dirname(self.runtime.config.state_file), "turnout-audit.jsonl")
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
 
 def _release(cfg: Config) -> str | None:

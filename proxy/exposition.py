@@ -3,6 +3,12 @@
 The only module that imports prometheus_client. Not compiled (setup.py): the
 collector derives from prometheus_client's class, and nothing here runs per
 request.
+
+Rule: every labelled family has its series from the start (PRODUCT.md §13).
+The versions are those the routing table in force can answer with
+(`Recorder.decision_labels`); per version, the in-flight gauge, the duration
+histogram and each upstream error kind are exported at 0 until something
+happens, so dashboards and alerts see a 0, never a missing series.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")  # PRODUCT.md §8
 
 
 def registry(rec: Recorder) -> CollectorRegistry:
@@ -39,6 +46,7 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator:
         rec = self.rec
+        versions = {version for version, _ in rec.decision_labels}
         c = CounterMetricFamily(
             "turnout_requests", "Requests answered, by version and status code",
             labels=["version", "code"],
@@ -49,7 +57,7 @@ class _Collector(Collector):
         yield _histogram(
             "turnout_request_duration_seconds",
             "Time from request head to the end of the response, by version",
-            rec.durations,
+            dict.fromkeys(versions, _EMPTY) | rec.durations,
         )
         yield _histogram(
             "turnout_mirror_duration_seconds",
@@ -73,8 +81,9 @@ class _Collector(Collector):
             "turnout_upstream_errors", "Upstream failures, by version and kind",
             labels=["version", "kind"],
         )  # fmt: skip
-        for (version, kind), n in sorted(rec.upstream_errors.items()):
-            e.add_metric([version, kind], n)
+        kinds = {(version, kind) for version in versions for kind in UPSTREAM_ERROR_KINDS}
+        for version, kind in sorted(kinds | set(rec.upstream_errors)):
+            e.add_metric([version, kind], rec.upstream_errors.get((version, kind), 0))
         yield e
         d = CounterMetricFamily(
             "turnout_route_decisions", "Routing decisions, by version and reason",
@@ -88,8 +97,9 @@ class _Collector(Collector):
         g = GaugeMetricFamily(
             "turnout_in_flight_requests", "Exchanges in progress", labels=["version"]
         )
-        for version, n in sorted(rec.in_flight().items()):
-            g.add_metric([version], n)
+        in_flight = rec.in_flight()
+        for version in sorted(versions | set(in_flight)):
+            g.add_metric([version], in_flight.get(version, 0))
         yield g
         r = CounterMetricFamily(
             "turnout_config_reloads", "Config reloads, by result", labels=["result"]
@@ -111,7 +121,13 @@ _SCALARS = (
     (GaugeMetricFamily, "turnout_rollout_step", "Current rollout step (0-based)", "rollout_step"),
     (CounterMetricFamily, "turnout_guard_breaches",
      "Guard breaches reported without a rollback (on_breach pause or alert)", "breaches"),
+    (CounterMetricFamily, "turnout_state_write_failures",
+     "State file writes that failed (the state in force is not on disk until one succeeds)",
+     "state_write_failures"),
 )  # fmt: skip
+
+
+_EMPTY = Histogram()  # a version that has answered nothing yet
 
 
 def _histogram(name: str, text: str, hists: dict[str, Histogram]) -> HistogramMetricFamily:

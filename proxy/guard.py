@@ -201,6 +201,30 @@ class Window:
         self._lat_n[slot] += n
         tot[4] += n
 
+    def dump(self) -> dict[str, Any]:
+        """The window as plain JSON, for a process that takes over (see `restored`)."""
+        return {
+            "size": self.size, "resolution": self.resolution, "head": self._head,
+            "cnt": self._cnt, "lat": self._lat, "lat_n": self._lat_n, "tot": self._tot,
+        }  # fmt: skip
+
+    @classmethod
+    def restored(cls, d: dict[str, Any], window: float) -> Window | None:
+        """A window from `dump()` output; None when it has another shape than `window` asks."""
+        w = cls(window)
+        try:
+            if (d["size"], d["resolution"]) != (w.size, w.resolution):
+                return None
+            parts = [list(map(int, d[k])) for k in ("cnt", "lat", "lat_n", "tot")]
+            head = d["head"] if d["head"] is None else int(d["head"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if [len(p) for p in parts] != [len(w._cnt), len(w._lat), len(w._lat_n), len(w._tot)]:
+            return None
+        w._cnt, w._lat, w._lat_n, w._tot = parts
+        w._head = head
+        return w
+
     def stats(self, now: float) -> Stats:
         """Totals over the window ending at `now`."""
         self._advance(int(now // self.resolution))

@@ -57,6 +57,7 @@ class Recorder:
         self.rollbacks = 0
         self.rollout_step = 0
         self.breaches = 0
+        self.state_write_failures = 0  # state file writes that failed (the leader writes)
 
     # -- hot path -----------------------------------------------------------------
 
@@ -131,6 +132,9 @@ class Recorder:
     def breach_alerted(self) -> None:
         self.breaches += 1
 
+    def state_write_failed(self) -> None:
+        self.state_write_failures += 1
+
     def version_totals(self) -> dict[str, dict[str, int]]:
         """Requests and errors (status >= 500) per version, for /status."""
         out: dict[str, dict[str, int]] = {}
@@ -203,6 +207,7 @@ class Recorder:
         rec = Recorder()
         rec.add_counts(self.counts())
         for gauge in ("canary_weight", "generation", "decision_labels", "rollback_active",
-                      "rollbacks", "rollout_step", "breaches", "in_flight"):  # fmt: skip
+                      "rollbacks", "rollout_step", "breaches", "state_write_failures",
+                      "in_flight"):  # fmt: skip
             setattr(rec, gauge, getattr(self, gauge))
         return rec

@@ -9,7 +9,10 @@ Rules:
   is needed for the new address.
 - As one of several workers (workers.py): the listener shares its port
   (SO_REUSEPORT); the leader serves the admin API with the fleet's summed
-  counts, a follower answers its counts on its Unix socket instead.
+  counts, a follower takes the leader's state and answers its counts on its
+  Unix socket instead. Both start from the fleet's ledger when it has a copy
+  (a worker started again), and a follower opens its socket before its
+  listener: it serves no request before a change can reach it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .mirror import Mirroring, ShadowExchange
 from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
-from .workers import CountsListener, Fleet, role_from_env
+from .workers import LEDGER_GUARD, LEDGER_STATE, Channel, Fleet, Ledger, role_from_env
 
 log = logging.getLogger("turnout")
 
@@ -82,15 +85,28 @@ class Server:
         follower = self.role is not None and not self.role.leader
         self.controller = Controller(self.runtime, notify=self.webhook.send, follower=follower)
         self.fleet: Fleet | None = None
-        self.counts_listener: CountsListener | None = None
+        self.channel: Channel | None = None
+        self.ledger = Ledger(self.role.folder) if self.role is not None else None
         if self.role is not None and self.role.leader and self.role.count > 1:
-            self.fleet = Fleet(self.role, self.runtime.recorder)
-            self.controller.counts = self.fleet.merged
-            self.controller.collect = self.fleet.collect
-        self.controller.restore()
+            self.join_as_leader()
+        shared = self.ledger.read(LEDGER_STATE) if self.ledger is not None else None
+        self.controller.restore(shared)
+        if self.fleet is not None and self.ledger is not None:
+            self.controller.take_over(self.ledger.read(LEDGER_GUARD))
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
         self.stopped = asyncio.Event()
         self.ready = False
+
+    def join_as_leader(self) -> None:
+        """Lead the fleet: count over it, and share and push the state in force."""
+        assert self.role is not None and self.ledger is not None
+        ledger = self.ledger
+        self.fleet = Fleet(self.role, self.runtime.recorder, ledger)
+        self.fleet.state = self.controller.current
+        self.controller.counts = self.fleet.merged
+        self.controller.collect = self.fleet.sync
+        self.controller.share = lambda doc: ledger.write(LEDGER_STATE, doc)
+        self.controller.keep = lambda doc: ledger.write(LEDGER_GUARD, doc)
 
     def in_flight(self) -> dict[str, int]:
         """Exchanges in progress per version, counted over the open connections."""
@@ -123,6 +139,16 @@ class Server:
         loop = asyncio.get_running_loop()
         cfg = self.runtime.config
         raise_fd_limit(cfg.limits.max_connections)
+        if self.role is not None and not self.role.leader:
+            self.channel = Channel(self.role, self)
+            await self.channel.start()
+            assert self.ledger is not None
+            shared = self.ledger.read(LEDGER_STATE)  # what changed before the socket was up
+            try:
+                if shared is not None:
+                    self.controller.adopt(shared)
+            except (KeyError, TypeError, ValueError) as err:
+                log.error("the fleet's copy of the state is unusable (%s): wait for a push", err)
         self.listener = await loop.create_server(
             lambda: ClientConnection(self),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,
@@ -137,9 +163,6 @@ class Server:
         if self.role is None or self.role.leader:
             self.admin = AdminServer(self)
             await self.admin.start(cfg.admin.host, cfg.admin.port)
-        else:
-            self.counts_listener = CountsListener(self.role, self)
-            await self.counts_listener.start()
         self.reloader.start()
         self.controller.start()
         loop.create_task(self.sweep())
@@ -214,8 +237,8 @@ class Server:
         await self.webhook.close()
         if self.admin is not None:
             await self.admin.stop()
-        if self.counts_listener is not None:
-            await self.counts_listener.stop()
+        if self.channel is not None:
+            await self.channel.stop()
         if self.fleet is not None:
             await self.fleet.close()
         self.runtime.snapshot.upstreams.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 from proxy import rollout
@@ -79,3 +81,127 @@ def test_corrupt_state_file_starts_latched(tmp_path):
     assert ctl.runtime.latch.active
     assert "state file unreadable" in ctl.runtime.latch.reason
     assert ctl.runtime.snapshot.table.weight == 0
+
+
+# -- a state that cannot be written down ---------------------------------------------------
+
+
+def unwritable(tmp_path) -> None:
+    """Put a plain file where the state folder was: every write fails (for root too)."""
+    (tmp_path / "state").rename(tmp_path / "state.away")
+    (tmp_path / "state").write_text("not a folder")
+
+
+def mend(tmp_path) -> None:
+    (tmp_path / "state").unlink()
+    (tmp_path / "state.away").rename(tmp_path / "state")
+
+
+def in_folder(tmp_path) -> Controller:
+    (tmp_path / "state").mkdir()
+    text = CONFIG.replace("state_file: state.json", "state_file: state/state.json") % "1"
+    ctl = Controller(Runtime(parse(text, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    return ctl
+
+
+def test_an_unwritable_latch_stays_in_force_and_is_retried_until_saved(tmp_path, caplog):
+    ctl = in_folder(tmp_path)
+    rt = ctl.runtime
+    unwritable(tmp_path)
+    ctl.rollback("bad canary", "ops")
+    assert rt.snapshot.table.latched and rt.snapshot.table.weight == 0  # in force regardless
+    assert ctl.latch_unsaved and rt.recorder.state_write_failures == 1
+    doc = ctl.persistence()
+    assert doc["persisted"] is False and "Not a directory" in doc["error"]
+    assert doc["unsaved_since"] is not None and doc["write_failures"] == 1
+    for _ in range(3):  # retried, logged once
+        ctl.retry_at = 0.0
+        asyncio.run(ctl.turn())
+    assert rt.recorder.state_write_failures == 4
+    assert sum("cannot write state file" in r.getMessage() for r in caplog.records) == 1
+    mend(tmp_path)
+    ctl.retry_at = 0.0
+    asyncio.run(ctl.turn())
+    assert not ctl.latch_unsaved and ctl.persistence()["persisted"] is True
+    assert load(rt.config.state_file).latch.reason == "bad canary"
+
+
+def test_confirm_names_what_is_missing(tmp_path):
+    ctl = in_folder(tmp_path)
+    unwritable(tmp_path)
+    ctl.rollback("bad", "ops")
+
+    async def followers() -> dict[int, str]:
+        return {1: "ok", 2: "no answer within 0.8 s", 3: "down"}
+
+    ctl.collect = followers
+    doc = asyncio.run(ctl.confirm())
+    assert doc["ok"] is False and doc["latched"] is True and doc["persisted"] is False
+    assert doc["in_force"] == {"workers": 4, "unconfirmed": {"2": "no answer within 0.8 s"},
+                               "starting": [3]}  # fmt: skip
+    assert "cannot write state file" in doc["error"] and "worker 2" in doc["error"]
+    mend(tmp_path)
+    ctl.write(ctl.saved_state())
+
+    async def all_ok() -> dict[int, str]:
+        return {1: "ok", 2: "ok"}
+
+    ctl.collect = all_ok
+    assert asyncio.run(ctl.confirm())["ok"] is True
+
+
+# -- a following worker ---------------------------------------------------------------------
+
+
+def test_a_follower_adopts_the_newest_pushed_state_only(tmp_path):
+    leader = controller(tmp_path)
+    cfg = leader.runtime.config
+    follower = Controller(Runtime(cfg), follower=True)
+    follower.restore()
+    leader.rollback("bad", "ops")
+    latched = leader.current()
+    leader.resume("ops")
+    cleared = leader.current()
+    assert follower.adopt(cleared) and not follower.runtime.latch.active
+    assert not follower.adopt(latched)  # older: crossed on the way
+    assert not follower.runtime.latch.active
+    leader.rollback("again", "ops")
+    assert follower.adopt(leader.current())
+    assert follower.runtime.snapshot.table.latched and follower.runtime.latch.reason == "again"
+
+
+def test_a_follower_on_another_release_takes_the_latch_but_keeps_its_rollout(tmp_path):
+    leader = controller(tmp_path, release="2")
+    follower = Controller(Runtime(parse(CONFIG % "1", str(tmp_path / "other.yaml"))), True)
+    follower.restore()
+    before = follower.runtime.progress
+    leader.rollback("bad", "ops")
+    assert follower.adopt(leader.current())
+    assert follower.runtime.latch.active and follower.runtime.progress == before
+
+
+def test_a_new_leader_keeps_the_windows_of_the_last_one(tmp_path):
+    old = controller(tmp_path)
+    rec = old.runtime.recorder
+    for _ in range(7):
+        rec.finished(("green", "weight"), 200, 0.01, None)
+    now = time.monotonic()
+    old.feed(now)
+    doc = json.loads(json.dumps(old.guard_doc()))  # through the ledger's JSON
+    new = controller(tmp_path)
+    new.runtime.recorder.add_counts(rec.counts())  # the counts carried over, plus 2 more
+    for _ in range(2):
+        new.runtime.recorder.finished(("green", "weight"), 200, 0.01, None)
+    new.take_over(doc)
+    new.feed(now)
+    assert new.windows["green"].stats(now).requests == 9  # not 2, not 16
+
+
+def test_without_a_handover_the_windows_start_from_the_counts_as_they_are(tmp_path):
+    ctl = controller(tmp_path)
+    for _ in range(5):
+        ctl.runtime.recorder.finished(("green", "weight"), 200, 0.01, None)
+    ctl.take_over(None)
+    ctl.feed(time.monotonic())
+    assert ctl.windows["green"].stats(time.monotonic()).requests == 0  # the past is not news

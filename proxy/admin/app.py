@@ -65,6 +65,7 @@ def status_document(server: Server) -> dict:
         "canary": cfg.canary,
         "weight": {"configured": cfg.routing.weight, "effective": snap.table.weight},
         "rollback": _latch(rt.latch),
+        "state": server.controller.persistence(),
         "rollout": _rollout(server),
         "guard": _guard(server),
         "versions": versions,
@@ -252,10 +253,16 @@ class AdminServer:
                 self.audit.record(caller.name, name, outcome, str(err))
                 ctl.event("admin", action=name, actor=caller.name, outcome=outcome, detail=str(err))
                 return _error(err.status, str(err))
-            self.audit.record(caller.name, name, "ok", result.get("detail"))
-            ctl.event("admin", action=name, actor=caller.name, outcome="ok")
-            doc = {"ok": True, "actor": caller.name, **result}
-            return web.json_response({**doc, "status": status_document(self.server)})
+            held = await ctl.confirm() if name == "rollback" else {"ok": True}
+            outcome = "ok" if held["ok"] else "latched, not confirmed"
+            self.audit.record(caller.name, name, outcome, held.get("error") or result.get("detail"))
+            ctl.event("admin", action=name, actor=caller.name, outcome=outcome)
+            doc = {**held, "actor": caller.name, **result}
+            # A latch that is not yet on disk or not yet in force in every worker: 503,
+            # with what is missing; it stays in force here and the write is retried.
+            return web.json_response(
+                {**doc, "status": status_document(self.server)}, status=200 if held["ok"] else 503
+            )
 
         return act
 
@@ -294,9 +301,14 @@ class AdminServer:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        if self.server.ready:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+        if not self.server.ready:
+            return web.json_response({"status": "not ready"}, status=503)
+        ctl = self.server.controller
+        if ctl.latch_unsaved:  # a restart would forget the latch: route elsewhere meanwhile
+            doc = {"status": "not ready", "reason": "the rollback latch is not saved",
+                   "error": ctl.write_error}  # fmt: skip
+            return web.json_response(doc, status=503)
+        return web.json_response({"status": "ready"})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(status_document(self.server))
