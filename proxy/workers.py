@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import (
     ClientConnectorError,
@@ -361,8 +361,8 @@ class Fleet:
     def members(self) -> list[dict]:
         """Each worker's pid, the requests it has answered since it started, its latch."""
         rt_latched = bool(self.own.rollback_active)
-        out = [{"index": 0, "pid": os.getpid(), "requests": sum(self.own.requests.values()),
-                "latched": rt_latched}]  # fmt: skip
+        out: list[dict[str, Any]] = [{"index": 0, "pid": os.getpid(),
+                "requests": sum(self.own.requests.values()), "latched": rt_latched}]  # fmt: skip
         for index, (pid, counts) in sorted(self.latest.items()):
             answered = sum(n for _, _, n in counts.get("requests", ()))
             latched = self.latched.get(index)

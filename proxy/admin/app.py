@@ -255,7 +255,8 @@ class AdminServer:
                 return _error(err.status, str(err))
             held = await ctl.confirm() if name == "rollback" else {"ok": True}
             outcome = "ok" if held["ok"] else "latched, not confirmed"
-            self.audit.record(caller.name, name, outcome, held.get("error") or result.get("detail"))
+            note = held.get("error") or result.get("detail")
+            self.audit.record(caller.name, name, outcome, None if note is None else str(note))
             ctl.event("admin", action=name, actor=caller.name, outcome=outcome)
             doc = {**held, "actor": caller.name, **result}
             # A latch that is not yet on disk or not yet in force in every worker: 503,
