@@ -65,6 +65,15 @@ def short(x: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+async def within(probe, timeout: float) -> bool:
+    """`eventually` as a truth value, so the assertion can say what went wrong."""
+    try:
+        await eventually(probe, timeout)
+    except AssertionError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------ wire parsing
 
 
@@ -530,6 +539,15 @@ class ScriptedUpstream:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    async def reset(self) -> None:
+        """Close every connection, so a case never inherits the proxy's pooled state
+        from the one before (a proxy that wrongly reused a poisoned connection would
+        otherwise fail the next case too)."""
+        for t in list(self.transports):
+            t.close()
+        self.transports.clear()
+        await eventually(lambda: all(c.closed for c in self.conns), SETTLE_TIMEOUT)
 
     def carrying(self, target: str) -> ScriptConn | None:
         return next((c for c in self.conns if target in c.targets), None)
@@ -1459,7 +1477,7 @@ ALWAYS_LACKS = (
 # ----------------------------------------------------------------- request tests
 
 
-def _upstream_view(env: Env, mark: list[int], barrier: str, case: Case) -> list[Msg]:
+async def _upstream_view(env: Env, mark: list[int], barrier: str, case: Case) -> list[Msg]:
     """The case's requests as the upstream received them; asserts both parsers agree,
     nothing is left over, and every connection's bytes are a clean HTTP/1.1 stream."""
     seen: list[Msg] = []
@@ -1469,7 +1487,8 @@ def _upstream_view(env: Env, mark: list[int], barrier: str, case: Case) -> list[
         partial = s_err in ("incomplete head", "incomplete body", "incomplete chunked body")
         if partial and case.abort_ok:
             # Allowed only if the proxy then aborted that upstream exchange.
-            assert conn.closed, f"partial request left open upstream: {data[:300]!r}"
+            closed = await within(lambda conn=conn: conn.closed, SETTLE_TIMEOUT)
+            assert closed, f"partial request left open upstream: {short(data)}"
         else:
             assert s_err is None and not s_rest, f"{s_err}; leftover {s_rest[:200]!r}"
             assert h_err is None and not h_rest, f"{h_err}; leftover {h_rest[:200]!r}"
@@ -1531,7 +1550,7 @@ async def test_request(env: Env, case: Case) -> None:
         client.close()
         barrier = await env.barrier()
     # (2) the exact bytes the upstream received
-    seen = _upstream_view(env, mark, barrier, case)
+    seen = await _upstream_view(env, mark, barrier, case)
     data = b"".join(d for _, d in env.blue.since(mark))
     expected = list(case.forwarded[: len(accepted)])
     assert [(m.method, m.target) for m in seen] == [(f.method, f.target) for f in expected], (
@@ -1709,8 +1728,18 @@ async def test_upstream_answer(env: Env, case: Script) -> None:
         # a response smuggled in the upstream's extra bytes would be its answer.
         second = client if not client.eof else await Client.open(env.proxy.port)
         await second.send([script_request(follow)])
-        follow_got = await second.answers(["GET"])
-        assert [(a.status, a.body) for a in follow_got] == [(200, b"fine")], short(follow_got)
+        # Longer than response_timeout: a proxy stuck on a reused connection says 504.
+        follow_got = await second.answers(["GET"], 5.0)
+        hostile = env.green.carrying(target)
+        assert hostile is not None, "the scripted upstream never got the request"
+        if case.poison:
+            assert not hostile.reused, (
+                f"the connection that sent the bad answer was reused: {hostile.targets}"
+            )
+        assert [(a.status, a.body) for a in follow_got] == [(200, b"fine")], (
+            f"the next request got {short(follow_got)} (client closed={second.eof}); "
+            f"upstream connection carrying it: {env.green.carrying(follow)}"
+        )
         for c in {client, second}:
             assert EVIL not in bytes(c.buf), (
                 f"bytes the upstream framed away reached the client: {bytes(c.buf)[:400]!r}"
@@ -1719,16 +1748,33 @@ async def test_upstream_answer(env: Env, case: Script) -> None:
         client.close()
         if second is not None:
             second.close()
-    hostile = env.green.carrying(target)
-    assert hostile is not None, "the scripted upstream never got the request"
     if case.poison:
-        await eventually(lambda: hostile.closed, SETTLE_TIMEOUT)
-        assert not hostile.reused, f"a connection with a bad answer was reused: {hostile.targets}"
+        closed = await within(lambda: hostile.closed, SETTLE_TIMEOUT)
+        assert closed, "the connection that sent the bad answer was left open"
         carrier = env.green.carrying(follow)
         assert carrier is not None and carrier is not hostile, (
             "the next request reused the connection"
         )
     assert env.blue.since(blue_mark) == [], "the stable upstream was contacted"
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def _fresh_script_connections(request: pytest.FixtureRequest):
+    yield
+    if request.node.originalname != "test_upstream_answer":
+        return
+    env: Env = request.getfixturevalue("env")
+    await env.green.reset()
+    # Plain requests until one is answered: the proxy may first try a pooled
+    # connection that was just closed, and that is not what the next case tests.
+    for _ in range(5):
+        c = await Client.open(env.proxy.port)
+        try:
+            await c.send([script_request(f"/script/ok?settle={next(env.seq)}")])
+            if [a.status for a in await c.answers(["GET"], SETTLE_TIMEOUT)] == [200]:
+                return
+        finally:
+            c.close()
 
 
 # ------------------------------------------------------------------------- timeouts
@@ -1851,6 +1897,7 @@ class TestTimeouts:
             await asyncio.sleep(3)  # well past send_timeout (1 s) with nothing read
             client.transport.resume_reading()
             assert await client.closed(20.0), "a client that does not read was never closed"
-            assert len(client.buf) < BIG, "the whole answer was delivered to a stalled client"
+            received = len(client.buf)
+            assert received < BIG, f"all {received} bytes were delivered to a stalled client"
         finally:
             client.close()
