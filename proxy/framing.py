@@ -186,9 +186,11 @@ def head_fault(head: bytes) -> str:
 class ChunkedReader:
     """Decodes one chunked body, strictly, as its bytes arrive."""
 
-    __slots__ = ("state", "left", "line", "trailers", "status")
+    __slots__ = ("state", "left", "line", "trailers", "status", "limit", "declared")
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, limit: int = 0) -> None:
+        self.limit = limit  # the most body bytes its chunk sizes may add up to; 0: no limit
+        self.declared = 0  # what the chunk sizes so far add up to
         self.state = _IN_SIZE
         self.left = 0  # bytes of the current chunk still to come
         self.line = b""  # a size or trailer line still being received
@@ -263,6 +265,10 @@ class ChunkedReader:
         if m is None:
             raise FramingError(self.status, "malformed chunk size")
         size = int(m.group(1), 16)
+        self.declared += size
+        if self.limit and self.declared > self.limit:
+            # Refused when announced, not after waiting for bytes that may never come.
+            raise FramingError(413, "request body exceeds max_body_bytes")
         if size:
             self.left = size
             self.state = _IN_DATA

@@ -1024,14 +1024,14 @@ CL_CASES = [
     # An unknown header, not framing: no body, and "hello" is a malformed next request.
     pipeline(
         "cl-name-underscore",
-        post(b"Content_Length: 5\r\n", b"hello", b"/cl"),
+        post(b"Content_Length: 5\r\n", b"hello\r\n\r\n", b"/cl"),
         (200, 400),
         Fwd("POST", "/cl", b"", raw_lacks=(b"hello",)),
     ),
     # A body longer than its Content-Length: the rest is the next request, malformed.
     pipeline(
         "cl-shorter-than-body",
-        cl(b"3"),
+        cl(b"3", b"hello\r\n\r\n"),
         (200, 400),
         Fwd("POST", "/cl", b"hel", raw_lacks=(b"hello",)),
     ),

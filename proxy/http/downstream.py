@@ -233,7 +233,7 @@ class ClientConnection:
             self.left = framing.length
         elif mode == CHUNKED:
             self.phase = BODY_CHUNKED
-            self.chunks = ChunkedReader(400)
+            self.chunks = ChunkedReader(400, ex.snap.config.limits.max_body_bytes)
         else:
             self.message_done()
             if ex.upgrade:

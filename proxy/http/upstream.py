@@ -140,6 +140,8 @@ class UpstreamConnection:
         if end == -1 or end + 4 > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 raise FramingError(502, "response head too large")
+            if b"\n\n" in buf or b"\n\r\n" in buf:
+                raise FramingError(502, "bare LF line ends")
             self.head_buf = buf
             return None
         self.head_buf = b""
