@@ -8,13 +8,15 @@ allowed or refused, is audited. Who may call is auth.py's (with tokens: the
 bearer token; without: loopback peer, Host and Origin).
 
 An action's body is a JSON object sent as `Content-Type: application/json`;
-only a POST with no body at all may leave the type out (it is `{}`), which a
-browser cannot send cross-site without an Origin header. Otherwise: another
-type is 415; a body over `MAX_BODY_BYTES` (64 KiB) is 413; malformed JSON,
-JSON nested deeper than `MAX_JSON_DEPTH` (32), or anything but an object is
-400; a rollback `reason` that is not a string or is longer than
-`MAX_REASON_CHARS` (512) is 400. Each refusal is audited (rate-limited, see
-auth.py) and changes nothing. Timestamps are ISO 8601 UTC with milliseconds.
+an empty body is `{}` whatever its type (aiohttp and others label it
+application/octet-stream); a browser cannot send one cross-site without an
+Origin header, which auth.py refuses without tokens, nor with a bearer token.
+A non-empty body of another type (text/plain, a form) is 415; a body over
+`MAX_BODY_BYTES` (64 KiB) is 413; malformed JSON, JSON nested deeper than
+`MAX_JSON_DEPTH` (32), or anything but an object is 400; a rollback `reason`
+that is not a string or is longer than `MAX_REASON_CHARS` (512) is 400. Each
+refusal is audited (rate-limited, see auth.py) and changes nothing.
+Timestamps are ISO 8601 UTC with milliseconds.
 """
 
 from __future__ import annotations
@@ -334,17 +336,14 @@ def _dumps(obj) -> str:
 
 async def json_body(request: web.Request, actor: str) -> dict:
     """An action's JSON object (see the module's rules), or Denied (400, 413, 415)."""
-    ctype = request.headers.get("Content-Type")
-    json_type = ctype is not None and ctype.split(";")[0].strip().lower() == "application/json"
-    if ctype is not None and not json_type:
-        raise Denied(415, "an action's body must be sent as Content-Type: application/json", actor)
     try:
         data = await request.read()  # at most client_max_size (MAX_BODY_BYTES)
     except web.HTTPRequestEntityTooLarge:
         raise Denied(413, f"the body is over the {MAX_BODY_BYTES} byte limit", actor) from None
     if not data:
-        return {}  # no body at all: no type needed
-    if not json_type:
+        return {}  # nothing to read, whatever the type says (aiohttp sends octet-stream)
+    ctype = request.headers.get("Content-Type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
         raise Denied(415, "an action's body must be sent as Content-Type: application/json", actor)
     try:
         body = json.loads(data)
