@@ -1,7 +1,10 @@
 """The `turnout` command: argument parsing and wiring only.
 
 User errors print one line (or the list of config problems) and exit non-zero;
-no tracebacks.
+no tracebacks. Text that came from outside (a rollback's reason, an actor, a
+config error, the admin API's error message) is printed with its control
+characters escaped (proxy.safetext), and so is every argument of a log line
+of `turnout run`: none of it can recolour the terminal or forge a line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import urllib.parse
 import urllib.request
 
 from .config import ConfigError, load, render_problems
+from .safetext import EscapingFilter, escape
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
@@ -113,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapingFilter())
     try:
         cfg = load(args.config)
     except ConfigError as err:
@@ -167,7 +173,7 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
             return json.loads(resp.read())
     except urllib.error.HTTPError as err:
         try:
-            detail = json.loads(err.read()).get("error", "")
+            detail = escape(str(json.loads(err.read()).get("error", "")))
         except (ValueError, AttributeError):
             detail = ""
         hint = " (pass --token or set TURNOUT_TOKEN)" if err.code == 401 and not args.token else ""
@@ -196,10 +202,11 @@ def render_status(doc: dict) -> str:
     ]
     if cfg.get("last_error"):
         lines.append(f"last reload FAILED at {cfg.get('last_error_at')}:")
-        lines.extend("  " + line for line in cfg["last_error"].splitlines())
+        lines.extend("  " + escape(line) for line in cfg["last_error"].split("\n"))
     rb = doc["rollback"]
     if rb["active"]:
-        lines.append(f"rollback latch: SET at {rb['at']} by {rb.get('actor')} — {rb['reason']}")
+        who, why = escape(str(rb.get("actor"))), escape(str(rb["reason"]))
+        lines.append(f"rollback latch: SET at {rb['at']} by {who} — {why}")
     else:
         lines.append("rollback latch: clear")
     ro = doc["rollout"]
@@ -246,11 +253,11 @@ def cmd_action(args: argparse.Namespace) -> int:
     rb = st.get("rollback", {})
     ro = st.get("rollout", {})
     weight = st.get("weight", {}).get("effective")
-    line = f"{args.action}: ok (by {doc.get('actor')}) · weight {weight}%"
+    line = f"{args.action}: ok (by {escape(str(doc.get('actor')))}) · weight {weight}%"
     if ro.get("state", "none") != "none":
         line += f" · rollout {ro['state']} step {ro['step']}"
     if rb.get("active"):
-        line += f" · rollback latch SET ({rb.get('reason')})"
+        line += f" · rollback latch SET ({escape(str(rb.get('reason')))})"
     if "generation" in doc:
         line += f" · generation {doc['generation']}"
     print(line)

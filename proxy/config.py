@@ -9,6 +9,15 @@ Rules:
   file's folder.
 - Nothing here does network I/O; reading cohort files is the only file I/O
   besides the config itself.
+- Limits: the config file may hold at most `MAX_CONFIG_BYTES` (4 MiB), a
+  cohort file at most `MAX_COHORT_BYTES` (64 MiB), and YAML may nest at most
+  `MAX_DEPTH` (64) levels; beyond that the file is rejected with the limit, the
+  key path and the line. Nothing a file holds makes `load` raise anything but
+  `ConfigError`: an unexpected failure becomes one problem naming it.
+- `Config.sources` / `ConfigError.sources` map each file a load read (the
+  config, then its cohort files) to the SHA-256 of the exact bytes parsed (or
+  to why it could not be read), so a reloader can tell what it has seen
+  without reading the files a second time.
 - Every mapping is parsed through a table of key -> parser (`SECTIONS` and the
   `*_FIELDS` tables at the bottom): a new section is one parser and one entry.
 - Warnings do not reject the file; `Config.warnings` holds them (`turnout check`
@@ -28,8 +37,10 @@ Rules:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -195,6 +206,11 @@ class Config:
     guard: Policy | None = None  # None: no automatic verdict
     rollout: RolloutConfig | None = None  # None: routing.weight is the weight
     mirror: Mirror | None = None  # None: no shadow traffic
+    # file -> digest of the bytes parsed (see `digest`); compare=False: two loads of
+    # the same settings are the same config whatever bytes they came from
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
 
 
 # ------------------------------------------------------------------------ problems
@@ -214,10 +230,16 @@ class Problem:
 class ConfigError(Exception):
     """An unusable config file; `.problems` holds every problem found, in line order."""
 
-    def __init__(self, problems: list[Problem], source: str | None = None) -> None:
+    def __init__(
+        self,
+        problems: list[Problem],
+        source: str | None = None,
+        sources: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__("\n".join(map(str, problems)))
         self.problems = list(problems)
         self.source = source  # the config file's path, when known
+        self.sources = dict(sources or {})  # what the failed load read: see Config.sources
 
 
 def render_problems(err: ConfigError) -> str:
@@ -230,36 +252,144 @@ def render_problems(err: ConfigError) -> str:
 # ---------------------------------------------------------------------- entry points
 
 
-def load(path: str) -> Config:
-    """Read and validate the config file at `path`."""
+MAX_CONFIG_BYTES = 4 << 20  # a config is a few KiB; this only stops a runaway file
+MAX_COHORT_BYTES = 64 << 20  # a few million keys
+MAX_DEPTH = 64  # YAML nesting; the schema itself needs fewer than 10 levels
+
+
+def digest(data: bytes) -> str:
+    """What `Config.sources` holds for a file whose bytes were `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_limited(path: str, limit: int) -> bytes:
+    """The file's bytes; OSError when it cannot be read, ValueError when over `limit`
+    or not a regular file (a FIFO would block the reload for good, /dev/zero never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise ConfigError([Problem("", f"cannot read config file {path}: {why}")], path) from e
-    return parse(text, path)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        f = open(fd, "rb")  # noqa: SIM115 -- closed below; the fd is closed here on failure
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        shown = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} byte"
+        raise ValueError(f"larger than the {shown} limit")
+    return data
 
 
-def parse(text: str, path: str) -> Config:
-    """Validate YAML `text` as read from `path` (relative paths resolve next to it)."""
+def file_digest(path: str, limit: int) -> str:
+    """The digest `load` would record for `path` now, read the same way."""
+    try:
+        return digest(read_limited(path, limit))
+    except (OSError, ValueError) as e:
+        return _unreadable(e)
+
+
+def _unreadable(e: Exception) -> str:
+    return f"unreadable: {e.strerror if isinstance(e, OSError) else e}"
+
+
+def load(path: str) -> Config:
+    """Read and validate the config file at `path`; never raises anything but ConfigError."""
+    sources: dict[str, str] = {}
+    try:
+        return _load(path, sources)
+    except ConfigError as err:
+        err.sources = err.sources or sources
+        raise
+    except Exception as e:  # noqa: BLE001 -- a bad file is a reported error, never a crash
+        why = f"cannot load the config ({type(e).__name__}: {e})"
+        raise ConfigError([Problem("", why)], os.path.abspath(path), sources) from e
+
+
+def _load(path: str, sources: dict[str, str]) -> Config:
     path = os.path.abspath(path)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = read_limited(path, MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as e:
+        sources[path] = _unreadable(e)
+        why = e.strerror if isinstance(e, OSError) else e
+        raise ConfigError([Problem("", f"cannot read config file {path}: {why}")], path) from e
+    sources[path] = digest(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problem = Problem("", f"cannot read config file {path}: not UTF-8 text")
+        raise ConfigError([problem], path) from e
+    return parse(text, path, sources)
+
+
+def parse(text: str, path: str, sources: dict[str, str] | None = None) -> Config:
+    """Validate YAML `text` as read from `path` (relative paths resolve next to it).
+
+    `sources` collects the digests of the cohort files read (see Config.sources).
+    """
+    path = os.path.abspath(path)
+    sources = {} if sources is None else sources
+    root = _compose(text, path, sources)
+    if root is None:
+        empty = Problem("", "the file is empty: versions, stable and canary are required")
+        raise ConfigError([empty], path, sources)
+    ctx = _Ctx(os.path.dirname(path), sources)
+    kw = _config(ctx, root)
+    if ctx.problems:
+        raise ConfigError(sorted(ctx.problems, key=lambda p: p.line or 0), path, sources)
+    warnings = tuple(str(w) for w in sorted(ctx.warnings, key=lambda w: w.line or 0))
+    return Config(path=path, warnings=warnings, sources=MappingProxyType(sources), **kw)
+
+
+def _compose(text: str, path: str, sources: dict[str, str]) -> Node | None:
+    """The YAML node tree, or ConfigError (syntax, or nesting over MAX_DEPTH)."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except _TooDeep as e:
+        why = f"nested deeper than the limit of {MAX_DEPTH} levels"
+        raise ConfigError([Problem(e.path, why, e.line)], path, sources) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         why = getattr(e, "problem", None) or e
         problem = Problem("", f"invalid YAML: {why}", mark.line + 1 if mark else None)
-        raise ConfigError([problem], path) from e
-    if root is None:
-        empty = Problem("", "the file is empty: versions, stable and canary are required")
-        raise ConfigError([empty], path)
-    ctx = _Ctx(os.path.dirname(path))
-    kw = _config(ctx, root)
-    if ctx.problems:
-        raise ConfigError(sorted(ctx.problems, key=lambda p: p.line or 0), path)
-    warnings = tuple(str(w) for w in sorted(ctx.warnings, key=lambda w: w.line or 0))
-    return Config(path=path, warnings=warnings, **kw)
+        raise ConfigError([problem], path, sources) from e
+
+
+class _TooDeep(Exception):
+    def __init__(self, path: str, line: int) -> None:
+        self.path = path
+        self.line = line
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses to nest deeper than MAX_DEPTH.
+
+    The composer recurses once per level: unchecked, a few thousand `[` exhaust
+    Python's stack (RecursionError). The key path is kept for the message.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.trail: list[str] = []
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if len(self.trail) > MAX_DEPTH:
+            raise _TooDeep(_trail_path(self.trail), self.peek_event().start_mark.line + 1)
+        if isinstance(index, ScalarNode):
+            self.trail.append(f".{index.value}")  # a mapping's value: its key
+        else:
+            self.trail.append(f"[{index}]" if isinstance(index, int) else "")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.trail.pop()
+
+
+def _trail_path(trail: list[str], shown: int = 8) -> str:
+    """The key path of a too-deep node: its first `shown` levels, then an ellipsis."""
+    text = "".join(trail[:shown]).lstrip(".")
+    return text + "…" if len(trail) > shown else text
 
 
 # -------------------------------------------------------------------------- walker
@@ -286,7 +416,13 @@ def _got(node: Node) -> str:
         return "a mapping" if isinstance(node, MappingNode) else "a list"
     if node.tag == _NULL:
         return "null"
-    return repr(node.value) if node.tag == _STR else node.value
+    value = node.value
+    if len(value) > _SHOWN:  # a message quotes a value, never a whole runaway line
+        return f"{value[:_SHOWN]!r}… ({len(value)} characters)"
+    return repr(value) if node.tag == _STR else value
+
+
+_SHOWN = 80
 
 
 def _hint(word: str, choices: Any) -> str:
@@ -306,8 +442,9 @@ def _child(node: Node, key: str) -> Node | None:
 class _Ctx:
     """What one parse accumulates: problems, warnings, and what cross-checks need."""
 
-    def __init__(self, base_dir: str) -> None:
+    def __init__(self, base_dir: str, sources: dict[str, str] | None = None) -> None:
         self.base_dir = base_dir
+        self.sources = {} if sources is None else sources  # file -> digest of what was read
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []  # `turnout check` prints these
         self.cohort_refs: list[tuple[str, Node, str]] = []  # (path, node, cohort name)
@@ -329,7 +466,7 @@ class _Ctx:
             return _BAD
         try:
             return self._constructor.construct_object(node)
-        except yaml.YAMLError:
+        except Exception:  # noqa: BLE001 -- YAMLError, or ValueError: 2024-02-30, a 5000-digit int
             return _BAD
 
     def entries(self, node: Node, path: str) -> list[tuple[str, Node, Node]] | None:
@@ -729,12 +866,18 @@ def _cohort_file(ctx: _Ctx, node: Node, path: str) -> Any:
     if (resolved := _path(ctx, node, path)) is _BAD:
         return _BAD
     try:
-        with open(resolved, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        data = read_limited(resolved, MAX_COHORT_BYTES)
+    except (OSError, ValueError) as e:
+        ctx.sources[resolved] = _unreadable(e)
+        why = e.strerror if isinstance(e, OSError) else e
         return ctx.error(path, node, f"cannot read cohort file {resolved}: {why}")
-    return resolved, frozenset(s for s in lines if s and not s.startswith("#"))
+    ctx.sources[resolved] = digest(data)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return ctx.error(path, node, f"cannot read cohort file {resolved}: not UTF-8 text")
+    keys = (s for line in lines if (s := line.strip()) and not s.startswith("#"))
+    return resolved, frozenset(keys)
 
 
 # ------------------------------------------------------------------- admin tokens

@@ -3,43 +3,45 @@
 Rules:
 - The config file's folder is watched, not the file: a Kubernetes ConfigMap
   swaps a `..data` symlink and never writes the file in place. Cohort files'
-  folders are watched too.
+  folders are watched too. A change event is acted on after at most
+  `WATCH_STEP` to `2 * WATCH_STEP` ms (watchfiles polls its event queue every
+  step and yields once a step brings nothing new), then the file is parsed.
 - A change is applied when the bytes of the config or of a cohort file differ
-  from those in force (a fingerprint), so editors that write twice or touch
-  files cause no spurious generation. SIGHUP and POST /reload always reload.
-- An invalid config changes nothing in force: the error (key path and line)
-  is logged, counted and kept for /status.
+  from those of the last load *attempt*, compared by digest (`Config.sources`):
+  the digests are of the exact bytes that load parsed, never of a second read,
+  so a write landing just after a rejected load is still seen as new. Editors
+  that write twice or touch files cause no spurious generation. SIGHUP and
+  POST /reload always reload.
+- Reading and parsing run in a worker thread (a million-line cohort file must
+  not stall proxying); the swap itself happens on the event loop. One load at
+  a time: reloads queue on a lock.
+- Nothing stops the watcher or the poll loop: any failure of a load is a
+  rejected config (logged, counted in turnout_config_reloads_total{result=
+  "failure"}, kept for /status config.last_error, the old config stays); any
+  failure of the watching itself is logged and the watch restarts after a
+  pause, while the poll loop (every POLL_INTERVAL) keeps checking.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 
 from watchfiles import awatch
 
-from .config import Config, ConfigError, load
+from .config import MAX_COHORT_BYTES, MAX_CONFIG_BYTES, Config, ConfigError, file_digest, load
 from .runtime import Runtime
 
 log = logging.getLogger("turnout.reload")
 logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every event at INFO
 
 POLL_INTERVAL = 2.0  # a backstop for filesystems where change events are lost
-
-
-def fingerprint(config: Config) -> str:
-    h = hashlib.sha256()
-    for path in (config.path, *config.routing.cohort_files):
-        h.update(path.encode())
-        try:
-            with open(path, "rb") as f:
-                h.update(f.read())
-        except OSError as exc:
-            h.update(repr(exc).encode())
-    return h.hexdigest()
+WATCH_STEP = 50  # ms between watchfiles' looks at its event queue (the latency floor)
+WATCH_DEBOUNCE = 200  # ms: a burst of events is cut into batches no longer than this
+WATCH_RETRY = 1.0  # seconds before watching again after the watcher failed
 
 
 class Reloader:
@@ -47,29 +49,60 @@ class Reloader:
         self.runtime = runtime
         self.on_swap = on_swap
         self.path = runtime.config.path
-        self.seen = fingerprint(runtime.config)
+        self.seen: dict[str, str] = dict(runtime.config.sources)  # file -> digest last parsed
+        self.lock = asyncio.Lock()
         self.tasks: list[asyncio.Task] = []
+        self.requests: set[asyncio.Task] = set()  # SIGHUP reloads in progress
         self.stop_event: asyncio.Event | None = None
 
-    def reload(self, reason: str) -> tuple[bool, str | None]:
+    def reload(self, reason: str) -> asyncio.Task:
+        """Start a reload in the background (for signal handlers); the task says how it went."""
+        task = asyncio.get_running_loop().create_task(self.reload_now(reason))
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+        return task
+
+    async def reload_now(self, reason: str) -> tuple[bool, str | None]:
         """Load the file now; swap it in if valid. Returns (ok, error text)."""
+        async with self.lock:
+            return await self._load_and_apply(reason)
+
+    async def _load_and_apply(self, reason: str) -> tuple[bool, str | None]:
+        try:
+            new = await asyncio.to_thread(load, self.path)
+        except ConfigError as err:
+            return self._rejected(reason, str(err), err.sources)
+        except Exception as exc:  # load turns everything into ConfigError; this is the backstop
+            log.exception("reload (%s): loading failed", reason)
+            return self._rejected(reason, f"cannot load the config: {exc!r}", None)
         old = self.runtime.config
         try:
-            new = load(self.path)
-        except ConfigError as err:
-            text = str(err)
-            self.runtime.reject(text)
-            self.seen = fingerprint(old)  # the bad bytes on disk: do not retry them
-            log.error("reload (%s) rejected, keeping generation %d:\n%s",
-                      reason, self.runtime.snapshot.generation, text)  # fmt: skip
-            return False, text
-        snap = self.runtime.swap(new)
-        self.seen = fingerprint(new)
+            snap = self.runtime.swap(new)
+        except Exception as exc:  # a config that validates but cannot be put in force
+            log.exception("reload (%s): cannot put the new config in force", reason)
+            return self._rejected(reason, f"cannot apply the config: {exc!r}", new.sources)
+        self.seen = dict(new.sources)
         if self.on_swap is not None:
-            self.on_swap(old, new)
+            try:
+                self.on_swap(old, new)
+            except Exception:  # the config is in force; what follows it must not undo that
+                log.exception("reload (%s): generation %d in force, but applying it failed",
+                              reason, snap.generation)  # fmt: skip
         log.info("reload (%s): generation %d in force, weight %d",
                  reason, snap.generation, snap.table.weight)  # fmt: skip
         return True, None
+
+    def _rejected(
+        self, reason: str, text: str, sources: dict[str, str] | None
+    ) -> tuple[bool, str | None]:
+        self.runtime.reject(text)
+        if sources:
+            self.seen = dict(sources)  # the bad bytes exactly as parsed: do not retry them
+        log.error("reload (%s) rejected, keeping generation %d",
+                  reason, self.runtime.snapshot.generation)  # fmt: skip
+        for line in text.splitlines():  # one log line per problem
+            log.error("  %s", line)
+        return False, text
 
     def start(self) -> None:
         self.stop_event = asyncio.Event()
@@ -79,54 +112,74 @@ class Reloader:
     async def stop(self) -> None:
         if self.stop_event is not None:
             self.stop_event.set()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.requests]:
             task.cancel()
-        for task in self.tasks:
-            try:
+        for task in [*self.tasks, *self.requests]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         self.tasks = []
 
-    def _check(self, reason: str) -> None:
-        if fingerprint(self.runtime.config) != self.seen:
-            self.reload(reason)
+    def changed(self) -> bool:
+        """True when a file the last load read now holds other bytes (reads files: a thread)."""
+        seen = self.seen or {self.path: ""}
+        for path, was in seen.items():
+            limit = MAX_CONFIG_BYTES if path == self.path else MAX_COHORT_BYTES
+            if file_digest(path, limit) != was:
+                return True
+        return False
+
+    async def check(self, reason: str) -> None:
+        """Reload if the files changed; never raises (the watcher and the poll call it)."""
+        try:
+            async with self.lock:
+                if await asyncio.to_thread(self.changed):
+                    await self._load_and_apply(reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reload check (%s) failed; the config in force is kept", reason)
+
+    def _watched(self) -> set[str]:
+        """The files whose change matters: those of the last load, and those in force."""
+        return {self.path, *self.seen, *self.runtime.config.routing.cohort_files}
 
     def _relevant(self, change: object, path: str) -> bool:
         """Only the config, its ConfigMap `..` entries and cohort files matter."""
-        cfg = self.runtime.config
         name = os.path.basename(path)
-        return (
-            name == os.path.basename(cfg.path)
-            or name.startswith("..")
-            or path in cfg.routing.cohort_files
-            or any(name == os.path.basename(p) for p in cfg.routing.cohort_files)
-        )
+        watched = self._watched()
+        return name.startswith("..") or path in watched or name in map(os.path.basename, watched)
 
     def _folders(self) -> list[str]:
-        cfg = self.runtime.config
-        folders = {os.path.dirname(cfg.path)}
-        folders.update(os.path.dirname(p) for p in cfg.routing.cohort_files)
+        folders = {os.path.dirname(p) for p in self._watched()}
         return sorted(f for f in folders if os.path.isdir(f))
 
     async def _watch(self) -> None:
         assert self.stop_event is not None
         while not self.stop_event.is_set():
-            folders = self._folders()
             try:
-                async for _ in awatch(
-                    *folders, watch_filter=self._relevant, stop_event=self.stop_event,
-                    debounce=100, step=250, recursive=False, yield_on_timeout=False,
-                ):  # fmt: skip
-                    self._check("file change")
-                    if self._folders() != folders:
-                        break  # cohort files moved: watch the new folders
-            except (OSError, RuntimeError) as exc:
-                log.warning("file watch failed (%s); falling back to polling", exc)
-                return
+                if folders := self._folders():
+                    await self._watch_folders(folders)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # inotify limits, a folder that vanished, anything
+                log.warning("file watch failed (%r); retrying in %.0f s, polling meanwhile",
+                            exc, WATCH_RETRY)  # fmt: skip
+            with contextlib.suppress(TimeoutError):  # no folder to watch, or it failed: wait
+                await asyncio.wait_for(self.stop_event.wait(), WATCH_RETRY)
+
+    async def _watch_folders(self, folders: list[str]) -> None:
+        assert self.stop_event is not None
+        async for _ in awatch(
+            *folders, watch_filter=self._relevant, stop_event=self.stop_event,
+            debounce=WATCH_DEBOUNCE, step=WATCH_STEP, recursive=False, yield_on_timeout=False,
+        ):  # fmt: skip
+            await self.check("file change")
+            if self._folders() != folders:
+                return  # cohort files moved: watch the new folders
 
     async def _poll(self) -> None:
         assert self.stop_event is not None
         while not self.stop_event.is_set():
             await asyncio.sleep(POLL_INTERVAL)
-            self._check("poll")
+            await self.check("poll")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import textwrap
 from pathlib import Path
 
@@ -997,3 +999,105 @@ def test_turnout_check_prints_every_problem_and_exits_2(tmp_path):
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert good.returncode == 0, good.stderr
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+def _nested(depth: int) -> str:
+    """routing.rules holding `depth` levels of flow lists (under the root and routing)."""
+    return MINIMAL + "routing: {rules: " + "[" * depth + "]" * depth + "}\n"
+
+
+def test_nesting_is_capped_at_64_levels_with_the_path_and_line(tmp_path: Path) -> None:
+    # the root, routing, then 62 lists: 64 levels, rejected for its content only
+    assert problems(tmp_path, _nested(62)) == [
+        "routing.rules[0]: must be a mapping, got a list (line 8)"
+    ]
+    [problem] = problems(tmp_path, _nested(63))
+    assert problem.endswith("nested deeper than the limit of 64 levels (line 8)"), problem
+    assert problem.startswith("routing.rules[0][0]")
+
+
+@pytest.mark.parametrize("depth", [5_000, 200_000])
+def test_deep_nesting_is_a_problem_not_a_recursion_error(tmp_path: Path, depth: int) -> None:
+    [problem] = problems(tmp_path, _nested(depth))
+    assert "nested deeper than the limit of 64 levels" in problem
+    block = MINIMAL + "routing:\n  " + "- " * depth + "x\n"  # block lists, one in another
+    [problem] = problems(tmp_path, block)
+    assert "nested deeper than the limit of 64 levels" in problem
+
+
+def test_a_config_file_over_4_mib_is_rejected(tmp_path: Path) -> None:
+    text = MINIMAL + "# " + "x" * (4 << 20) + "\n"
+    path = write(tmp_path, text)
+    assert problems(tmp_path, text) == [
+        f"cannot read config file {path}: larger than the 4 MiB limit"
+    ]
+
+
+def test_a_cohort_file_over_its_cap_or_not_a_regular_file_is_rejected(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(config, "MAX_COHORT_BYTES", 1000)
+    (tmp_path / "big.txt").write_text("k\n" * 600)
+    os.mkfifo(tmp_path / "pipe.txt")  # would block a reload for good if it were opened
+    for name, why in (("big.txt", "larger than the 1000 byte limit"),
+                      ("pipe.txt", "not a regular file")):  # fmt: skip
+        text = with_routing(f"cohorts:\n  beta: {{file: {name}}}\n")
+        assert problems(tmp_path, text) == [
+            f"routing.cohorts.beta.file: cannot read cohort file {tmp_path / name}: {why} (line 10)"
+        ]
+
+
+@pytest.mark.parametrize(
+    "written", ["2024-02-30", "9" * 5000, "!!binary '%%%'", "!!timestamp 'nope'"]
+)
+def test_values_that_fail_to_construct_are_problems(tmp_path: Path, written: str) -> None:
+    [problem] = problems(tmp_path, MINIMAL + f"routing:\n  weight: {written}\n")
+    assert problem.startswith("routing.weight: must be an integer 0..100, got ")
+    assert len(problem) < 200  # a runaway value is cut short in the message
+
+
+def test_any_failure_while_loading_is_a_config_error(tmp_path: Path, monkeypatch) -> None:
+    def broken(ctx, node, path):
+        raise MemoryError("simulated")
+
+    monkeypatch.setitem(config.SECTIONS, "routing", broken)
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, with_routing("weight: 5\n")))
+    assert str(info.value) == "cannot load the config (MemoryError: simulated)"
+    assert info.value.sources  # what was read is still known to the reloader
+
+
+def test_sources_are_the_digests_of_the_bytes_parsed(tmp_path: Path) -> None:
+    cohort = tmp_path / "beta.txt"
+    cohort.write_bytes(b"alice\r\nbob\n\n# comment\n")
+    path = write(tmp_path, with_routing("cohorts:\n  beta: {file: beta.txt}\n"))
+    cfg = config.load(path)
+    assert cfg.routing.cohorts["beta"] == {"alice", "bob"}
+    assert dict(cfg.sources) == {
+        path: hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        str(cohort): hashlib.sha256(cohort.read_bytes()).hexdigest(),
+    }
+    cohort.unlink()
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.sources[str(cohort)] == "unreadable: No such file or directory"
+
+
+def test_turnout_check_of_a_deep_file_prints_the_problem_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "deep.yaml"
+    bad.write_text(_nested(100_000))
+    run = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", str(bad)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"{bad}: 1 problem",
+        "  routing.rules[0][0][0][0][0]…: nested deeper than the limit of 64 levels (line 8)",
+    ]

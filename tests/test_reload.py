@@ -11,8 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
+from proxy import reload as reload_module
+from proxy.config import load
+from proxy.reload import Reloader
 from proxy.routing import bucket
+from proxy.runtime import Runtime
 
 from .conftest import AppUpstream, Proxy, ProxyFactory, eventually, versions_config
 
@@ -312,3 +317,122 @@ async def test_raising_the_weight_never_moves_a_canary_user_back(
 
     everyone = dict(zip(keys, await asyncio.gather(*map(explained, keys)), strict=True))
     assert {k for k, v in everyone.items() if v == "green"} == at50
+
+
+# ------------------------------------------------------------------ hostile input
+
+
+@pytest.mark.timeout(30)
+async def test_a_deeply_nested_config_is_rejected_and_later_edits_still_apply(
+    proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream
+):
+    proxy = await proxies.start(config(blue, green, 0))
+    text = proxy.render(config(blue, green, 0))
+    proxy.write_config(text + "mirror: " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+    async def rejected():
+        doc = await proxy.status()
+        return doc if doc["config"]["last_error"] else None
+
+    doc = await eventually(rejected, timeout=5)
+    assert "nested deeper than the limit of 64 levels" in doc["config"]["last_error"]
+    assert doc["config"]["generation"] == 1
+    assert (await proxy.metrics()).get("turnout_config_reloads_total", result="failure") == 1
+    proxy.write_config(config(blue, green, 30))  # the watcher is alive: this one is applied
+    doc = await wait_generation(proxy, 2)
+    assert doc["config"]["last_error"] is None and doc["weight"]["configured"] == 30
+    assert "RecursionError" not in proxy.log() and "Traceback" not in proxy.log()
+
+
+def _runtime(tmp_path: Path, text: str) -> tuple[Path, Reloader]:
+    path = tmp_path / "turnout.yaml"
+    path.write_text(text)
+    return path, Reloader(Runtime(load(str(path))))
+
+
+def _valid(weight: int) -> str:
+    return yaml.safe_dump(config("http://127.0.0.1:9", "http://127.0.0.1:10", weight))
+
+
+async def test_a_write_landing_right_after_a_rejected_load_is_applied(tmp_path: Path, monkeypatch):
+    """The race: a rejected load, then a valid write before the reloader notes what it saw."""
+    path, reloader = _runtime(tmp_path, _valid(0))
+    path.write_text(_valid(0).replace("weight: 0", "weight: 150"))
+    real_load = reload_module.load
+
+    def load_then_a_write_lands(p: str):
+        try:
+            return real_load(p)
+        finally:
+            path.write_text(_valid(50))  # after the bad bytes were parsed
+
+    monkeypatch.setattr(reload_module, "load", load_then_a_write_lands)
+    await reloader.check("test")
+    assert "routing.weight" in (reloader.runtime.last_error or "")
+    monkeypatch.setattr(reload_module, "load", real_load)
+    assert await asyncio.to_thread(reloader.changed)  # the new bytes were never parsed
+    await reloader.check("test")
+    assert reloader.runtime.snapshot.generation == 2
+    assert reloader.runtime.config.routing.weight == 50
+    await reloader.check("test")  # and nothing changed since: no new generation
+    assert reloader.runtime.snapshot.generation == 2
+
+
+async def test_a_failure_of_any_kind_while_reloading_keeps_the_old_config(
+    tmp_path: Path, monkeypatch
+):
+    path, reloader = _runtime(tmp_path, _valid(0))
+    path.write_text(_valid(20))
+
+    def broken(p: str):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(reload_module, "load", broken)
+    await reloader.check("test")  # never raises
+    rt = reloader.runtime
+    assert rt.snapshot.generation == 1 and "MemoryError" in (rt.last_error or "")
+    assert rt.recorder.reloads["failure"] == 1
+    monkeypatch.setattr(reload_module, "load", load)
+    ok, error = await reloader.reload_now("test")
+    assert ok and error is None and rt.config.routing.weight == 20 and rt.last_error is None
+
+
+@pytest.mark.timeout(90)
+async def test_requests_are_served_while_a_million_line_cohort_file_loads(
+    proxies: ProxyFactory, blue: AppUpstream, green: AppUpstream, tmp_path: Path
+):
+    cohort = tmp_path / "beta.txt"
+    cohort.write_text("someone\n")
+    extra = {
+        "rules": [{"name": "beta", "match": {"cohort": "beta"}, "to": "canary"}],
+        "cohorts": {"beta": {"file": str(cohort)}},
+    }
+    proxy = await proxies.start(config(blue, green, 0, **extra))
+    tmp = tmp_path / "beta.tmp"
+    tmp.write_text("".join(f"member-{i:07d}\n" for i in range(1_000_000)))
+    tmp.replace(cohort)
+    await wait_generation(proxy, 2, timeout=60)
+    assert (await proxy.explain("member-0999999"))["version"] == "green"
+
+    # How long one load of it takes here, with nothing else to do (a thread: the loop runs).
+    t0 = time.monotonic()
+    await asyncio.to_thread(load, str(proxy.config_path))
+    alone = time.monotonic() - t0
+
+    # SIGHUP reloads the same bytes. A load on the event loop would block it from the
+    # signal to the swap, so anything sent after a quarter of that time would be
+    # answered by the new generation; off the loop, the old one answers meanwhile.
+    proxy.signal(signal.SIGHUP)
+    hup = time.monotonic()
+    served_meanwhile = []
+
+    async def probe() -> bool:
+        sent = time.monotonic()
+        doc = await proxy.status()
+        if doc["config"]["generation"] == 2 and sent > hup + alone / 4:
+            served_meanwhile.append(sent - hup)
+        return doc["config"]["generation"] == 3
+
+    await eventually(probe, timeout=60, interval=0.01)
+    assert served_meanwhile, f"nothing was answered during the load (alone: {alone:.2f}s)"
+    assert (await proxy.explain("member-0000001"))["version"] == "green"

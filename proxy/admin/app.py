@@ -4,7 +4,19 @@ Routes: GET /metrics, /healthz, /readyz (no auth); GET /status, /explain,
 /events (viewer); POST /rollback, /pause (any token); POST /resume, /promote,
 /reload (a role other than viewer; promote into an approval step needs that
 step's role). Errors are JSON `{"error": ...}` with a 4xx status; every action,
-allowed or refused, is audited.
+allowed or refused, is audited. Who may call is auth.py's (with tokens: the
+bearer token; without: loopback peer, Host and Origin).
+
+An action's body is a JSON object sent as `Content-Type: application/json`;
+an empty body is `{}` whatever its type (aiohttp and others label it
+application/octet-stream); a browser cannot send one cross-site without an
+Origin header, which auth.py refuses without tokens, nor with a bearer token.
+A non-empty body of another type (text/plain, a form) is 415; a body over
+`MAX_BODY_BYTES` (64 KiB) is 413; malformed JSON, JSON nested deeper than
+`MAX_JSON_DEPTH` (32), or anything but an object is 400; a rollback `reason`
+that is not a string or is longer than `MAX_REASON_CHARS` (512) is 400. Each
+refusal is audited (rate-limited, see auth.py) and changes nothing.
+Timestamps are ISO 8601 UTC with milliseconds.
 """
 
 from __future__ import annotations
@@ -22,6 +34,10 @@ from ..metrics import Recorder
 from ..routing import RequestView, decide
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
+MAX_BODY_BYTES = 64 << 10  # an action's body is a few bytes of JSON
+MAX_JSON_DEPTH = 32
+MAX_REASON_CHARS = 512
+
 if TYPE_CHECKING:
     from ..server import Server
 
@@ -29,7 +45,7 @@ if TYPE_CHECKING:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def status_document(server: Server) -> dict:
@@ -189,7 +205,8 @@ class AdminServer:
         self.server = server
         self.registry = registry(server.runtime.recorder)
         self.runner: web.AppRunner | None = None
-        app = web.Application()
+        self.audit = Audit(server.controller.audit_path)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(
             [
                 web.get("/metrics", self.metrics),
@@ -202,10 +219,6 @@ class AdminServer:
             ]
         )
         self.app = app
-
-    @property
-    def audit(self) -> Audit:
-        return Audit(self.server.controller.audit_path())
 
     async def start(self, host: str, port: int) -> None:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -228,8 +241,8 @@ class AdminServer:
                 # Refused calls are audited too (PRODUCT.md §13), reads included: a
                 # probe with a wrong token is worth a line. Not an event: a client
                 # polling with a bad token must not push the real events out.
-                self.audit.record(d.caller, f"{request.method} {request.path}",
-                                  f"refused {d.status}", d.message)  # fmt: skip
+                self.audit.refused(d.caller, f"{request.method} {request.path}",
+                                   d.status, d.message)  # fmt: skip
                 return _error(d.status, d.message)
             return await handler(request)
 
@@ -241,13 +254,17 @@ class AdminServer:
             try:
                 caller = self.caller(request)
                 allow(caller, ACTIONS[name])
+                body = await json_body(request, caller.name)
+                if name == "rollback":
+                    _check_reason(body, caller.name)
             except Denied as d:
-                self.audit.record(d.caller, name, f"refused {d.status}", d.message)
-                ctl.event("admin", action=name, actor=d.caller, outcome=f"refused {d.status}")
+                # Rate-limited, and an event only when audited: a flood of refused
+                # calls must neither grow the file without bound nor flush the events.
+                if self.audit.refused(d.caller, name, d.status, d.message):
+                    ctl.event("admin", action=name, actor=d.caller, outcome=f"refused {d.status}")
                 return _error(d.status, d.message)
-            body = await _json_body(request)
             try:
-                result = self.perform(name, caller, body)
+                result = await self.perform(name, caller, body)
             except ActionError as err:
                 outcome = f"refused {err.status}"
                 self.audit.record(caller.name, name, outcome, str(err))
@@ -267,10 +284,10 @@ class AdminServer:
 
         return act
 
-    def perform(self, name: str, caller: Caller, body: dict) -> dict:
+    async def perform(self, name: str, caller: Caller, body: dict) -> dict:
         ctl = self.server.controller
         if name == "rollback":
-            reason = str(body.get("reason") or f"manual rollback by {caller.name}")
+            reason = body.get("reason") or f"manual rollback by {caller.name}"
             if self.server.runtime.latch.active:
                 held = self.server.runtime.latch.reason
                 return {"detail": f"already latched ({held}); {reason!r} not recorded"}
@@ -286,7 +303,7 @@ class AdminServer:
             roles = ALL_ROLES if caller.everything else caller.roles
             ctl.promote(caller.name, roles)
             return {}
-        ok, error = self.server.reloader.reload(f"POST /reload by {caller.name}")
+        ok, error = await self.server.reloader.reload_now(f"POST /reload by {caller.name}")
         if ok and self.server.fleet is not None:
             self.server.fleet.reload_followers()
         if not ok:
@@ -330,11 +347,48 @@ def _dumps(obj) -> str:
     return json.dumps(obj, default=str)
 
 
-async def _json_body(request: web.Request) -> dict:
-    if not request.can_read_body:
-        return {}
+async def json_body(request: web.Request, actor: str) -> dict:
+    """An action's JSON object (see the module's rules), or Denied (400, 413, 415)."""
     try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        data = await request.read()  # at most client_max_size (MAX_BODY_BYTES)
+    except web.HTTPRequestEntityTooLarge:
+        raise Denied(413, f"the body is over the {MAX_BODY_BYTES} byte limit", actor) from None
+    if not data:
+        return {}  # nothing to read, whatever the type says (aiohttp sends octet-stream)
+    ctype = request.headers.get("Content-Type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise Denied(415, "an action's body must be sent as Content-Type: application/json", actor)
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise Denied(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", actor) from None
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise Denied(400, f"malformed JSON: {err}", actor) from None
+    if not isinstance(body, dict):
+        raise Denied(400, f"the body must be a JSON object, got {type(body).__name__}", actor)
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise Denied(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", actor)
+    return body
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (an object or array is one level), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def _check_reason(body: dict, actor: str) -> None:
+    """A rollback's `reason`, when given, is a string of at most MAX_REASON_CHARS; or 400."""
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise Denied(400, f"reason must be a string, got {type(reason).__name__}", actor)
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        why = f"reason is {len(reason)} characters, over the limit of {MAX_REASON_CHARS}"
+        raise Denied(400, why, actor)
