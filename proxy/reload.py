@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from watchfiles import awatch
 
@@ -93,7 +93,7 @@ class Reloader:
         return True, None
 
     def _rejected(
-        self, reason: str, text: str, sources: dict[str, str] | None
+        self, reason: str, text: str, sources: Mapping[str, str] | None
     ) -> tuple[bool, str | None]:
         self.runtime.reject(text)
         if sources:
