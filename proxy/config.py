@@ -374,7 +374,7 @@ class _Loader(yaml.SafeLoader):
         self.trail: list[str] = []
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        if len(self.trail) > MAX_DEPTH:
+        if len(self.trail) >= MAX_DEPTH:  # this node would be level MAX_DEPTH + 1
             raise _TooDeep(_trail_path(self.trail), self.peek_event().start_mark.line + 1)
         if isinstance(index, ScalarNode):
             self.trail.append(f".{index.value}")  # a mapping's value: its key
