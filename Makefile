@@ -43,7 +43,7 @@ test: venv
 	$(BIN)/pytest -q
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
 	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
-	  tests/test_framing.py tests/test_limits.py
+	  tests/test_framing.py tests/test_limits.py tests/test_hostile.py
 
 # `make test` runs tests/test_fuzz.py with 300 examples; this runs FUZZ_EXAMPLES per test
 # on each build, collecting every disagreement (survey mode) instead of stopping at the
