@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 
 import pytest
 
@@ -260,3 +262,34 @@ async def test_a_truncated_response_is_counted_as_a_failure(
     assert m.get("turnout_requests_total", version="blue", code="200") == 0
     _, status = await proxy.admin_get("/status")
     assert status["versions"]["blue"]["errors"] == 1
+
+
+@pytest.mark.timeout(40)
+async def test_keep_alive_clients_at_a_drain_get_an_answer_or_a_clean_close(
+    proxies: ProxyFactory, upstreams: Upstreams, blue: AppUpstream, green: AppUpstream
+):
+    """SIGTERM closes idle keep-alive connections; a request already on its way must
+    meet an answer or a clean end (FIN), never a reset that a client cannot retry on."""
+    proxy = await proxies.start(versions_config(blue.url, green.url))
+    clients = [await RawClient.connect(proxy.port) for _ in range(40)]
+    outcomes: list[str] = []
+    try:
+        for c in clients:  # each connection is kept alive after one request
+            await c.send(request("GET", "/first"))
+            assert (await c.response()).status == 200
+        os.kill(proxy.pid, signal.SIGTERM)
+        for c in clients:  # a second request races the drain
+            with contextlib.suppress(ConnectionError):
+                c.writer.write(request("GET", "/second"))
+        for c in clients:
+            try:
+                data = await asyncio.wait_for(c.reader.read(65536), 10)
+            except ConnectionResetError:
+                outcomes.append("reset")
+                continue
+            outcomes.append("answer" if data.startswith(b"HTTP/1.1 ") else "clean close")
+    finally:
+        for c in clients:
+            await c.close()
+    assert "reset" not in outcomes, outcomes
+    assert len(outcomes) == len(clients)
