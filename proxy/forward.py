@@ -140,7 +140,6 @@ class Exchange:
     close_client = False
     held = False  # a chunked request body is being collected before dispatch
     reused = False  # the upstream connection came from the pool
-    body_until_close = False  # the upstream frames its body by closing the connection
     mirror_cfg: Mirror | None = None  # this request is to be copied to the canary
     shadow_body: list[bytes] | None = None  # the request body, teed for the copy
     shadow_bytes = 0
@@ -374,9 +373,7 @@ class Exchange:
         elif self.http11:
             mode = CHUNKED
             framing = b"Transfer-Encoding: chunked\r\n"
-            self.body_until_close = not rh.chunked
         else:
-            self.body_until_close = not rh.chunked
             mode = UNTIL_CLOSE
             framing = b""
             client_close = True
@@ -494,7 +491,7 @@ class Exchange:
 
     # -- failures -----------------------------------------------------------------------
 
-    def upstream_lost(self, silent: bool = False) -> None:
+    def upstream_lost(self, silent: bool = False, until_close: bool = False) -> None:
         """The upstream connection closed under this exchange.
 
         `silent`: not one byte of a response had arrived on it.
@@ -507,7 +504,7 @@ class Exchange:
             return
         if self.done:
             return
-        if self.status and self.body_until_close:
+        if self.status and until_close:
             self.response_complete()  # the upstream's close is the end of its body
             return
         if self.status and self.resp_mode == CHUNKED and not self.is_head:

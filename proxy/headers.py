@@ -213,7 +213,7 @@ def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
             continue
         hop += 1
         if name == b"transfer-encoding":
-            head.chunked = value.lower().endswith(b"chunked")
+            head.chunked = value.rstrip().lower() == b"chunked"  # as proxy.framing judged it
         elif name == b"connection":
             plain = value.rstrip().lower()
             if plain == b"close":

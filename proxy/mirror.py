@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from .compare import Captured, compare
 from .config import Mirror
-from .forward import IDEMPOTENT, NO_BODY_STATUS, sized_response
-from .headers import HOP_BY_HOP, scan_response
+from .forward import IDEMPOTENT, sized_response
+from .headers import HOP_BY_HOP
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 
@@ -203,7 +203,6 @@ class ShadowExchange:
     pool: Pool | None = None
     done = False
     keep_alive = True
-    until_close = False  # the canary's body ends when it closes the connection
     reused = False  # the connection came from the pool
     mine: _Capture | None = None  # the canary's answer, when comparing
     primary: _Capture | None = None  # the primary's answer, when comparing
@@ -294,13 +293,6 @@ class ShadowExchange:
         self.finished_status = status
         self.data = b""  # answered: no resend any more
         block = head[head.find(b"\r\n") :]
-        rh = scan_response(block, False)
-        self.until_close = (
-            rh.content_length is None
-            and not rh.chunked
-            and status not in NO_BODY_STATUS
-            and self.method != b"HEAD"
-        )
         if self.mine is not None:
             self.mine.head(status, block)
 
@@ -322,14 +314,14 @@ class ShadowExchange:
     def upgraded(self, rest: bytes) -> None:
         self.upstream_failed("protocol", "unexpected protocol switch")
 
-    def upstream_lost(self, silent: bool = False) -> None:
+    def upstream_lost(self, silent: bool = False, until_close: bool = False) -> None:
         """The canary's connection closed (`silent`: before one byte of an answer)."""
         self.conn = None
         if self.done:
             return
         if silent and self.stale_pooled():
             return
-        if self.finished_status is not None and self.until_close:
+        if self.finished_status is not None and until_close:
             self.end(self.finished_status, None)  # the close is the end of the body
             return
         self.end(0, "reset")

@@ -293,3 +293,46 @@ async def test_keep_alive_clients_at_a_drain_get_an_answer_or_a_clean_close(
             await c.close()
     assert "reset" not in outcomes, outcomes
     assert len(outcomes) == len(clients)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "cut",
+    [
+        b"5\r\nhello\r\n0\r\nX-Trailer",  # inside the trailers
+        b"5\r\nhel",  # inside a chunk
+        b"5\r\nhello\r\n",  # between chunks
+    ],
+)
+async def test_a_chunked_response_cut_short_is_never_completed_for_the_client(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, cut: bytes
+):
+    """The upstream's close ends a body only when its framing says so: a chunked
+    body (here with OWS after `chunked`) that stops early is a failure, and the
+    client must not receive a terminating chunk that would make it look whole."""
+
+    async def truncate(up, reader, writer):
+        await up.read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked \r\n\r\n" + cut)
+        await writer.drain()
+        writer.close()
+
+    up = await upstreams.raw("blue", truncate)
+    proxy = await proxies.start(versions_config(up.url, green.url))
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(request("GET", "/"))
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(c.reader.read(65536), 10):
+                data += chunk
+    finally:
+        await c.close()
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert not data.endswith(b"0\r\n\r\n"), data
+
+    async def counted() -> bool:
+        m = await proxy.metrics()
+        return m.get("turnout_requests_total", version="blue", code="502") == 1
+
+    await eventually(counted)

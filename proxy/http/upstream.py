@@ -194,7 +194,9 @@ class UpstreamConnection:
         ex = self.exchange
         self.exchange = None
         if ex is not None:
-            ex.upstream_lost(silent=self.want_head and not self.head_buf)
+            # Whether the close ends the body is the framing's word, nobody else's.
+            until_close = not self.want_head and self.mode == UNTIL_CLOSE
+            ex.upstream_lost(self.want_head and not self.head_buf, until_close)
 
     def pause_writing(self) -> None:
         ex = self.exchange
