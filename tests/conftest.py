@@ -534,7 +534,12 @@ class Upstreams:
     @staticmethod
     def dead_url() -> str:
         """An endpoint URL where nothing listens: connecting is refused."""
-        return f"http://{LOOPBACK}:{free_port()}"
+        return Upstreams.dead_urls(1)[0]
+
+    @staticmethod
+    def dead_urls(n: int) -> list[str]:
+        """`n` distinct such URLs (ports chosen together, so no two are the same)."""
+        return [f"http://{LOOPBACK}:{port}" for port in free_ports(n)]
 
     async def stop(self) -> None:
         for up in reversed(self.started):

@@ -1196,9 +1196,7 @@ async def test_endpoints_of_a_version_take_turns(
 async def test_all_endpoints_dead_gives_502(
     proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream, session
 ):
-    proxy = await proxies.start(
-        versions_config([upstreams.dead_url(), upstreams.dead_url()], green.url)
-    )
+    proxy = await proxies.start(versions_config(upstreams.dead_urls(2), green.url))
     for _ in range(3):
         async with session.get(proxy.url + "/") as r:
             assert r.status == 502
