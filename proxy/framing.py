@@ -122,14 +122,11 @@ def _chunked(codings: list[bytes], status: int, what: str) -> None:
     raise FramingError(status, f"invalid Transfer-Encoding in the {what}")
 
 
-def request_framing(block: bytes, http11: bool) -> Framing:
-    """How long the request body of a strict head's header `block` is."""
-    if b"ength:" not in block and b"ncoding:" not in block and b"ection:" not in block:
-        # Case-insensitive names: the cheap test only settles the common all-clear.
-        lower = block.lower()
-        if b"ength:" not in lower and b"ncoding:" not in lower and b"ection:" not in lower:
-            return PLAIN
-    lengths, codings, options = framing_lines(block)
+def judge_request(
+    lengths: list[bytes], codings: list[bytes], options: frozenset[bytes], http11: bool
+) -> Framing:
+    """How long a request body is, from the values of every Content-Length and
+    Transfer-Encoding line of its head and its Connection options."""
     if codings:
         if lengths:
             raise FramingError(400, "both Content-Length and Transfer-Encoding")
@@ -141,6 +138,14 @@ def request_framing(block: bytes, http11: bool) -> Framing:
         n = _length(lengths, 400, "request")
         return Framing(LENGTH if n else NONE, n, options)
     return Framing(NONE, 0, options) if options else PLAIN
+
+
+def request_framing(block: bytes, http11: bool) -> Framing:
+    """`judge_request` for a strict head's header `block` on its own. (The client
+    side gets the same lines from the one scan it makes of a head: see
+    headers.scan_request.)"""
+    lengths, codings, options = framing_lines(block)
+    return judge_request(lengths, codings, options, http11)
 
 
 def response_framing(block: bytes, status: int, bodiless: bool) -> Framing:
@@ -230,7 +235,7 @@ class ChunkedReader:
             self.line = b""
             i = end + 1
             self.check_line_size(line)
-            if line[-2:] != b"\r\n" or b"\r" in line[:-2]:
+            if line[-2:] != b"\r\n" or line.find(b"\r", 0, len(line) - 2) != -1:
                 raise FramingError(self.status, "bare CR or LF in chunked framing")
             if state == _IN_SIZE:
                 self.size_line(line[:-2])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from .framing import CHUNKED, LENGTH, PLAIN, Framing
+from .framing import CHUNKED, LENGTH, PLAIN, Framing, judge_request
 
 # Hop-by-hop (RFC 9110 §7.6.1, and the proxy credentials): removed in both directions.
 HOP_BY_HOP_NAMES = (
@@ -76,6 +76,7 @@ class RequestHead:
     xff: bytes | None = None
     te_trailers = False
     special = False  # hop-by-hop, forwarding or framing headers were present
+    framing: Framing = PLAIN  # what proxy.framing decided from every framing line
 
     def __init__(self, block: bytes) -> None:
         self.block = block  # "\r\nName: value" lines to forward, ending with "\r\n"
@@ -103,24 +104,22 @@ def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def scan_request(
-    block: bytes,
-    scanner: re.Pattern[bytes],
-    wanted: frozenset[bytes],
-    framing: Framing = PLAIN,
+    block: bytes, scanner: re.Pattern[bytes], wanted: frozenset[bytes], http11: bool = True
 ) -> RequestHead:
     """Classify the client's headers: framing, routing inputs, the block to forward.
 
-    `block` is "\\r\\nName: value" lines ending "\\r\\n"; `scanner` comes from
-    `request_scanner(wanted)`; `wanted` holds the lower-case names routing reads;
-    `framing` is what proxy.framing decided from the same block.
+    `block` is "\\r\\nName: value" lines ending "\\r\\n" in the strict grammar
+    (proxy.framing.REQUEST_HEAD); `scanner` comes from `request_scanner(wanted)`;
+    `wanted` holds the lower-case names routing reads. The one scan also collects
+    every framing line, and proxy.framing.judge_request decides the body's length
+    from them (raising FramingError for a request that must not be forwarded).
     """
     head = RequestHead(block)
-    if framing.mode == LENGTH:
-        head.content_length = framing.length
-    elif framing.mode == CHUNKED:
-        head.chunked = True
     slow = False
     routing = head.routing
+    lengths: list[bytes] = _NOTHING
+    codings: list[bytes] = _NOTHING
+    options: frozenset[bytes] = _NO_OPTIONS
     for name, value in scanner.findall(block):
         name = name.lower()
         value = value.rstrip()
@@ -134,12 +133,29 @@ def scan_request(
             if head.host is not None:
                 raise HeaderError("duplicate Host header")
             head.host = value
+        elif name == b"content-length":
+            lengths = [*lengths, value]
         elif name in _SLOW:
             slow = True
+            if name == b"transfer-encoding":
+                codings = [*codings, value]
+            elif name == b"connection":
+                options = options | _tokens(value)
+    if lengths or codings or options:
+        framing = judge_request(lengths, codings, options, http11)
+        head.framing = framing
+        if framing.mode == LENGTH:
+            head.content_length = framing.length
+        elif framing.mode == CHUNKED:
+            head.chunked = True
     if slow:
         head.special = True
-        _scan_special(head, block.lower(), framing.options)
+        _scan_special(head, block.lower(), options)
     return head
+
+
+_NOTHING: list[bytes] = []  # never appended to: a line found makes a new list
+_NO_OPTIONS: frozenset[bytes] = frozenset()
 
 
 _XFF = re.compile(rb"\r\nx-forwarded-for[ \t]*:[ \t]*([^\r]*)", re.I)
@@ -223,7 +239,7 @@ def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
                 head.close = head.close or b"close" in tokens
         elif name == b"upgrade":
             upgrade = value
-    if hop == 1 and b"\r\nConnection: keep-alive\r\n" in block:
+    if hop == 1 and block.find(b"\r\nConnection: keep-alive\r\n") != -1:
         # What most servers send, and the only hop-by-hop line: cut it at C speed.
         head.block = block.replace(b"\r\nConnection: keep-alive", b"", 1)
     elif hop:

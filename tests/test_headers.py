@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.forward import sized_response
-from proxy.framing import FramingError, request_framing
+from proxy.framing import FramingError
 from proxy.headers import (
     HeaderError,
     header_block,
@@ -20,9 +20,7 @@ SCANNER = request_scanner(tuple(sorted(WANTED)))
 
 
 def scan(headers):
-    """As the client side does: the framing authority first, then the rest."""
-    block = header_block(headers)
-    return scan_request(block, SCANNER, WANTED, request_framing(block, True))
+    return scan_request(header_block(headers), SCANNER, WANTED)
 
 
 def test_plain_request_keeps_every_header_and_adds_forwarding():
@@ -178,3 +176,21 @@ def test_a_sized_response_matches_scan_response_and_its_head_is_remembered():
 )
 def test_other_responses_go_to_the_parser(whole):
     assert sized_response(whole, whole.find(b"\r\n\r\n")) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "length", "chunked"),
+    [
+        ([(b"Host", b"a"), (b"cOnTeNt-LeNgTh", b"5")], 5, False),
+        ([(b"Host", b"a"), (b"TRANSFER-ENCODING", b"chunked")], None, True),
+        ([(b"Host", b"a"), (b"X-A", b"content-length: 5")], None, False),  # a value, not a line
+    ],
+)
+def test_framing_lines_are_found_whatever_their_case(headers, length, chunked):
+    head = scan(headers)
+    assert (head.content_length, head.chunked) == (length, chunked)
+
+
+def test_framing_lines_in_any_case_still_conflict():
+    with pytest.raises(FramingError):
+        scan([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked"), (b"transfer-ENCODING", b"x")])

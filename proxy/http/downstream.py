@@ -34,10 +34,8 @@ from ..framing import (
     NONE,
     REQUEST_HEAD,
     ChunkedReader,
-    Framing,
     FramingError,
     head_fault,
-    request_framing,
 )
 from ..headers import HeaderError, RequestHead, scan_request, upstream_request
 from ..routing import RequestView, decide
@@ -217,9 +215,8 @@ class ClientConnection:
         if major != b"1" or minor not in (b"0", b"1"):
             raise _Reject(505, "HTTP version not supported")
         http11 = minor == b"1"
-        block = lines + b"\r\n"
-        framing = request_framing(block, http11)
-        ex = self.new_exchange(method, target, block, http11, framing)
+        ex = self.new_exchange(method, target, lines + b"\r\n", http11)
+        framing = ex.head.framing
         self.last = ex
         if self.current is None:
             self.current = ex
@@ -291,17 +288,16 @@ class ClientConnection:
 
     # -- exchanges --------------------------------------------------------------------
 
-    def new_exchange(
-        self, method: bytes, target: bytes, block: bytes, http11: bool, framing: Framing
-    ) -> Exchange:
+    def new_exchange(self, method: bytes, target: bytes, block: bytes, http11: bool) -> Exchange:
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported")
         if target[:1] != b"/":
             target = _origin_form(method, target)
         snap = self.server.runtime.snapshot
-        head = scan_request(block, snap.table.scanner, snap.table.wanted, framing)
+        head = scan_request(block, snap.table.scanner, snap.table.wanted, http11)
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
+        framing = head.framing
         options = framing.options
         if http11:
             keep_alive = b"close" not in options
