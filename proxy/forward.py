@@ -20,8 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .framing import LENGTH as FRAMED_LENGTH
-from .framing import NONE as FRAMED_NONE
-from .framing import RESPONSE_HEAD, FramingError, response_framing
+from .framing import RESPONSE_HEAD, Framing, FramingError, response_framing
 from .headers import RequestHead, ResponseHead, scan_response
 from .http.outbox import abort, close, send
 from .http.upstream import Pool, UpstreamConnection
@@ -100,12 +99,9 @@ def _sized_head(head: bytes) -> tuple[int, int, ResponseHead] | None:
         framing = response_framing(block, status, False)
     except FramingError:
         return None
-    if framing.mode != FRAMED_LENGTH and framing.mode != FRAMED_NONE:
+    if framing.mode != FRAMED_LENGTH:
         return None
-    rh = scan_response(block, False)
-    if rh.content_length is None:
-        return None
-    return status, sle, rh
+    return status, sle, scan_response(block, False, framing)
 
 
 def error_response(status: int, version: str | None, cause: str, expose: bool) -> bytes:
@@ -336,7 +332,7 @@ class Exchange:
 
     # -- response (upstream -> client) ----------------------------------------------------
 
-    def response_head(self, status: int, head: bytes, keep_alive: bool) -> None:
+    def response_head(self, status: int, head: bytes, keep_alive: bool, framing: Framing) -> None:
         """`head` is the upstream's status line and header lines, each ending CRLF."""
         sle = head.find(b"\r\n")
         status_line = head[:sle]
@@ -351,7 +347,11 @@ class Exchange:
         if self.shadow is not None:
             self.shadow.primary_head(status, head[sle:])
         self.resp_pending = self.client_head(
-            status, status_line, scan_response(head[sle:], upgrading), keep_alive, upgrading
+            status,
+            status_line,
+            scan_response(head[sle:], upgrading, framing),
+            keep_alive,
+            upgrading,
         )
 
     def client_head(

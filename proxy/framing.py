@@ -160,8 +160,8 @@ def response_framing(block: bytes, status: int, bodiless: bool) -> Framing:
         return Framing(NONE, 0, options)
     if codings:
         return Framing(CHUNKED, 0, options)
-    if lengths:
-        return Framing(LENGTH if n else NONE, n, options)
+    if lengths:  # LENGTH even at 0: the Content-Length line is relayed as the framing
+        return Framing(LENGTH, n, options)
     return Framing(UNTIL_CLOSE, 0, options)
 
 

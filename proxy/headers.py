@@ -208,36 +208,29 @@ class ResponseHead:
         self.block = block  # "\r\nName: value" lines, ending with "\r\n"
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 _RESP_SCAN = re.compile(
     rb"\r\n(" + _HOP_ALT + rb"|x-turnout-version|content-length)[ \t]*:[ \t]*([^\r]*)", re.I
 )
 
 
-def scan_response(block: bytes, keep_upgrade: bool) -> ResponseHead:
-    """`block` is the raw header lines of a response, starting "\\r\\n" (no status line)."""
+def scan_response(block: bytes, keep_upgrade: bool, framing: Framing) -> ResponseHead:
+    """`block` is the raw header lines of a response, starting "\\r\\n" (no status
+    line); `framing` is what proxy.framing decided from them, the only source of the
+    body's length and of the Connection options."""
     head = ResponseHead(block)
+    if framing.mode == LENGTH:
+        head.content_length = framing.length
+    elif framing.mode == CHUNKED:
+        head.chunked = True
+    tokens = framing.options
+    head.close = b"close" in tokens
     hop = 0
-    tokens: frozenset[bytes] = frozenset()
     upgrade = None
     for name, value in _RESP_SCAN.findall(block):
-        name = name.lower()
-        if name == b"content-length":
-            value = value.rstrip()
-            if value.isdigit():
-                head.content_length = int(value)
-            continue
+        if len(name) == 14 and name.lower() == b"content-length":
+            continue  # relayed as it is
         hop += 1
-        if name == b"transfer-encoding":
-            head.chunked = value.rstrip().lower() == b"chunked"  # as proxy.framing judged it
-        elif name == b"connection":
-            plain = value.rstrip().lower()
-            if plain == b"close":
-                head.close = True
-            elif plain not in _PLAIN_CONNECTION:
-                tokens = tokens | _tokens(value)
-                head.close = head.close or b"close" in tokens
-        elif name == b"upgrade":
+        if len(name) == 7 and name.lower() == b"upgrade":
             upgrade = value
     if hop == 1 and block.find(b"\r\nConnection: keep-alive\r\n") != -1:
         # What most servers send, and the only hop-by-hop line: cut it at C speed.

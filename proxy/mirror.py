@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .compare import Captured, compare
 from .config import Mirror
 from .forward import IDEMPOTENT, sized_response
+from .framing import Framing
 from .headers import HOP_BY_HOP
 from .http.upstream import Pool, UpstreamConnection
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
@@ -286,7 +287,7 @@ class ShadowExchange:
     def flush_response_head(self) -> None:
         pass
 
-    def response_head(self, status: int, head: bytes, keep_alive: bool) -> None:
+    def response_head(self, status: int, head: bytes, keep_alive: bool, framing: Framing) -> None:
         if status < 200:
             return
         self.keep_alive = keep_alive

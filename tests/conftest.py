@@ -515,6 +515,18 @@ class RawUpstream(Upstream):
                 await task
 
 
+def answer_then_close(raw: bytes) -> RawHandler:
+    """A RawUpstream handler: read one request head, answer `raw`, close."""
+
+    async def handler(up: RawUpstream, reader, writer) -> None:
+        await up.read_head(reader)
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
 class Upstreams:
     """Factory for the upstreams of one test; all are stopped at teardown."""
 

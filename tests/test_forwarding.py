@@ -25,6 +25,7 @@ from .conftest import (
     RawUpstream,
     RssSampler,
     Upstreams,
+    answer_then_close,
     eventually,
     request,
     versions_config,
@@ -894,16 +895,6 @@ async def test_endless_upstream_response_head_is_502(
     assert m.get("turnout_upstream_errors_total", version="blue", kind="protocol") == 1
 
 
-def _answer_then_close(raw: bytes):
-    async def handler(up: RawUpstream, reader, writer) -> None:
-        await up.read_head(reader)
-        writer.write(raw)
-        await writer.drain()
-        writer.close()
-
-    return handler
-
-
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("version", ["1.0", "1.1"])
 async def test_close_delimited_upstream_body_is_relayed_whole(
@@ -913,7 +904,7 @@ async def test_close_delimited_upstream_body_is_relayed_whole(
     relayed to an HTTP/1.1 client it must end cleanly (not be cut off as an error)."""
     body = b"close-delimited body " * 100
     raw = b"HTTP/%s 200 OK\r\nContent-Type: text/plain\r\n\r\n%s" % (version.encode(), body)
-    up = await upstreams.raw("blue", _answer_then_close(raw))
+    up = await upstreams.raw("blue", answer_then_close(raw))
     proxy = await proxies.start(versions_config(up.url, green.url))
     c = await RawClient.connect(proxy.port)
     try:
@@ -936,7 +927,7 @@ async def test_upstream_response_with_length_and_chunked_is_not_relayed_ambiguou
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"
     )
-    up = await upstreams.raw("blue", _answer_then_close(raw))
+    up = await upstreams.raw("blue", answer_then_close(raw))
     proxy = await proxies.start(versions_config(up.url, green.url))
     c = await RawClient.connect(proxy.port)
     try:
@@ -1118,7 +1109,7 @@ async def test_upstream_closing_mid_response_cuts_the_client(
 ):
     """A truncated upstream body must reach the client as a truncation, never as a
     complete response (no clean end of a chunked body)."""
-    up = await upstreams.raw("blue", _answer_then_close(raw))
+    up = await upstreams.raw("blue", answer_then_close(raw))
     proxy = await proxies.start(versions_config(up.url, green.url))
     c = await RawClient.connect(proxy.port)
     try:

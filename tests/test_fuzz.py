@@ -892,6 +892,17 @@ def disagree(stats: Stats, kind: str, example: bytes, detail: str) -> None:
         stats.details[kind] = detail
 
 
+def disagreed(stats: Stats, problems: list[tuple[str, str]], example: bytes, sent: str) -> bool:
+    """Count every problem found with one example; outside survey mode, fail on the
+    first. True when there was any."""
+    for kind, detail in problems:
+        disagree(stats, kind, example, detail)
+    if problems and not SURVEY:
+        kind, detail = problems[0]
+        raise Disagreement(f"{kind}: {detail}\n{sent} {_short(example)}")
+    return bool(problems)
+
+
 async def judge_request(rig: Rig, pieces: list[bytes]) -> None:
     stats = rig.stats["requests"]
     data = b"".join(pieces)
@@ -970,12 +981,7 @@ def check_requests(
             not seen[i].body.startswith(fw.body)
         ):
             problems.append(("partial-differs", f"{said}; upstream {fw}, h11 {seen[i]}"))
-    if problems:
-        for kind, detail in problems:
-            disagree(stats, kind, data, detail)
-        if not SURVEY:
-            kind, detail = problems[0]
-            raise Disagreement(f"{kind}: {detail}\nclient sent {_short(data)}")
+    if disagreed(stats, problems, data, "client sent"):
         return
     if len(whole) < len(verdict.whole):
         stats.stricter += 1
@@ -1061,12 +1067,7 @@ def check_response(
             problems.append(("relay-cut", f"{said}; proxy relayed part: {got}"))
     if second is not None and not second.proxy_made and second.body != SECOND_BODY:
         problems.append(("desync", f"{said}; first {got}; the next request got {second}"))
-    if problems:
-        for kind, detail in problems:
-            disagree(stats, kind, example, detail)
-        if not SURVEY:
-            kind, detail = problems[0]
-            raise Disagreement(f"{kind}: {detail}\nupstream sent {_short(example)}")
+    if disagreed(stats, problems, example, "upstream sent"):
         return
     if relayed:
         stats.accepted += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.forward import sized_response
-from proxy.framing import FramingError
+from proxy.framing import FramingError, response_framing
 from proxy.headers import (
     HeaderError,
     header_block,
@@ -17,6 +17,11 @@ from proxy.headers import (
 
 WANTED = frozenset({b"x-user-id", b"cookie"})
 SCANNER = request_scanner(tuple(sorted(WANTED)))
+
+
+def relayed(block):
+    """A 200 response head's block, as the upstream side reads it."""
+    return scan_response(block, False, response_framing(block, 200, False))
 
 
 def scan(headers):
@@ -103,7 +108,7 @@ def test_response_hop_by_hop_removed_and_length_found():
         b"\r\nServer: x\r\nContent-Length: 12\r\nConnection: keep-alive, X-Drop\r\n"
         b"X-Drop: 1\r\nKeep-Alive: timeout=5\r\nX-Turnout-Version: spoofed\r\nX-Ok: 1\r\n"
     )
-    rh = scan_response(block, False)
+    rh = relayed(block)
     assert rh.content_length == 12 and not rh.chunked
     low = rh.block.lower()
     assert b"connection" not in low and b"x-drop" not in low and b"keep-alive" not in low
@@ -112,21 +117,21 @@ def test_response_hop_by_hop_removed_and_length_found():
 
 
 def test_response_chunked_detected_and_te_removed():
-    rh = scan_response(b"\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n", False)
+    rh = relayed(b"\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n")
     assert rh.chunked and b"transfer-encoding" not in rh.block.lower()
 
 
 def test_plain_response_block_untouched():
     block = b"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
-    assert scan_response(block, False).block is block
+    assert relayed(block).block is block
 
 
 def test_common_keep_alive_line_is_cut_and_the_rest_kept():
     block = b"\r\nServer: nginx\r\nContent-Length: 3\r\nConnection: keep-alive\r\nX-A: 1\r\n"
-    rh = scan_response(block, False)
+    rh = relayed(block)
     assert rh.block == b"\r\nServer: nginx\r\nContent-Length: 3\r\nX-A: 1\r\n"
     assert rh.content_length == 3 and not rh.close
-    closing = scan_response(b"\r\nConnection: close\r\nContent-Length: 0\r\n", False)
+    closing = relayed(b"\r\nConnection: close\r\nContent-Length: 0\r\n")
     assert closing.close and b"onnection" not in closing.block
 
 
@@ -155,7 +160,7 @@ def test_a_sized_response_matches_scan_response_and_its_head_is_remembered():
     end = whole.find(b"\r\n\r\n")
     status, sle, first = sized_response(whole, end)
     assert (status, sle) == (200, 15)
-    fresh = scan_response(block, False)
+    fresh = relayed(block)
     assert (first.content_length, first.chunked, first.close, first.block) == (
         fresh.content_length, fresh.chunked, fresh.close, fresh.block,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from .conftest import (
     RawClient,
     RssSampler,
     Upstreams,
+    answer_then_close,
     eventually,
     request,
     versions_config,
@@ -237,12 +238,7 @@ async def test_connections_beyond_the_cap_get_503(
 async def test_a_truncated_response_is_counted_as_a_failure(
     proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream
 ):
-    async def truncate(up, reader, writer):
-        await up.read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        writer.close()
-
+    truncate = answer_then_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
     up = await upstreams.raw("blue", truncate)
     proxy = await proxies.start(versions_config(up.url, green.url))
     c = await RawClient.connect(proxy.port)
@@ -311,12 +307,7 @@ async def test_a_chunked_response_cut_short_is_never_completed_for_the_client(
     body (here with OWS after `chunked`) that stops early is a failure, and the
     client must not receive a terminating chunk that would make it look whole."""
 
-    async def truncate(up, reader, writer):
-        await up.read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked \r\n\r\n" + cut)
-        await writer.drain()
-        writer.close()
-
+    truncate = answer_then_close(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked \r\n\r\n" + cut)
     up = await upstreams.raw("blue", truncate)
     proxy = await proxies.start(versions_config(up.url, green.url))
     c = await RawClient.connect(proxy.port)

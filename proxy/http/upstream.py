@@ -23,6 +23,7 @@ from ..framing import (
     CHUNKED,
     LENGTH,
     NONE,
+    PLAIN,
     RESPONSE_HEAD,
     UNTIL_CLOSE,
     ChunkedReader,
@@ -152,11 +153,11 @@ class UpstreamConnection:
         status = int(m.group(2))
         rest = buf[end + 4 :]
         if status < 200 and status != 101:
-            ex.response_head(status, head, True)  # interim: the final head follows
+            ex.response_head(status, head, True, PLAIN)  # interim: the final head follows
             return rest
         if status == 101:
             self.want_head = False
-            ex.response_head(status, head, False)
+            ex.response_head(status, head, False, PLAIN)
             if self.exchange is ex:
                 ex.upgraded(rest)
             return None
@@ -171,10 +172,10 @@ class UpstreamConnection:
         self.left = framing.length
         if framing.mode == CHUNKED:
             self.chunks = ChunkedReader(502)
-        ex.response_head(status, head, keep_alive and framing.mode != UNTIL_CLOSE)
+        ex.response_head(status, head, keep_alive and framing.mode != UNTIL_CLOSE, framing)
         if self.exchange is not ex:
             return None
-        if framing.mode == NONE:
+        if framing.mode == NONE or (framing.mode == LENGTH and not framing.length):
             self.body_ended(ex, rest)
             return None
         return rest
