@@ -165,6 +165,14 @@ def response_framing(block: bytes, status: int, bodiless: bool) -> Framing:
     return Framing(UNTIL_CLOSE, 0, options)
 
 
+def bare_lf_end(buf: bytes | bytearray, old: int) -> bool:
+    """An unfinished head already ended by bare LFs, which would otherwise wait for a
+    CRLF that never comes; only the bytes after the first `old` (those already
+    looked at) are searched, so a head trickled in pieces costs linear time."""
+    start = max(0, old - 2)
+    return buf.find(b"\n\n", start) != -1 or buf.find(b"\n\r\n", start) != -1
+
+
 def head_fault(head: bytes) -> str:
     """Why a head (request or response) failed the strict grammar, for the error."""
     first = head.find(b"\r\n")

@@ -35,6 +35,7 @@ from ..framing import (
     REQUEST_HEAD,
     ChunkedReader,
     FramingError,
+    bare_lf_end,
     head_fault,
 )
 from ..headers import HeaderError, RequestHead, scan_request, upstream_request
@@ -84,7 +85,7 @@ class ClientConnection:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = ""
         self.peer_bytes = b""
-        self.buf = b""  # a request head still being received
+        self.buf = bytearray()  # a request head still being received, over several reads
         self.phase = HEAD
         self.left = 0  # BODY_LENGTH: body bytes still to come
         self.chunks: ChunkedReader | None = None
@@ -178,33 +179,45 @@ class ClientConnection:
 
     def read_head(self, data: bytes) -> bytes | None:
         """Gather one request head and start its exchange; the bytes after the head,
-        or None when it is not complete yet."""
-        old = len(self.buf)
-        buf = self.buf + data if old else data
-        limit = self.server.max_header_bytes
-        if buf[:2] == b"\r\n":
-            stripped = buf.lstrip(b"\r\n")
-            skipped = buf[: len(buf) - len(stripped)]
-            if len(skipped) > 2 * MAX_EMPTY_LINES or b"\n\n" in skipped or b"\r\r" in skipped:
-                raise _Reject(400, "malformed request: empty lines before the request line")
-            buf, old = stripped, 0
-            if not buf:
-                self.buf = b""
+        or None when it is not complete yet.
+
+        A head in one read is taken from it as it is; one that spans reads is
+        gathered in a bytearray (appending is linear, where joining bytes read by
+        read would be quadratic for a head trickled a byte at a time).
+        """
+        pending = self.buf
+        if pending:
+            old = len(pending)
+            pending += data
+            end = pending.find(b"\r\n\r\n", max(0, old - 3))
+            if end == -1 or end + 4 > self.server.max_header_bytes:
+                self.unfinished(pending, old, end)
                 return None
-        end = buf.find(b"\r\n\r\n", max(0, old - 3))
-        if end == -1 or end + 4 > limit:
-            if len(buf) > limit or end != -1:
-                raise _Reject(431, "request line and headers exceed max_header_bytes")
-            if b"\n\n" in buf or b"\n\r\n" in buf:
-                raise _Reject(400, "malformed request: bare LF line ends")
-            if not self.head_since:
-                self.head_since = time.monotonic()
-            self.buf = buf
-            return None
-        self.buf = b""
+            buf = bytes(pending)
+            self.buf = bytearray()
+        else:
+            buf = data
+            if buf[:1] == b"\r" or buf[:1] == b"\n":
+                buf = _skip_empty_lines(buf)
+                if not buf:
+                    return None
+            end = buf.find(b"\r\n\r\n")
+            if end == -1 or end + 4 > self.server.max_header_bytes:
+                self.unfinished(buf, 0, end)
+                self.buf = bytearray(buf)
+                return None
         self.head_since = 0.0
         self.begin(buf[: end + 2])
         return buf[end + 4 :]
+
+    def unfinished(self, buf: bytes | bytearray, old: int, end: int) -> None:
+        """A head not complete yet: refuse it at once if it can never be good."""
+        if end != -1 or len(buf) > self.server.max_header_bytes:
+            raise _Reject(431, "request line and headers exceed max_header_bytes")
+        if bare_lf_end(buf, old):
+            raise _Reject(400, "malformed request: bare LF line ends")
+        if not self.head_since:
+            self.head_since = time.monotonic()
 
     def begin(self, head: bytes) -> None:
         """Judge a whole head, make its exchange, and set up the reading of its body."""
@@ -247,7 +260,7 @@ class ClientConnection:
 
     def stop(self, reject: _Reject) -> None:
         self.phase = STOPPED
-        self.buf = b""
+        self.buf = bytearray()
         self.bad_request(reject)
 
     def eof_received(self) -> bool | None:
@@ -463,6 +476,16 @@ class ClientConnection:
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
+
+
+def _skip_empty_lines(buf: bytes) -> bytes:
+    """Drop the empty lines a client may send before a request line (RFC 9112 §2.2),
+    at most MAX_EMPTY_LINES of them, each a whole CRLF."""
+    rest = buf.lstrip(b"\r\n")
+    skipped = len(buf) - len(rest)
+    if skipped > 2 * MAX_EMPTY_LINES or buf.count(b"\r\n", 0, skipped) * 2 != skipped:
+        raise _Reject(400, "malformed request: empty lines before the request line")
+    return rest
 
 
 def _origin_form(method: bytes, target: bytes) -> bytes:

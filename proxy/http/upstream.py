@@ -28,6 +28,7 @@ from ..framing import (
     UNTIL_CLOSE,
     ChunkedReader,
     FramingError,
+    bare_lf_end,
     head_fault,
     response_framing,
 )
@@ -141,7 +142,7 @@ class UpstreamConnection:
         if end == -1 or end + 4 > MAX_HEAD:
             if len(buf) > MAX_HEAD:
                 raise FramingError(502, "response head too large")
-            if b"\n\n" in buf or b"\n\r\n" in buf:
+            if bare_lf_end(buf, old):
                 raise FramingError(502, "bare LF line ends")
             self.head_buf = buf
             return None
