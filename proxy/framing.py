@@ -81,6 +81,13 @@ class Framing:
         self.length = length  # the body's length in LENGTH mode
         self.options = options  # lower-case tokens of every Connection line
 
+    def keep_alive(self, http11: bool) -> bool:
+        """Whether the connection stays open after this message (RFC 9112 §9.3)."""
+        options = self.options
+        if b"close" in options:
+            return False
+        return http11 or b"keep-alive" in options
+
 
 _NO_OPTIONS: frozenset[bytes] = frozenset()
 PLAIN = Framing(NONE, 0, _NO_OPTIONS)

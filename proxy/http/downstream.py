@@ -311,12 +311,8 @@ class ClientConnection:
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
         framing = head.framing
-        options = framing.options
-        if http11:
-            keep_alive = b"close" not in options
-        else:
-            keep_alive = b"keep-alive" in options and b"close" not in options
-        upgrade = http11 and head.upgrade is not None and b"upgrade" in options
+        keep_alive = framing.keep_alive(http11)
+        upgrade = http11 and head.upgrade is not None and b"upgrade" in framing.options
         if upgrade and framing.mode != NONE:
             raise _Reject(400, "an upgrade request with a body")
         return self.exchange_for(snap, method, target, head, http11, keep_alive, upgrade)

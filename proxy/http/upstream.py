@@ -68,7 +68,7 @@ class UpstreamConnection:
         self.exchange: Exchange | ShadowExchange | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.head_buf = b""  # raw bytes of a response head still being received
+        self.head_buf = bytearray()  # a response head still being received, over reads
         self.want_head = True
         self.mode = NONE  # how the body being read ends
         self.left = 0  # LENGTH: body bytes still to come
@@ -136,17 +136,23 @@ class UpstreamConnection:
 
     def read_head(self, ex: Exchange | ShadowExchange, data: bytes) -> bytes | None:
         """Gather and judge one response head; the bytes after it, or None when done."""
-        old = len(self.head_buf)
-        buf = self.head_buf + data if old else data
-        end = buf.find(b"\r\n\r\n", max(0, old - 3))
+        pending = self.head_buf
+        old = len(pending)
+        if old:  # gathered in a bytearray: linear however the head is split
+            pending += data
+            end = pending.find(b"\r\n\r\n", max(0, old - 3))
+        else:
+            end = data.find(b"\r\n\r\n")
         if end == -1 or end + 4 > MAX_HEAD:
-            if len(buf) > MAX_HEAD:
+            if old + len(data) > MAX_HEAD:
                 raise FramingError(502, "response head too large")
-            if bare_lf_end(buf, old):
+            if bare_lf_end(pending if old else data, old):
                 raise FramingError(502, "bare LF line ends")
-            self.head_buf = buf
+            if not old:
+                pending += data
             return None
-        self.head_buf = b""
+        buf = bytes(pending) if old else data
+        pending.clear()
         head = buf[: end + 2]
         m = RESPONSE_HEAD.fullmatch(head)
         if m is None:
@@ -163,11 +169,7 @@ class UpstreamConnection:
                 ex.upgraded(rest)
             return None
         framing = response_framing(m.group(3) + b"\r\n", status, ex.method == b"HEAD")
-        options = framing.options
-        if m.group(1) == b"1":
-            keep_alive = b"close" not in options
-        else:
-            keep_alive = b"keep-alive" in options and b"close" not in options
+        keep_alive = framing.keep_alive(m.group(1) == b"1")
         self.want_head = False
         self.mode = framing.mode
         self.left = framing.length
@@ -237,7 +239,7 @@ class UpstreamConnection:
 
     def reset(self) -> None:
         self.want_head = True
-        self.head_buf = b""
+        self.head_buf.clear()
         self.mode = NONE
         self.left = 0
         self.chunks = None
