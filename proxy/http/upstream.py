@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # dials again (the probe), and one success ends the back-off. Short on purpose: a
 # restart of a second should cost about a second of refusals, not a cool-down of 5.
 BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 0.5
+BACKOFF_MAX = 0.25
 MAX_IDLE = 512  # idle connections kept per endpoint
 MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
 
