@@ -1,5 +1,5 @@
 """Hostile input: what the proxy does with malformed, ambiguous and oversized HTTP/1.1,
-from clients and from upstreams (/work/framing-policy.md, PRODUCT.md §4, §10, §13).
+from clients and from upstreams (proxy/framing.py, PRODUCT.md §4, §10, §13).
 
 The suite's job is to prove that no byte sequence a client or an upstream can send
 makes the proxy disagree with a strict parser about where a message ends. Every case
