@@ -104,14 +104,17 @@ def _sized_head(head: bytes) -> tuple[int, int, ResponseHead] | None:
     return status, sle, scan_response(block, False, framing)
 
 
-def error_response(status: int, version: str | None, cause: str, expose: bool) -> bytes:
+def error_response(
+    status: int, version: str | None, cause: str, expose: bool, head_only: bool = False
+) -> bytes:
+    """A proxy-made error: a JSON document, or only its head for an answer to HEAD."""
     body = json.dumps({"error": REASONS[status].decode(), "version": version, "cause": cause})
     data = body.encode() + b"\n"
     extra = b"X-Turnout-Version: %s\r\n" % version.encode() if version and expose else b""
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n%s\r\n%s"
-    ) % (status, REASONS[status], len(data), extra, data)
+    ) % (status, REASONS[status], len(data), extra, b"" if head_only else data)
 
 
 class Exchange:
@@ -554,7 +557,8 @@ class Exchange:
             return
         self.resp_pending = None
         expose = self.snap.config.expose_version
-        send(self.client.transport, error_response(status, self.version, cause, expose))
+        answer = error_response(status, self.version, cause, expose, self.is_head)
+        send(self.client.transport, answer)
         self.resp_started = True
         self.finish(status, kind)
 

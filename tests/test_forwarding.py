@@ -1201,6 +1201,21 @@ async def test_all_endpoints_dead_gives_502(
     assert dialled >= 1 and dialled + undialled == 3
 
 
+async def test_a_proxy_made_error_to_head_has_no_body(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream
+):
+    """An answer to HEAD never carries content (RFC 9110 §9.3.2), the proxy's own
+    errors included: the client gets the head, then the close, and nothing else."""
+    proxy = await proxies.start(versions_config(upstreams.dead_urls(1), green.url))
+    c = await RawClient.connect(proxy.port)
+    await c.send(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\n")
+    got = await asyncio.wait_for(c.reader.read(), 10)  # everything up to the close
+    head, sep, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and sep and rest == b""
+    assert b"\r\nContent-Type: application/json\r\n" in head + b"\r\n"
+    await c.close()
+
+
 # ------------------------------------------------------------------------ curl
 
 

@@ -38,7 +38,8 @@ a request line are ignored (RFC 9112 §2.2), and an HTTP/1.0 request with
 `Connection: keep-alive` may be followed by another (h11 closes after any 1.0 one).
 
 Bounds: `TURNOUT_FUZZ_EXAMPLES` examples per test (default 300, deterministic with
-`derandomize`); every wait ends within about two seconds; nothing sleeps. A
+`derandomize`); every wait on the proxy ends within two seconds (a connect within
+six, and a connect over two is counted in the summary); nothing sleeps. A
 disagreement fails the example, so hypothesis shrinks it to a minimal one; with
 `TURNOUT_FUZZ_SURVEY=1` disagreements are only collected (the shortest of each
 kind kept) and the test fails at the end, so a long run counts all of them.
@@ -68,6 +69,7 @@ from .conftest import LOOPBACK, Proxy, versions_config
 EXAMPLES = int(os.environ.get("TURNOUT_FUZZ_EXAMPLES", "300"))
 SURVEY = bool(os.environ.get("TURNOUT_FUZZ_SURVEY"))
 WAIT = 2.0  # seconds: the bound of every wait on the proxy
+CONNECT_WAIT = 3 * WAIT  # a loopback connect: over WAIT is counted, this long fails
 BUILD = "pure" if os.environ.get("TURNOUT_PURE") else "compiled"
 
 settings.register_profile(
@@ -649,6 +651,7 @@ class Stats:
     details: dict[str, str] = field(default_factory=dict)
     stuck: list[str] = field(default_factory=list)  # examples that left the upstream mid-request
     slow: list[str] = field(default_factory=list)  # examples whose wait hit WAIT
+    slow_connects: list[float] = field(default_factory=list)  # seconds, each over WAIT
 
     def waited(self, example: bytes, where: str) -> None:
         self.timeouts += 1
@@ -663,6 +666,12 @@ class Stats:
             f"{self.disagreements} disagreements"
             f" [{rate:.0f} examples/s, {self.timeouts} waits hit {WAIT:g}s"
             + (f", {self.stuck_upstream} upstream left mid-request" if self.stuck_upstream else "")
+            + (
+                f", {len(self.slow_connects)} connects over {WAIT:g}s"
+                f" (longest {max(self.slow_connects):.1f}s)"
+                if self.slow_connects
+                else ""
+            )
             + "]"
         )
 
@@ -765,10 +774,19 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None
 
-    async def connect(self, port: int) -> None:
-        self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(LOOPBACK, port), WAIT
-        )
+    async def connect(self, port: int, stats: Stats) -> None:
+        """Connect; a connect slower than WAIT (a SYN retransmitted on a busy host) is
+        counted and shown in the summary, one that takes CONNECT_WAIT fails clearly."""
+        started = time.monotonic()
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, port), CONNECT_WAIT
+            )
+        except TimeoutError:
+            raise AssertionError(f"connect to the proxy took over {CONNECT_WAIT:g}s") from None
+        took = time.monotonic() - started
+        if took > WAIT:
+            stats.slow_connects.append(took)
         sock = self.writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.task = asyncio.get_running_loop().create_task(self._read())
@@ -857,8 +875,10 @@ def read_answers(data: bytes, methods: list[bytes], eof: bool) -> tuple[list[Ans
                 current.body += ev.data
             elif isinstance(ev, h11.EndOfMessage) and current is not None:
                 current.complete = True
-                if current.proxy_made and method != b"HEAD":  # no body to look at for HEAD
+                if current.proxy_made and method != b"HEAD":
                     current.proxy_made, current.cause = _error_doc(current.body)
+                elif current.proxy_made:
+                    current.cause = "(an error answer to HEAD: no body to read the cause from)"
                 answers.append(current)
                 break
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -911,7 +931,7 @@ async def judge_request(rig: Rig, pieces: list[bytes]) -> None:
     rig.reset()
     assert rig.proxy is not None
     client = Client(rig)
-    await client.connect(rig.proxy.port)
+    await client.connect(rig.proxy.port, stats)
     for piece in pieces:
         await client.send(piece)
     client.half_close()  # the client is done: a proxy that waits for more waits in vain
@@ -1006,7 +1026,7 @@ async def judge_response(rig: Rig, case: ResponseCase) -> None:
     rig.case = case
     assert rig.proxy is not None
     client = Client(rig)
-    await client.connect(rig.proxy.port)
+    await client.connect(rig.proxy.port, stats)
     first = case.method + b" /r1 HTTP/1.1\r\nHost: fuzz.test\r\nX-Fuzz-Response: 1\r\n\r\n"
     await client.send(first)
 

@@ -391,7 +391,8 @@ class ClientConnection:
         self.queue.clear()
         self.recorder.rejected(reject.status)
         expose = self.server.runtime.snapshot.config.expose_version
-        send(self.transport, error_response(reject.status, None, reject.cause, expose))
+        head_only = ex is not None and ex.is_head
+        send(self.transport, error_response(reject.status, None, reject.cause, expose, head_only))
         self.close()
 
     # -- flow control and lifecycle --------------------------------------------------------
