@@ -237,6 +237,8 @@ def render_status(doc: dict) -> str:
     if guard:
         lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"
                                                     if guard["reasons"] else ""))  # fmt: skip
+        if guard.get("summary"):
+            lines.append(f"  {escape(guard['summary'])}")
     lines.append(f"{'version':<12}{'requests':>10}{'errors':>8}{'err%':>8}{'p99 ms':>9}")
     for name, v in doc["versions"].items():
         p99 = "-" if v["p99_ms"] is None else f"{v['p99_ms']:.1f}"

@@ -33,6 +33,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import logging
 import os
@@ -44,8 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import rollout, state
 from .config import Config
-from .guard import Policy, Stats, Verdict, Window, verdict
+from .guard import BREACH, UPPER_MS, Policy, Stats, Verdict, Window, verdict
 from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Resume, Tick
+from .sequential import Cumulative, Outcomes
 from .state import Latch, State, StateError
 
 if TYPE_CHECKING:
@@ -103,6 +105,10 @@ class Controller:
         # Recorder totals at the last feed, per (version, shadow)
         self.seen: dict[tuple[str, bool], tuple[int, int, list[int]]] = {}
         self.last_verdict: Verdict | None = None
+        # The guard's slow speed: cumulative tests since the step began (sequential.py),
+        # for the step, policy and judging episode in `cumulative_key`.
+        self.cumulative: Cumulative | None = None
+        self.cumulative_key: tuple | None = None
         self.alerting = False  # an `alert` breach episode is in progress
         self.task: asyncio.Task | None = None
         self.make_windows(runtime.config)
@@ -242,15 +248,22 @@ class Controller:
 
     # -- the hot-path hook -----------------------------------------------------------------
 
-    def feed(self, now: float) -> None:
-        """Move what the Recorder counted since the last tick into the guard's windows.
+    def feed(self, now: float, slow_ms: float | None = None) -> dict[str, Outcomes]:
+        """Move what the Recorder counted since the last tick into the guard's windows,
+        and return each version's outcomes of this tick (requests slower than
+        `slow_ms` counted as slow).
 
         The hot path records each exchange once, in the Recorder; the guard reads
         the differences of its cumulative counters here, so judging costs the
         forwarding path nothing.
         """
         rec = self.counts()
+        first_slow = len(UPPER_MS) + 1
+        if slow_ms is not None:
+            first_slow = bisect.bisect_left(UPPER_MS, slow_ms) + 1  # as Stats.slower_than
+        ticks: dict[str, Outcomes] = {}
         for version, window in self.windows.items():
+            tick = ticks[version] = Outcomes()
             for shadow, totals in ((False, rec.totals), (True, rec.shadow_totals)):
                 requests, errors, latency = totals(version)
                 seen = self.seen[version, shadow]
@@ -258,7 +271,13 @@ class Controller:
                 if requests == seen[0]:
                     continue
                 window.record_counts(now, requests - seen[0], errors - seen[1], shadow)
-                window.record_latencies(now, [a - b for a, b in zip(latency, seen[2], strict=True)])
+                delta = [a - b for a, b in zip(latency, seen[2], strict=True)]
+                window.record_latencies(now, delta)
+                tick.requests += requests - seen[0]
+                tick.errors += errors - seen[1]
+                tick.measured += sum(delta)
+                tick.slow += sum(delta[first_slow:])
+        return ticks
 
     @property
     def canary_requests(self) -> int:
@@ -294,9 +313,9 @@ class Controller:
         policy = cfg.guard
         healthy = True
         if policy is not None:
-            self.feed(now)
+            ticks = self.feed(now, policy.max_p99_ms)
             canary, stable = self.stats(now)
-            v = verdict(canary, stable, policy)
+            v = self.judge(verdict(canary, stable, policy), ticks, policy)
             self.last_verdict = v
             healthy = v.state == "healthy"
             if v.state == "breach" and not rt.latch.active:
@@ -307,6 +326,29 @@ class Controller:
             min_requests = (policy or DEFAULT_POLICY).min_requests
             tick = Tick(wall, healthy, self.canary_requests)
             self.step(rollout.advance(rt.progress, tick, cfg.rollout, min_requests), "guard")
+
+    def judge(self, v: Verdict, ticks: dict[str, Outcomes], policy: Policy) -> Verdict:
+        """The two speeds, one verdict: the window's, or a breach of the cumulative tests
+        over everything since the step began (which also judge a canary too quiet for
+        the window). The evidence carries both; `reasons` say which fired."""
+        rt = self.runtime
+        cfg = rt.config
+        progress = rt.progress
+        key = (policy, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
+        if self.cumulative is None or key != self.cumulative_key:
+            self.cumulative, self.cumulative_key = Cumulative(policy), key
+        cum = self.cumulative
+        if not rt.latch.active:  # after a rollback the canary is no longer judged
+            cum.update(ticks.get(cfg.canary, Outcomes()), ticks.get(cfg.stable, Outcomes()))
+        evidence = dict(v.evidence)
+        evidence["cumulative"] = cum.doc()
+        if v.state == BREACH:
+            return Verdict(v.state, v.reasons, evidence | {"speed": "window"})
+        fired = cum.breaches()
+        if fired:
+            reasons = tuple(f"{name}_cumulative" for name in fired)
+            return Verdict(BREACH, reasons, evidence | {"speed": "cumulative"})
+        return Verdict(v.state, v.reasons, evidence)
 
     def breach(self, v: Verdict, wall: float) -> None:
         policy = self.runtime.config.guard
@@ -361,6 +403,7 @@ class Controller:
         if was.active:
             rt.latch = Latch()
             self.windows = {}
+            self.cumulative = None
             self.make_windows(rt.config)  # judge the canary afresh
             self.event("resume", actor=actor, cleared=was.reason)
             log.warning("rollback latch cleared by %s", actor)
@@ -446,6 +489,7 @@ class Controller:
                         _release(cfg), previous)  # fmt: skip
         rt.latch = Latch()
         self.windows = {}
+        self.cumulative = None
         self.make_windows(cfg)
         rt.progress = (
             rollout.start(cfg.rollout, time.time(), self.canary_requests) if cfg.rollout else None

@@ -55,6 +55,8 @@ class Policy:
     alpha: float = 1e-5  # per-look false-breach probability of each test
     relative_min_ratio: float = 2.0  # canary rate must be >= 2x stable's ...
     relative_min_difference: float = 0.005  # ... and >= 0.5 points above it
+    sequential_alpha: float = 1e-3  # a false breach of the cumulative tests, per step
+    promotion_alpha: float = 0.05  # a step advancing on a canary at (not under) its limits
 
     def __post_init__(self) -> None:
         if not self.window > 0:
@@ -69,6 +71,9 @@ class Policy:
             raise ValueError(f"on_breach must be one of {ON_BREACH}, got {self.on_breach!r}")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
+        for name in ("sequential_alpha", "promotion_alpha"):
+            if not 0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in (0, 0.5), got {getattr(self, name)}")
         if self.relative_min_ratio < 1 or self.relative_min_difference < 0:
             raise ValueError("relative_min_ratio must be >= 1 and relative_min_difference >= 0")
 

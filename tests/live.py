@@ -48,6 +48,15 @@ def guard_config(
     return cfg
 
 
+def fired(evidence: dict) -> dict[str, dict]:
+    """The tests that fired in a breach's evidence, at whichever speed fired first: the
+    window's (`evidence["tests"]`) or the cumulative one's (`evidence["cumulative"]`)."""
+    if evidence.get("speed") == "cumulative":
+        cum = evidence["cumulative"]
+        return {name: cum["tests"][name] for name in cum["breaches"]}
+    return {name: test for name, test in evidence["tests"].items() if test["breach"]}
+
+
 def write_with_tokens(proxy: Proxy, config: dict[str, Any], tokens: list[dict]) -> None:
     """Write `config` with `admin.tokens` (Proxy.render only fills in admin.listen)."""
     doc = yaml.safe_load(proxy.render(config))

@@ -205,3 +205,58 @@ def test_without_a_handover_the_windows_start_from_the_counts_as_they_are(tmp_pa
     ctl.take_over(None)
     ctl.feed(time.monotonic())
     assert ctl.windows["green"].stats(time.monotonic()).requests == 0  # the past is not news
+
+
+QUIET = """
+state_file: state.json
+stable: blue
+canary: green
+versions:
+  blue: {endpoints: ["http://127.0.0.1:9001"]}
+  green: {endpoints: ["http://127.0.0.1:9002"]}
+routing: {weight: 5}
+guard: {window: 30s, min_requests: 50, max_error_rate: 0.02}
+"""
+
+
+def test_a_canary_too_quiet_for_the_window_is_judged_by_the_cumulative_tests(tmp_path):
+    """One canary request every two seconds, half of them failing: the window never has
+    min_requests, so its verdict stays inconclusive; the cumulative test latches."""
+    ctl = Controller(Runtime(parse(QUIET, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    for second in range(300):
+        for _ in range(19):
+            rec.finished(("blue", "weight"), 200, 0.01, None)
+        if second % 2 == 0:
+            status = 503 if second % 4 == 0 else 200
+            rec.finished(("green", "weight"), status, 0.01, None)
+        ctl.tick(now + second, time.time())
+        if ctl.runtime.latch.active:
+            break
+    assert ctl.runtime.latch.active, ctl.last_verdict
+    v = ctl.last_verdict
+    assert v is not None and v.state == "breach" and v.evidence["speed"] == "cumulative"
+    assert "error_rate_cumulative" in v.reasons
+    assert v.evidence["canary"]["requests"] < 50  # the window alone could not have judged
+    assert second < 120, second  # about 30 canary requests at most
+    test = v.evidence["cumulative"]["tests"]["error_rate"]
+    assert test["e_value"] >= test["threshold"]
+    json.dumps(ctl.runtime.latch.evidence, allow_nan=False)  # goes to the state file
+
+
+def test_a_healthy_quiet_canary_is_never_latched_and_resume_starts_the_evidence_afresh(tmp_path):
+    ctl = Controller(Runtime(parse(QUIET, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    for second in range(200):
+        rec.finished(("blue", "weight"), 200, 0.01, None)
+        rec.finished(("green", "weight"), 200, 0.01, None)
+        ctl.tick(now + second, time.time())
+    assert not ctl.runtime.latch.active
+    cum = ctl.last_verdict.evidence["cumulative"]
+    assert cum["breaches"] == [] and cum["tests"]["error_rate"]["total"] == 200
+    ctl.rollback("by hand", "ops")
+    ctl.resume("ops")
+    ctl.tick(now + 201, time.time())
+    assert ctl.last_verdict.evidence["cumulative"]["tests"]["error_rate"]["total"] == 0

@@ -28,6 +28,7 @@ from .conftest import LOOPBACK, Proxy, ProxyFactory, eventually
 from .live import (
     admin,
     background_load,
+    fired,
     guard_config,
     hook_server,
     run_cli,
@@ -122,7 +123,7 @@ async def test_detection_at_weight_10_within_3_seconds(
     assert r.canary_at_fault >= 50  # the window was populated before the fault
     assert r.client_errors == 0
     assert r.reason is not None and r.reason.startswith("guard: canary breached")
-    assert r.evidence is not None and r.evidence["tests"]["relative"]["breach"]
+    assert r.evidence is not None and fired(r.evidence)
     assert r.blast_radius < 40, results  # ~6-10 in practice
 
 
@@ -165,7 +166,12 @@ async def test_latch_lifetime(pair, proxies: ProxyFactory, client, tmp_path: Pat
     assert latch["reason"].startswith("guard: canary breached")
     assert latch["actor"] == "guard" and latch["release"] == "2.0.0"
     evidence = latch["evidence"]
-    assert evidence["canary"]["errors"] > 0 and evidence["tests"]
+    assert evidence["canary"]["errors"] > 0 and fired(evidence)
+    # the evidence since the step began, in words, in /status and `turnout status`
+    summary = doc["guard"]["summary"]
+    assert summary.startswith("since the step began: canary ") and " errors" in summary
+    code, out, _ = await run_cli("status", "--admin", proxy.admin_url)
+    assert code == 0 and "since the step began: canary " in out
     saved = state_doc(proxy)
     assert saved["latch"]["active"] is True
     assert saved["latch"]["evidence"] == evidence and saved["latch"]["reason"] == latch["reason"]
@@ -379,7 +385,7 @@ async def test_on_breach_pause_freezes_the_rollout(pair, proxies: ProxyFactory, 
     pauses = [e for e in events if e["kind"] == "rollout" and e["phase"] == "paused"]
     assert len(pauses) == 1 and pauses[0]["actor"] == "guard"
     assert len(breaches) == 1, f"{len(breaches)} breach events for one breach episode"
-    assert breaches[0]["action"] == "pause" and breaches[0]["evidence"]["tests"]
+    assert breaches[0]["action"] == "pause" and fired(breaches[0]["evidence"])
 
 
 @pytest.mark.timeout(40)
@@ -454,7 +460,7 @@ async def test_on_breach_alert_only_reports(pair, proxies: ProxyFactory, client)
     assert len(breaches) == 1 and breaches[0]["action"] == "alert"
     assert len(received) == 1, received
     assert received[0]["kind"] == "breach" and received[0]["action"] == "alert"
-    assert received[0]["evidence"]["tests"]
+    assert fired(received[0]["evidence"])
     assert (await proxy.metrics()).get("turnout_rollback_active") == 0
 
 

@@ -152,7 +152,9 @@ def _guard(server: Server) -> dict | None:
     v = server.controller.last_verdict
     if v is None:
         return {"state": "inconclusive", "reasons": [], "evidence": None}
-    return {"state": v.state, "reasons": list(v.reasons), "evidence": v.evidence}
+    summary = (v.evidence.get("cumulative") or {}).get("summary")
+    return {"state": v.state, "reasons": list(v.reasons), "evidence": v.evidence,
+            "summary": summary}  # fmt: skip
 
 
 def explain(server: Server, query: web.Request) -> dict:
