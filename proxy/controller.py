@@ -258,12 +258,13 @@ class Controller:
         forwarding path nothing.
         """
         rec = self.counts()
-        first_slow = len(UPPER_MS) + 1
+        first_slow = first_maybe = len(UPPER_MS) + 1
         if slow_ms is not None:
             first_slow = bisect.bisect_left(UPPER_MS, slow_ms) + 1  # as Stats.slower_than
+            first_maybe = bisect.bisect_right(UPPER_MS, slow_ms)  # buckets reaching above
         ticks: dict[str, Outcomes] = {}
         for version, window in self.windows.items():
-            tick = ticks[version] = Outcomes()
+            tick = ticks[version] = Outcomes(live=(0, 0))
             for shadow, totals in ((False, rec.totals), (True, rec.shadow_totals)):
                 requests, errors, latency = totals(version)
                 seen = self.seen[version, shadow]
@@ -275,8 +276,12 @@ class Controller:
                 window.record_latencies(now, delta)
                 tick.requests += requests - seen[0]
                 tick.errors += errors - seen[1]
+                if not shadow:
+                    tick.live_requests += requests - seen[0]
+                    tick.live_errors += errors - seen[1]
                 tick.measured += sum(delta)
                 tick.slow += sum(delta[first_slow:])
+                tick.maybe_slow += sum(delta[first_maybe:])
         return ticks
 
     @property
@@ -320,6 +325,10 @@ class Controller:
             healthy = v.state == "healthy"
             if v.state == "breach" and not rt.latch.active:
                 self.breach(v, wall)
+                if v.evidence.get("speed") == "cumulative":
+                    # Acted on: the evidence starts afresh, so that a pause resumed by an
+                    # operator, or an alert, is not repeated on evidence already used.
+                    self.cumulative = None
             elif v.state != "breach":
                 self.alerting = False
         if cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
@@ -334,9 +343,12 @@ class Controller:
         rt = self.runtime
         cfg = rt.config
         progress = rt.progress
-        key = (policy, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
+        # what the evidence is about: the tests' settings (not webhook or on_breach), the
+        # versions, the release and the step
+        judged = replace(policy, webhook=None, on_breach="rollback")
+        key = (judged, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
         if self.cumulative is None or key != self.cumulative_key:
-            self.cumulative, self.cumulative_key = Cumulative(policy), key
+            self.cumulative, self.cumulative_key = Cumulative(policy, time.time()), key
         cum = self.cumulative
         if not rt.latch.active:  # after a rollback the canary is no longer judged
             cum.update(ticks.get(cfg.canary, Outcomes()), ticks.get(cfg.stable, Outcomes()))
@@ -400,10 +412,10 @@ class Controller:
     def resume(self, actor: str) -> None:
         rt = self.runtime
         was = rt.latch
+        self.cumulative = None  # a resumed canary is judged on new evidence
         if was.active:
             rt.latch = Latch()
             self.windows = {}
-            self.cumulative = None
             self.make_windows(rt.config)  # judge the canary afresh
             self.event("resume", actor=actor, cleared=was.reason)
             log.warning("rollback latch cleared by %s", actor)

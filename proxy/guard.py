@@ -56,7 +56,7 @@ class Policy:
     relative_min_ratio: float = 2.0  # canary rate must be >= 2x stable's ...
     relative_min_difference: float = 0.005  # ... and >= 0.5 points above it
     sequential_alpha: float = 1e-3  # a false breach of the cumulative tests, per step
-    promotion_alpha: float = 0.05  # a step advancing on a canary at (not under) its limits
+    promotion_alpha: float = 0.05  # evidence "under its limits" for a canary at its limits
 
     def __post_init__(self) -> None:
         if not self.window > 0:

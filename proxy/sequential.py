@@ -2,8 +2,8 @@
 
 Job: keep, for one rollout step, test martingales over the canary's and the
 stable's cumulative outcomes, fed once a tick with that tick's counts, and say
-whether one of them has crossed its threshold (a breach) or whether there is
-enough evidence that the canary is under its budget (a step may advance).
+whether one of them has crossed its threshold (a breach), and whether there is
+enough evidence that the canary is under its limits (reported with the evidence).
 docs/guard.md derives the guarantees; in short:
 
 - Each test is a mixture, with equal weights, of likelihood-ratio processes, one
@@ -35,7 +35,6 @@ from typing import Any
 WORSE = (1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 50.0)
 ODDS = (2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
 BETTER = (0.75, 0.5, 0.25, 0.1, 0.02)
-_MAX_P = 0.999  # an alternative rate is kept below certainty
 
 
 def _log_mean_exp(logs: list[float]) -> float:
@@ -96,14 +95,16 @@ class Rate(_Mixture):
             # Any bad outcome refutes p <= 0 outright: one alternative is enough.
             self.alternatives: tuple[float, ...] = (0.5,)
         else:
-            self.alternatives = tuple(sorted({min(p0 * m, _MAX_P) for m in WORSE if p0 * m > p0}))
+            cap = 1 - (1 - p0) / 20  # always above p0, always below 1
+            self.alternatives = tuple(sorted({min(p0 * m, cap) for m in WORSE}))
         super().__init__(len(self.alternatives), alpha)
         # per alternative: log-LR added by one bad outcome and by one good one
         if p0 == 0:
             self.hit, self.miss = [math.inf], [math.log(0.5)]
         else:
             self.hit = [math.log(p1 / p0) for p1 in self.alternatives]
-            self.miss = [math.log((1 - p1) / (1 - p0)) for p1 in self.alternatives]
+            # log1p keeps log((1-p1)/(1-p0)) exact for the tiniest rates
+            self.miss = [math.log1p(-p1) - math.log1p(-p0) for p1 in self.alternatives]
         self.bad = 0
         self.total = 0
 
@@ -144,14 +145,13 @@ class Relative(_Mixture):
         self.stable_requests += stable
         if canary <= 0 or stable <= 0 or canary_errors + stable_errors == 0:
             return  # no error, or one side silent: the conditional likelihood ratio is 1
-        theta0 = canary / (canary + stable)
-        odds0 = theta0 / (1 - theta0)
+        # theta = odds / (1 + odds): log(theta1/theta0) = log(rho) + log((1+o0)/(1+rho*o0))
+        # and log((1-theta1)/(1-theta0)) = log((1+o0)/(1+rho*o0)), with o0 = canary/stable.
+        odds0 = canary / stable
         logs = self.logs
         for j, rho in enumerate(ODDS):
-            theta1 = rho * odds0 / (1 + rho * odds0)
-            logs[j] += canary_errors * math.log(theta1 / theta0) + stable_errors * math.log(
-                (1 - theta1) / (1 - theta0)
-            )
+            shared = math.log1p(odds0) - math.log1p(rho * odds0)
+            logs[j] += canary_errors * (math.log(rho) + shared) + stable_errors * shared
 
     def doc(self) -> dict:
         return super().doc() | {
@@ -172,7 +172,7 @@ class Promotion(_Mixture):
         self.alternatives = tuple(p0 * m for m in BETTER) if p0 > 0 else ()
         super().__init__(max(1, len(self.alternatives)), alpha)
         self.hit = [math.log(p1 / p0) for p1 in self.alternatives]
-        self.miss = [math.log((1 - p1) / (1 - p0)) for p1 in self.alternatives]
+        self.miss = [math.log1p(-p1) - math.log1p(-p0) for p1 in self.alternatives]
         self.bad = 0
         self.total = 0
         if p0 == 0:
@@ -228,10 +228,11 @@ class Cumulative:
     judged, each shown under its limit at `promotion_alpha` divided by their number.
     """
 
-    __slots__ = ("policy", "error_rate", "slow", "relative", "promote", "promote_slow")
+    __slots__ = ("policy", "since", "error_rate", "slow", "relative", "promote", "promote_slow")
 
-    def __init__(self, policy: Any) -> None:
+    def __init__(self, policy: Any, since: float = 0.0) -> None:
         self.policy = policy
+        self.since = since  # wall-clock time the evidence starts from
         judged_slow = policy.max_p99_ms is not None
         tests = 1 + judged_slow + bool(policy.relative_to_stable)
         alpha = policy.sequential_alpha / tests
@@ -250,9 +251,14 @@ class Cumulative:
         self.promote.update(canary.errors, canary.requests)
         if self.slow is not None and self.promote_slow is not None:
             self.slow.update(canary.slow, canary.measured)
-            self.promote_slow.update(canary.slow, canary.measured)
+            # evidence of being fast enough counts what may have been slow too
+            self.promote_slow.update(canary.maybe_slow, canary.measured)
         if self.relative is not None:
-            self.relative.update(canary.errors, canary.requests, stable.errors, stable.requests)
+            # live outcomes only: a mirror copy is not a draw from the same population as
+            # the stable request it copies (method, body and timeout rules differ)
+            self.relative.update(
+                canary.live_errors, canary.live_requests, stable.live_errors, stable.live_requests
+            )
 
     def breaches(self) -> tuple[str, ...]:
         """The names of the tests that crossed, in the window verdict's order."""
@@ -305,13 +311,14 @@ class Cumulative:
             "tests": tests,
             "breaches": list(self.breaches()),
             "promotion": promote | {"ready": self.promotable, "needs": self.needed()},
+            "since": self.since,
             "summary": self.words(),
         }
 
     def words(self) -> str:
         """The evidence since the step began, in one line for people."""
         e = self.error_rate
-        text = f"since the step began: canary {e.bad}/{e.total} errors"
+        text = f"cumulative evidence: canary {e.bad}/{e.total} errors"
         if e.total:
             text += f" ({100 * e.bad / e.total:.1f}%)"
         r = self.relative
@@ -336,12 +343,24 @@ class Cumulative:
 
 
 class Outcomes:
-    """One version's outcomes over one tick (shadow copies included, as in the window)."""
+    """One version's outcomes over one tick: all of them (shadow copies included, as in
+    the window), and the live ones (no copies) apart."""
 
-    __slots__ = ("requests", "errors", "slow", "measured")
+    __slots__ = (
+        "requests", "errors", "slow", "maybe_slow", "measured", "live_requests", "live_errors"
+    )  # fmt: skip
 
-    def __init__(self, requests: int = 0, errors: int = 0, slow: int = 0, measured: int = 0):
+    def __init__(
+        self,
+        requests: int = 0,
+        errors: int = 0,
+        slow: int = 0,
+        measured: int = 0,
+        live: tuple[int, int] | None = None,
+    ) -> None:
         self.requests = requests
         self.errors = errors
-        self.slow = slow
+        self.slow = slow  # certainly slower than the limit
+        self.maybe_slow = slow  # in a latency bucket that reaches above the limit
         self.measured = measured
+        self.live_requests, self.live_errors = live if live is not None else (requests, errors)

@@ -249,14 +249,39 @@ def test_a_healthy_quiet_canary_is_never_latched_and_resume_starts_the_evidence_
     ctl = Controller(Runtime(parse(QUIET, str(tmp_path / "turnout.yaml"))))
     ctl.restore()
     rec, now = ctl.runtime.recorder, time.monotonic()
-    for second in range(200):
-        rec.finished(("blue", "weight"), 200, 0.01, None)
-        rec.finished(("green", "weight"), 200, 0.01, None)
+    for second in range(600):  # 1.5% errors on both, under the 2% budget
+        for version in ("blue", "green"):
+            status = 503 if (second * 7 + len(version)) % 67 == 0 else 200
+            rec.finished((version, "weight"), status, 0.01, None)
         ctl.tick(now + second, time.time())
     assert not ctl.runtime.latch.active
     cum = ctl.last_verdict.evidence["cumulative"]
-    assert cum["breaches"] == [] and cum["tests"]["error_rate"]["total"] == 200
+    assert cum["breaches"] == [] and cum["tests"]["error_rate"]["total"] == 600
+    assert cum["tests"]["error_rate"]["bad"] > 0 and cum["tests"]["relative"]["canary"][0] > 0
     ctl.rollback("by hand", "ops")
     ctl.resume("ops")
     ctl.tick(now + 201, time.time())
     assert ctl.last_verdict.evidence["cumulative"]["tests"]["error_rate"]["total"] == 0
+
+
+def test_a_cumulative_pause_resumed_by_an_operator_is_not_repeated_on_the_same_evidence(
+    tmp_path,
+):
+    cfg = QUIET.replace("max_error_rate: 0.02}", "max_error_rate: 0.02, on_breach: pause}")
+    cfg = cfg.replace("routing: {weight: 5}", "rollout: {interval: 60m, steps: [5, 50]}")
+    ctl = Controller(Runtime(parse(cfg, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    second = 0
+    for second in range(120):  # a quiet canary, half failing: the cumulative test fires
+        rec.finished(("green", "weight"), 503 if second % 2 else 200, 0.01, None)
+        ctl.tick(now + second, time.time())
+        if ctl.runtime.progress.phase == rollout.Phase.PAUSED:
+            break
+    assert ctl.runtime.progress.phase == rollout.Phase.PAUSED
+    assert ctl.last_verdict.evidence["speed"] == "cumulative"
+    assert not ctl.runtime.latch.active  # on_breach: pause
+    ctl.resume("ops")
+    assert ctl.runtime.progress.phase == rollout.Phase.PROGRESSING
+    ctl.tick(now + second + 1, time.time())  # no new outcome: nothing to act on
+    assert ctl.runtime.progress.phase == rollout.Phase.PROGRESSING

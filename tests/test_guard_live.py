@@ -167,11 +167,11 @@ async def test_latch_lifetime(pair, proxies: ProxyFactory, client, tmp_path: Pat
     assert latch["actor"] == "guard" and latch["release"] == "2.0.0"
     evidence = latch["evidence"]
     assert evidence["canary"]["errors"] > 0 and fired(evidence)
-    # the evidence since the step began, in words, in /status and `turnout status`
+    # the cumulative evidence, in words, in /status and `turnout status`
     summary = doc["guard"]["summary"]
-    assert summary.startswith("since the step began: canary ") and " errors" in summary
+    assert summary.startswith("cumulative evidence: canary ") and " errors" in summary
     code, out, _ = await run_cli("status", "--admin", proxy.admin_url)
-    assert code == 0 and "since the step began: canary " in out
+    assert code == 0 and "cumulative evidence: canary " in out
     saved = state_doc(proxy)
     assert saved["latch"]["active"] is True
     assert saved["latch"]["evidence"] == evidence and saved["latch"]["reason"] == latch["reason"]

@@ -77,7 +77,8 @@ def test_a_better_canary_makes_relative_cross_even_less():
 
 def test_half_failing_canary_at_half_a_request_a_second_crosses_within_five_minutes():
     """Where a 30 s window with min_requests 50 never judges at all."""
-    rng, alpha, runs, caught, times = random.Random(5), 1e-3 / 3, 200, 0, []
+    # the default level split between the default tests (error rate, relative)
+    rng, alpha, runs, caught, times = random.Random(5), 1e-3 / 2, 200, 0, []
     for _ in range(runs):
         test = Rate(0.02, alpha)
         for second in range(1, 301):
@@ -94,7 +95,7 @@ def test_half_failing_canary_at_half_a_request_a_second_crosses_within_five_minu
 
 def test_relative_catches_a_subtle_regression_the_window_misses():
     """0.5% -> 2.5% errors with 5 canary requests a second beside 45 stable ones."""
-    rng, alpha, runs, caught = random.Random(9), 1e-3 / 3, 100, 0
+    rng, alpha, runs, caught = random.Random(9), 1e-3 / 2, 100, 0
     for _ in range(runs):
         test = Relative(alpha)
         for _second in range(600):
@@ -178,3 +179,33 @@ def test_the_summary_says_what_a_step_waits_for():
     warm.update(Outcomes(1000, 30), Outcomes(1000, 30))  # 3%: over, but not yet shown
     assert not warm.breaches() and warm.needed() is None
     assert "too close to its limits" in warm.words()
+
+
+@pytest.mark.parametrize("p0", [1e-17, 1e-6, 0.02, 0.3, 0.7, 0.9995])
+def test_every_process_is_a_supermartingale_under_its_null_exactly(p0: float):
+    """The expected factor of one outcome, computed exactly, is at most 1 for every
+    alternative and every rate the null allows: Rate for p <= p0, Promotion for p >= p0."""
+    rate, promotion = Rate(p0, 0.01), Promotion(p0, 0.01)
+    for p in (0.0, p0 / 2, p0):
+        for hit, miss in zip(rate.hit, rate.miss, strict=True):
+            assert p * math.exp(hit) + (1 - p) * math.exp(miss) <= 1 + 1e-12, (p, hit, miss)
+    for p in (p0, (1 + p0) / 2, 1.0):
+        for hit, miss in zip(promotion.hit, promotion.miss, strict=True):
+            assert p * math.exp(hit) + (1 - p) * math.exp(miss) <= 1 + 1e-12, (p, hit, miss)
+    assert all(p1 > p0 for p1 in rate.alternatives) and all(p1 < 1 for p1 in rate.alternatives)
+    assert all(0 < p1 < p0 for p1 in promotion.alternatives)
+
+
+@pytest.mark.parametrize(("nc", "ns"), [(1, 1), (1, 9), (9, 1), (3, 40), (20, 20)])
+def test_relative_factor_under_equal_rates_has_expectation_at_most_one(nc: int, ns: int):
+    """Given a tick's E errors among nc + ns requests with equal rates, the canary's
+    share is hypergeometric; the expected factor of every alternative is <= 1."""
+    for errors in range(1, nc + ns + 1):
+        expected = [0.0] * len(Relative(0.01).logs)
+        for k in range(max(0, errors - ns), min(nc, errors) + 1):
+            weight = math.comb(nc, k) * math.comb(ns, errors - k) / math.comb(nc + ns, errors)
+            test = Relative(0.01)
+            test.update(k, nc, errors - k, ns)
+            for j, log in enumerate(test.logs):
+                expected[j] += weight * math.exp(log)
+        assert max(expected) <= 1 + 1e-9, (errors, expected)

@@ -151,7 +151,7 @@ def _guard(server: Server) -> dict | None:
         return None
     v = server.controller.last_verdict
     if v is None:
-        return {"state": "inconclusive", "reasons": [], "evidence": None}
+        return {"state": "inconclusive", "reasons": [], "evidence": None, "summary": None}
     summary = (v.evidence.get("cumulative") or {}).get("summary")
     return {"state": v.state, "reasons": list(v.reasons), "evidence": v.evidence,
             "summary": summary}  # fmt: skip
