@@ -329,7 +329,10 @@ class Controller:
                     # Acted on: the evidence starts afresh, so that a pause resumed by an
                     # operator, or an alert, is not repeated on evidence already used.
                     self.cumulative = None
-            elif v.state != "breach":
+            elif v.state == "healthy" or (self.cumulative and self.cumulative.promotable):
+                # A breach episode ends on evidence of health, not on a lull: an
+                # inconclusive window (or cumulative evidence started afresh) while the
+                # fault goes on is the same episode, alerted once.
                 self.alerting = False
         if cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
             min_requests = (policy or DEFAULT_POLICY).min_requests

@@ -285,3 +285,25 @@ def test_a_cumulative_pause_resumed_by_an_operator_is_not_repeated_on_the_same_e
     assert ctl.runtime.progress.phase == rollout.Phase.PROGRESSING
     ctl.tick(now + second + 1, time.time())  # no new outcome: nothing to act on
     assert ctl.runtime.progress.phase == rollout.Phase.PROGRESSING
+
+
+def test_one_breach_episode_is_alerted_once_whichever_speed_sees_it_first(tmp_path):
+    """The cumulative test fires first on a quiet canary; the fault goes on, traffic
+    grows, and the window fires too: still one episode, one breach event."""
+    cfg = QUIET.replace("max_error_rate: 0.02}", "max_error_rate: 0.02, on_breach: alert}")
+    ctl = Controller(Runtime(parse(cfg, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    speeds = []
+    for second in range(200):
+        canary = 1 if second < 100 else 10  # quiet, then enough for the window
+        for i in range(canary):
+            rec.finished(("green", "weight"), 503 if i % 2 == 0 else 200, 0.01, None)
+        for _ in range(19):
+            rec.finished(("blue", "weight"), 200, 0.01, None)
+        ctl.tick(now + second, time.time())
+        if ctl.last_verdict.state == "breach":
+            speeds.append(ctl.last_verdict.evidence["speed"])
+    assert speeds[0] == "cumulative" and "window" in speeds  # both speeds saw it
+    breaches = [e for e in ctl.events if e["kind"] == "breach"]
+    assert len(breaches) == 1, breaches
