@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import rollout, state
 from .config import Config
-from .guard import BREACH, UPPER_MS, Policy, Stats, Verdict, Window, verdict
+from .guard import BREACH, UPPER_MS, Policy, Stats, Verdict, Window, thresholds, verdict
 from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Resume, Tick
 from .sequential import Cumulative, Outcomes
 from .state import Latch, State, StateError
@@ -346,10 +346,10 @@ class Controller:
         rt = self.runtime
         cfg = rt.config
         progress = rt.progress
-        # what the evidence is about: the tests' settings (not webhook or on_breach), the
+        # what the evidence is about: the tests' settings (those the evidence records), the
         # versions, the release and the step
-        judged = replace(policy, webhook=None, on_breach="rollback")
-        key = (judged, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
+        settings = thresholds(policy)
+        key = (settings, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
         if self.cumulative is None or key != self.cumulative_key:
             self.cumulative, self.cumulative_key = Cumulative(policy, time.time()), key
         cum = self.cumulative

@@ -368,7 +368,7 @@ def verdict(canary: Stats, stable: Stats, policy: Policy) -> Verdict:
     evidence: dict[str, Any] = {
         "canary": _describe(canary),
         "stable": _describe(stable),
-        "thresholds": dict(_thresholds(policy)),
+        "thresholds": dict(thresholds(policy)),
     }
     if canary.requests < policy.min_requests:
         evidence["tests"] = {}
@@ -384,7 +384,8 @@ def verdict(canary: Stats, stable: Stats, policy: Policy) -> Verdict:
 
 
 @functools.lru_cache(maxsize=32)
-def _thresholds(policy: Policy) -> dict[str, Any]:
+def thresholds(policy: Policy) -> dict[str, Any]:
+    """The policy's fields that the evidence records: all but `webhook` and `on_breach`."""
     return {f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in _NOT_EVIDENCE}
 
 

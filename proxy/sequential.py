@@ -82,29 +82,22 @@ class _Mixture:
 _LOG_CAP = 700.0
 
 
-class Rate(_Mixture):
-    """H0: the share `p` of bad outcomes is <= p0 (an e-process against the budget)."""
+class _Share(_Mixture):
+    """A mixture over the share of bad outcomes among Bernoulli outcomes: one process per
+    alternative rate p1, each multiplied by p1/p0 per bad outcome, (1-p1)/(1-p0) per good."""
 
     __slots__ = ("p0", "alternatives", "hit", "miss", "bad", "total")
 
-    def __init__(self, p0: float, alpha: float) -> None:
+    def __init__(self, p0: float, alpha: float, alternatives: tuple[float, ...]) -> None:
         if not 0 <= p0 < 1:
             raise ValueError(f"p0 must be in [0, 1), got {p0}")
+        super().__init__(max(1, len(alternatives)), alpha)
         self.p0 = p0
-        if p0 == 0:
-            # Any bad outcome refutes p <= 0 outright: one alternative is enough.
-            self.alternatives: tuple[float, ...] = (0.5,)
-        else:
-            cap = 1 - (1 - p0) / 20  # always above p0, always below 1
-            self.alternatives = tuple(sorted({min(p0 * m, cap) for m in WORSE}))
-        super().__init__(len(self.alternatives), alpha)
-        # per alternative: log-LR added by one bad outcome and by one good one
-        if p0 == 0:
-            self.hit, self.miss = [math.inf], [math.log(0.5)]
-        else:
-            self.hit = [math.log(p1 / p0) for p1 in self.alternatives]
-            # log1p keeps log((1-p1)/(1-p0)) exact for the tiniest rates
-            self.miss = [math.log1p(-p1) - math.log1p(-p0) for p1 in self.alternatives]
+        self.alternatives = alternatives
+        # per alternative: log-LR added by one bad outcome (infinite against p0 = 0) and by
+        # one good one (log1p keeps log((1-p1)/(1-p0)) exact for the tiniest rates)
+        self.hit = [math.log(p1 / p0) if p0 else math.inf for p1 in alternatives]
+        self.miss = [math.log1p(-p1) - math.log1p(-p0) for p1 in alternatives]
         self.bad = 0
         self.total = 0
 
@@ -115,12 +108,26 @@ class Rate(_Mixture):
         self.bad += bad
         self.total += total
         logs = self.logs
-        for j in range(len(logs)):
-            step = (bad * self.hit[j] if bad else 0.0) + good * self.miss[j]
-            logs[j] += step
+        for j in range(len(self.hit)):
+            logs[j] += (bad * self.hit[j] if bad else 0.0) + good * self.miss[j]
 
     def doc(self) -> dict:
         return super().doc() | {"bad": self.bad, "total": self.total, "p0": self.p0}
+
+
+class Rate(_Share):
+    """H0: the share `p` of bad outcomes is <= p0 (an e-process against the budget)."""
+
+    __slots__ = ()
+
+    def __init__(self, p0: float, alpha: float) -> None:
+        if p0 == 0:
+            # Any bad outcome refutes p <= 0 outright: one alternative is enough.
+            alternatives: tuple[float, ...] = (0.5,)
+        else:
+            cap = 1 - (1 - p0) / 20  # always above p0, always below 1
+            alternatives = tuple(sorted({min(p0 * m, cap) for m in WORSE}))
+        super().__init__(p0, alpha, alternatives)
 
 
 class Relative(_Mixture):
@@ -160,33 +167,15 @@ class Relative(_Mixture):
         }
 
 
-class Promotion(_Mixture):
+class Promotion(_Share):
     """H0: the share `p` of bad outcomes is >= p0; crossing is evidence that p < p0."""
 
-    __slots__ = ("p0", "alternatives", "hit", "miss", "bad", "total")
+    __slots__ = ()
 
     def __init__(self, p0: float, alpha: float) -> None:
-        if not 0 <= p0 < 1:
-            raise ValueError(f"p0 must be in [0, 1), got {p0}")
-        self.p0 = p0
-        self.alternatives = tuple(p0 * m for m in BETTER) if p0 > 0 else ()
-        super().__init__(max(1, len(self.alternatives)), alpha)
-        self.hit = [math.log(p1 / p0) for p1 in self.alternatives]
-        self.miss = [math.log1p(-p1) - math.log1p(-p0) for p1 in self.alternatives]
-        self.bad = 0
-        self.total = 0
+        super().__init__(p0, alpha, tuple(p0 * m for m in BETTER) if p0 > 0 else ())
         if p0 == 0:
             self.logs = [-math.inf]  # nothing is below a budget of zero
-
-    def update(self, bad: int, total: int) -> None:
-        if total <= 0 or self.p0 == 0:
-            return
-        self.bad += bad
-        self.total += total
-        good = total - bad
-        logs = self.logs
-        for j in range(len(logs)):
-            logs[j] += bad * self.hit[j] + good * self.miss[j]
 
     def needed(self) -> int | None:
         """About how many more outcomes, at the rate seen so far (none bad before the
@@ -208,9 +197,6 @@ class Promotion(_Mixture):
         if best is None:
             return None
         return max(1, math.ceil(best))
-
-    def doc(self) -> dict:
-        return super().doc() | {"bad": self.bad, "total": self.total, "p0": self.p0}
 
 
 SLOW_SHARE = 0.01  # p99 > T  <=>  more than 1% of requests are slower than T

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -35,76 +37,85 @@ def margin(alpha: float, runs: int) -> float:
     return alpha + 3 * math.sqrt(alpha * (1 - alpha) / runs)
 
 
-def test_rate_at_its_null_crosses_at_most_alpha_of_the_time_looked_at_every_tick():
-    rng, alpha, runs, crossed = random.Random(7), 0.05, 400, 0
-    for _ in range(runs):
-        test = Rate(0.02, alpha)
-        for _tick in range(300):
-            n = poisson(rng, 3.0)
-            test.update(binomial(rng, n, 0.02), n)
-            if test.crossed:  # looked at after every tick
-                crossed += 1
+def crossings(runs: int, ticks: int, make: Callable[[int], Any], feed: Callable) -> list:
+    """Run `runs` tests of `ticks` ticks each, looked at after every tick: for each run,
+    the tick (1-based) at which it first crossed its threshold, or None."""
+    found: list[int | None] = []
+    for run in range(runs):
+        test = make(run)
+        for tick in range(1, ticks + 1):
+            feed(test, run)
+            if test.crossed:
+                found.append(tick)
                 break
-    assert crossed / runs <= margin(alpha, runs), crossed
+        else:
+            found.append(None)
+    return found
+
+
+def shares(rng: random.Random, mean: float, p: float) -> Callable:
+    """Feed a Rate or Promotion one tick: Poisson(mean) outcomes, each bad with p."""
+
+    def feed(test: Any, _run: int) -> None:
+        n = poisson(rng, mean)
+        test.update(binomial(rng, n, p), n)
+
+    return feed
+
+
+def errors(rng: random.Random, canary: float, stable: float, pc: float, ps: float) -> Callable:
+    """Feed a Relative one tick: Poisson request counts, each an error with pc / ps."""
+
+    def feed(test: Relative, _run: int) -> None:
+        nc, ns = poisson(rng, canary), poisson(rng, stable)
+        test.update(binomial(rng, nc, pc), nc, binomial(rng, ns, ps), ns)
+
+    return feed
+
+
+def caught(found: list) -> int:
+    return sum(t is not None for t in found)
+
+
+def test_rate_at_its_null_crosses_at_most_alpha_of_the_time_looked_at_every_tick():
+    rng, alpha, runs = random.Random(7), 0.05, 400
+    found = crossings(runs, 300, lambda _: Rate(0.02, alpha), shares(rng, 3.0, 0.02))
+    assert caught(found) / runs <= margin(alpha, runs), caught(found)
 
 
 def test_relative_with_equal_rates_crosses_at_most_alpha_of_the_time_at_any_weight():
-    rng, alpha, runs, crossed = random.Random(11), 0.05, 300, 0
-    for run in range(runs):
-        test = Relative(alpha)
-        share = (0.01, 0.1, 0.5)[run % 3]  # the canary's weight
-        for _tick in range(300):
-            nc, ns = poisson(rng, 20 * share), poisson(rng, 20 * (1 - share))
-            test.update(binomial(rng, nc, 0.05), nc, binomial(rng, ns, 0.05), ns)
-            if test.crossed:
-                crossed += 1
-                break
-    assert crossed / runs <= margin(alpha, runs), crossed
+    rng, alpha, runs = random.Random(11), 0.05, 300
+    weights = (0.01, 0.1, 0.5)  # the canary's weight, run by run
+
+    def feed(test: Relative, run: int) -> None:
+        share = weights[run % 3]
+        errors(rng, 20 * share, 20 * (1 - share), 0.05, 0.05)(test, run)
+
+    found = crossings(runs, 300, lambda _: Relative(alpha), feed)
+    assert caught(found) / runs <= margin(alpha, runs), caught(found)
 
 
 def test_a_better_canary_makes_relative_cross_even_less():
-    rng, alpha, runs, crossed = random.Random(3), 0.05, 200, 0
-    for _ in range(runs):
-        test = Relative(alpha)
-        for _tick in range(200):
-            nc, ns = poisson(rng, 2.0), poisson(rng, 18.0)
-            test.update(binomial(rng, nc, 0.01), nc, binomial(rng, ns, 0.03), ns)
-            crossed += test.crossed
-            if test.crossed:
-                break
-    assert crossed / runs <= alpha, crossed
+    rng, alpha, runs = random.Random(3), 0.05, 200
+    found = crossings(runs, 200, lambda _: Relative(alpha), errors(rng, 2.0, 18.0, 0.01, 0.03))
+    assert caught(found) / runs <= alpha, caught(found)
 
 
 def test_half_failing_canary_at_half_a_request_a_second_crosses_within_five_minutes():
     """Where a 30 s window with min_requests 50 never judges at all."""
     # the default level split between the default tests (error rate, relative)
-    rng, alpha, runs, caught, times = random.Random(5), 1e-3 / 2, 200, 0, []
-    for _ in range(runs):
-        test = Rate(0.02, alpha)
-        for second in range(1, 301):
-            n = poisson(rng, 0.5)
-            test.update(binomial(rng, n, 0.5), n)
-            if test.crossed:
-                caught += 1
-                times.append(second)
-                break
-    assert caught / runs >= 0.95, caught
-    times.sort()
-    print(f"caught {caught}/{runs}, median {times[len(times) // 2]} s")
+    rng, alpha, runs = random.Random(5), 1e-3 / 2, 200
+    found = crossings(runs, 300, lambda _: Rate(0.02, alpha), shares(rng, 0.5, 0.5))
+    assert caught(found) / runs >= 0.95, caught(found)
+    times = sorted(t for t in found if t is not None)
+    print(f"caught {caught(found)}/{runs}, median {times[len(times) // 2]} s")
 
 
 def test_relative_catches_a_subtle_regression_the_window_misses():
     """0.5% -> 2.5% errors with 5 canary requests a second beside 45 stable ones."""
-    rng, alpha, runs, caught = random.Random(9), 1e-3 / 2, 100, 0
-    for _ in range(runs):
-        test = Relative(alpha)
-        for _second in range(600):
-            nc, ns = poisson(rng, 5.0), poisson(rng, 45.0)
-            test.update(binomial(rng, nc, 0.025), nc, binomial(rng, ns, 0.005), ns)
-            if test.crossed:
-                caught += 1
-                break
-    assert caught / runs >= 0.9, caught
+    rng, alpha, runs = random.Random(9), 1e-3 / 2, 100
+    found = crossings(runs, 600, lambda _: Relative(alpha), errors(rng, 5.0, 45.0, 0.025, 0.005))
+    assert caught(found) / runs >= 0.9, caught(found)
 
 
 def test_zero_budget_is_refuted_by_one_error_and_never_promotes():
@@ -135,16 +146,9 @@ def test_promotion_needs_evidence_and_says_how_much_more():
 
 
 def test_a_canary_at_its_budget_is_promoted_at_most_alpha_of_the_time():
-    rng, alpha, runs, promoted = random.Random(13), 0.05, 300, 0
-    for _ in range(runs):
-        promotion = Promotion(0.02, alpha)
-        for _tick in range(300):
-            n = poisson(rng, 5.0)
-            promotion.update(binomial(rng, n, 0.02), n)
-            if promotion.crossed:
-                promoted += 1
-                break
-    assert promoted / runs <= margin(alpha, runs), promoted
+    rng, alpha, runs = random.Random(13), 0.05, 300
+    found = crossings(runs, 300, lambda _: Promotion(0.02, alpha), shares(rng, 5.0, 0.02))
+    assert caught(found) / runs <= margin(alpha, runs), caught(found)
 
 
 def test_a_canary_over_its_budget_says_it_cannot_get_there():
