@@ -1216,6 +1216,25 @@ async def test_a_proxy_made_error_to_head_has_no_body(
     await c.close()
 
 
+async def test_a_pipelined_head_rejected_after_an_answer_in_flight_gets_no_body(
+    proxy: Proxy, blue: AppUpstream
+):
+    """The HEAD's broken chunked body is found while the GET before it is still at the
+    upstream; its 400 is sent later, and still has no body."""
+    c = await RawClient.connect(proxy.port)
+    await c.send(
+        b"GET /slow?delay=0.3 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"HEAD /h HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
+    first = await c.response()
+    assert first.status == 200
+    got = await asyncio.wait_for(c.reader.read(), 10)  # the rest, up to the close
+    head, sep, rest = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and sep and rest == b""
+    await c.close()
+    assert not any(r.path == "/h" for r in blue.requests)
+
+
 # ------------------------------------------------------------------------ curl
 
 

@@ -64,6 +64,7 @@ class _Reject(Exception):
         super().__init__(cause)
         self.status = status
         self.cause = cause
+        self.head_only = False  # it answers a HEAD request: no body (RFC 9110 §9.3.2)
 
 
 class ClientConnection:
@@ -378,6 +379,7 @@ class ClientConnection:
         """Answer a request that cannot be parsed or forwarded, then close."""
         ex, self.last = self.last, None
         if ex is not None and not ex.req_done:
+            reject.head_only = ex.is_head  # the rejected request is this one
             if ex is self.current:
                 ex.fail(reject.status, None, reject.cause)  # aborts the upstream side
                 return
@@ -391,8 +393,8 @@ class ClientConnection:
         self.queue.clear()
         self.recorder.rejected(reject.status)
         expose = self.server.runtime.snapshot.config.expose_version
-        head_only = ex is not None and ex.is_head
-        send(self.transport, error_response(reject.status, None, reject.cause, expose, head_only))
+        answer = error_response(reject.status, None, reject.cause, expose, reject.head_only)
+        send(self.transport, answer)
         self.close()
 
     # -- flow control and lifecycle --------------------------------------------------------
