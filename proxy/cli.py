@@ -217,6 +217,8 @@ def render_status(doc: dict) -> str:
         nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
         lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
                      f"weight {ro['weight']}%{extra}{nxt}")  # fmt: skip
+        for what in ro.get("waiting_for") or ():
+            lines.append(f"  waiting for {escape(str(what))}")
     mirror = doc.get("mirror")
     if mirror:
         lines.append(

@@ -110,6 +110,7 @@ class Controller:
         self.cumulative: Cumulative | None = None
         self.cumulative_key: tuple | None = None
         self.alerting = False  # an `alert` breach episode is in progress
+        self.last_tick: Tick | None = None  # what the rollout was last judged on
         self.task: asyncio.Task | None = None
         self.make_windows(runtime.config)
 
@@ -316,11 +317,14 @@ class Controller:
         rt = self.runtime
         cfg = rt.config
         policy = cfg.guard
+        # A rollout without a guard still moves on evidence, under the default limits;
+        # only a guard acts on a breach.
+        gate = policy or (DEFAULT_POLICY if cfg.rollout is not None else None)
         healthy = True
-        if policy is not None:
-            ticks = self.feed(now, policy.max_p99_ms)
+        cum = None if gate is None else self.gather(self.feed(now, gate.max_p99_ms), gate)
+        if policy is not None and cum is not None:
             canary, stable = self.stats(now)
-            v = self.judge(verdict(canary, stable, policy), ticks, policy)
+            v = self.judge(verdict(canary, stable, policy), cum)
             self.last_verdict = v
             healthy = v.state == "healthy"
             if v.state == "breach" and not rt.latch.active:
@@ -329,32 +333,37 @@ class Controller:
                     # Acted on: the evidence starts afresh, so that a pause resumed by an
                     # operator, or an alert, is not repeated on evidence already used.
                     self.cumulative = None
-            elif v.state == "healthy" or (self.cumulative and self.cumulative.promotable):
+            elif v.state == "healthy" or cum.promotable:
                 # A breach episode ends on evidence of health, not on a lull: an
                 # inconclusive window (or cumulative evidence started afresh) while the
                 # fault goes on is the same episode, alerted once.
                 self.alerting = False
         if cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
-            min_requests = (policy or DEFAULT_POLICY).min_requests
-            tick = Tick(wall, healthy, self.canary_requests)
-            self.step(rollout.advance(rt.progress, tick, cfg.rollout, min_requests), "guard")
+            evidence = cum is not None and cum.promotable
+            self.last_tick = Tick(wall, healthy, self.canary_requests, evidence)
+            self.step(rollout.advance(rt.progress, self.last_tick, *self._rc()), "guard")
 
-    def judge(self, v: Verdict, ticks: dict[str, Outcomes], policy: Policy) -> Verdict:
-        """The two speeds, one verdict: the window's, or a breach of the cumulative tests
-        over everything since the step began (which also judge a canary too quiet for
-        the window). The evidence carries both; `reasons` say which fired."""
+    def gather(self, ticks: dict[str, Outcomes], policy: Policy) -> Cumulative:
+        """The slow speed's evidence, brought up to date with this tick's outcomes: kept
+        while its subject stays the same (the tests' settings, which the evidence
+        records; the versions; the release; the step), started afresh when it changes."""
         rt = self.runtime
         cfg = rt.config
         progress = rt.progress
-        # what the evidence is about: the tests' settings (those the evidence records), the
-        # versions, the release and the step
         settings = thresholds(policy)
         key = (settings, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
         if self.cumulative is None or key != self.cumulative_key:
             self.cumulative, self.cumulative_key = Cumulative(policy, time.time()), key
-        cum = self.cumulative
         if not rt.latch.active:  # after a rollback the canary is no longer judged
-            cum.update(ticks.get(cfg.canary, Outcomes()), ticks.get(cfg.stable, Outcomes()))
+            self.cumulative.update(
+                ticks.get(cfg.canary, Outcomes()), ticks.get(cfg.stable, Outcomes())
+            )
+        return self.cumulative
+
+    def judge(self, v: Verdict, cum: Cumulative) -> Verdict:
+        """The two speeds, one verdict: the window's, or a breach of the cumulative tests
+        over everything since the step began (which also judge a canary too quiet for
+        the window). The evidence carries both; `reasons` say which fired."""
         evidence = dict(v.evidence)
         evidence["cumulative"] = cum.doc()
         if v.state == BREACH:
@@ -364,6 +373,47 @@ class Controller:
             reasons = tuple(f"{name}_cumulative" for name in fired)
             return Verdict(BREACH, reasons, evidence | {"speed": "cumulative"})
         return Verdict(v.state, v.reasons, evidence)
+
+    def waiting_for(self) -> list[str]:
+        """What the rollout's current step waits for before the next tick can advance
+        it, in words for /status; [] when nothing (or when it does not advance on ticks)."""
+        rt = self.runtime
+        cfg, p, tick = rt.config, rt.progress, self.last_tick
+        if cfg.rollout is None or p is None or p.phase is not rollout.Phase.PROGRESSING:
+            return []
+        if rt.latch.active:
+            return ["the rollback latch to be cleared (resume, or a new release)"]
+        if tick is None:
+            return ["the guard's first look at the canary"]
+        min_requests = (cfg.guard or DEFAULT_POLICY).min_requests
+        words = []
+        for what in rollout.waits(p, tick, cfg.rollout, min_requests):
+            if what == "dwell":
+                words.append(f"the step's dwell, until {_iso(rollout.next_at(p, cfg.rollout))}")
+            elif what == "verdict":
+                state = self.last_verdict.state if self.last_verdict else "inconclusive"
+                words.append(f"a healthy guard verdict (now {state})")
+            elif what == "requests":
+                base = p.step_base_requests
+                served = 0 if base == rollout.UNKNOWN else tick.canary_requests - base
+                more = min_requests - served
+                words.append(f"{more} more canary requests in the step (min_requests)")
+            elif what == "evidence":
+                words.append(self.evidence_words())
+        return words
+
+    def evidence_words(self) -> str:
+        cum = self.cumulative
+        if cum is None:
+            return "evidence that the canary is under its limits"
+        needed = cum.needed()
+        if needed is None:
+            return ("evidence that the canary is under its limits, which what it served so "
+                    "far (too close to a limit, or above it) does not give yet")  # fmt: skip
+        return (
+            f"evidence that the canary is under its limits: needs ~{needed} more canary "
+            "requests to promote"
+        )
 
     def breach(self, v: Verdict, wall: float) -> None:
         policy = self.runtime.config.guard

@@ -296,6 +296,7 @@ class Demo:
         self.problems: list[str] = []
         self.bearer: str | None = None  # once the config has admin tokens
         self.rollout_seen: tuple | None = None  # the last rollout state narrated
+        self.evidence_seen: tuple | None = None  # the last step whose evidence was narrated
 
     # -- life cycle ------------------------------------------------------------------
 

@@ -27,11 +27,13 @@ from .demo import ARROW, BAD, HOST, OK, Demo, Phase, say
 PRODUCT_ENV, ENGINEER_ENV = "TURNOUT_DEMO_TOKEN_PRODUCT", "TURNOUT_DEMO_TOKEN_ENGINEER"
 # The 50% step dwells a minute: the fault arrives there; the fixed build is promoted past it.
 STEPS = [10, 25, {"weight": 50, "approve": "product", "interval": "1m"}, 100]
-WAIT = 20.0  # seconds any one expected change may take before the demo reports a failure
+WAIT = 30.0  # seconds any one expected change may take before the demo reports a failure
+# A 5% budget: a step needs ~92 error-free canary requests as evidence that the canary is
+# under it (~9 s at weight 10 and the demo's 100 req/s), where 2% would need ~233.
 GUARD = {
     "window": "10s",
     "min_requests": 20,
-    "max_error_rate": 0.02,
+    "max_error_rate": 0.05,
     "relative_to_stable": True,
     "on_breach": "rollback",
 }
@@ -79,6 +81,10 @@ async def watch(demo: Demo, want, what: str) -> dict | None:
                 demo.rollout_seen = now
                 waiting = f", waiting for role {ro['awaiting']}" if ro.get("awaiting") else ""
                 demo.event(f"rollout {ro['state']}: step {ro['step']}, weight {now[2]}%{waiting}")
+            evidence = [w for w in ro.get("waiting_for") or () if w.startswith("evidence")]
+            if evidence and demo.evidence_seen != now:
+                demo.evidence_seen = now  # once per step: what it waits for before it moves on
+                say(f"           waiting for {evidence[0]}")
             if want(doc):
                 return doc
         await asyncio.sleep(0.1)

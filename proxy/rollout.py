@@ -13,8 +13,10 @@ Rules (modelled on h11's `_state.py`: the rules here, the table as data below):
   approval is not entered until it is approved.
 - A PROGRESSING step advances on a `Tick` when ALL of: its dwell (`step.interval`,
   else `cfg.interval`) has passed since `step_started_at`, the tick is healthy,
-  and the canary served at least `min_requests` since the step started
-  (`canary_requests - step_base_requests`). One tick advances one step.
+  the canary served at least `min_requests` since the step started
+  (`canary_requests - step_base_requests`), and the tick carries evidence that
+  the canary is under its limits (the guard's cumulative tests: time alone never
+  promotes). `waits` names what is missing. One tick advances one step.
 - Advancing moves to step+1: AWAITING if that step has `approve`, else
   PROGRESSING with `step_started_at=now` and `step_base_requests=canary_requests`.
   Advancing past the last step makes the phase COMPLETE (the step stays the last).
@@ -81,6 +83,7 @@ class Tick:
     now: float
     healthy: bool  # the guard's verdict: no breach
     canary_requests: int  # a monotonically growing total of canary requests
+    evidence: bool = True  # the guard's evidence shows the canary under its limits
 
 
 @dataclass(frozen=True)
@@ -174,12 +177,30 @@ def _same(p: Progress, event: Any, cfg: RolloutConfig, min_requests: int) -> Pro
     return p
 
 
+def waits(p: Progress, event: Tick, cfg: RolloutConfig, min_requests: int) -> tuple[str, ...]:
+    """What keeps a PROGRESSING step from advancing on `event`, in a fixed order:
+    "dwell", "verdict" (not healthy), "requests" (fewer than min_requests in the
+    step), "evidence"; () when the tick advances it. A step whose count has not
+    started yet (UNKNOWN) has served nothing."""
+    if p.phase is not Phase.PROGRESSING:
+        return ()
+    served = 0 if p.step_base_requests == UNKNOWN else event.canary_requests - p.step_base_requests
+    missing = []
+    if event.now < p.step_started_at + _dwell(_step(cfg, p.step), cfg):
+        missing.append("dwell")
+    if not event.healthy:
+        missing.append("verdict")
+    if served < min_requests:
+        missing.append("requests")
+    if not event.evidence:
+        missing.append("evidence")
+    return tuple(missing)
+
+
 def _tick(p: Progress, event: Tick, cfg: RolloutConfig, min_requests: int) -> Progress:
     if p.step_base_requests == UNKNOWN:  # the step's count starts now; not a transition
         p = replace(p, step_base_requests=event.canary_requests)
-    due = event.now >= p.step_started_at + _dwell(_step(cfg, p.step), cfg)
-    served = event.canary_requests - p.step_base_requests
-    if not (due and event.healthy and served >= min_requests):
+    if waits(p, event, cfg, min_requests):
         return p
     return _enter(p, p.step + 1, event.now, event.canary_requests, cfg, "tick", None)
 
@@ -262,7 +283,7 @@ TRANSITIONS: dict[tuple[Phase, type], Transition] = {
     (P, Tick): Transition(
         _tick,
         (
-            (P, "tick (dwell over, healthy, enough requests)"),
+            (P, "tick (dwell over, healthy, enough requests and evidence)"),
             (A, "tick (next step needs approval)"),
             (C, "tick (last step done)"),
         ),

@@ -307,3 +307,68 @@ def test_one_breach_episode_is_alerted_once_whichever_speed_sees_it_first(tmp_pa
     assert speeds[0] == "cumulative" and "window" in speeds  # both speeds saw it
     breaches = [e for e in ctl.events if e["kind"] == "breach"]
     assert len(breaches) == 1, breaches
+
+
+QUIET_ROLLOUT = QUIET.replace(
+    "routing: {weight: 5}", "rollout: {interval: 10s, steps: [5, 50, 100]}"
+)
+
+
+def test_a_rollout_with_a_canary_too_quiet_to_judge_does_not_advance_and_says_why(tmp_path):
+    """The dwell is over and the step has its min_requests, but one canary request a
+    second is too few for the window, and 60 error-free ones too few to show it is under
+    a 2% budget: the step waits, and /status says for what.
+    Once the canary has served enough, it advances on its own."""
+    ctl = Controller(Runtime(parse(QUIET_ROLLOUT, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    started = ctl.runtime.progress.step_started_at
+    for second in range(60):
+        for _ in range(50):
+            rec.finished(("blue", "weight"), 200, 0.01, None)
+        rec.finished(("green", "weight"), 200, 0.01, None)
+        ctl.tick(now + second, started + second)
+    progress = ctl.runtime.progress
+    assert (progress.phase, progress.step) == (rollout.Phase.PROGRESSING, 0)
+    assert not ctl.runtime.latch.active
+    waits = ctl.waiting_for()
+    assert len(waits) == 2, waits  # the window's verdict and the evidence; not the dwell
+    assert waits[0] == "a healthy guard verdict (now inconclusive)"
+    needed = ctl.cumulative.needed()
+    assert needed is not None and 120 < needed < 220, needed
+    assert waits[1] == (
+        f"evidence that the canary is under its limits: needs ~{needed} more canary "
+        "requests to promote"
+    )
+    # enough canary traffic: the window judges it healthy and the evidence arrives
+    for second in range(60, 120):
+        for _ in range(50):
+            rec.finished(("blue", "weight"), 200, 0.01, None)
+            rec.finished(("green", "weight"), 200, 0.01, None)
+        ctl.tick(now + second, started + second)
+        if ctl.runtime.progress.step == 1:
+            break
+    assert ctl.runtime.progress.step == 1, ctl.waiting_for()
+    ctl.tick(now + second + 1, started + second + 1)
+    assert ctl.cumulative.error_rate.total == 0  # the next step gathers its evidence afresh
+
+
+def test_a_rollout_without_a_guard_still_waits_for_evidence_under_the_default_limits(tmp_path):
+    cfg = QUIET_ROLLOUT.replace(
+        "guard: {window: 30s, min_requests: 50, max_error_rate: 0.02}\n", ""
+    )
+    ctl = Controller(Runtime(parse(cfg, str(tmp_path / "turnout.yaml"))))
+    ctl.restore()
+    assert ctl.runtime.config.guard is None
+    rec, now = ctl.runtime.recorder, time.monotonic()
+    started = ctl.runtime.progress.step_started_at
+    for second in range(30):  # 10% errors: never evidence under 2%, never a rollback
+        for i in range(10):
+            rec.finished(("green", "weight"), 503 if i == 0 else 200, 0.01, None)
+        ctl.tick(now + second, started + second)
+    assert ctl.runtime.progress.step == 0 and not ctl.runtime.latch.active
+    assert ctl.last_verdict is None  # no guard: no verdict
+    assert ctl.waiting_for() == [
+        "evidence that the canary is under its limits, which what it served so far (too close "
+        "to a limit, or above it) does not give yet"
+    ]

@@ -92,6 +92,26 @@ def test_no_advance_with_too_few_requests_in_the_step() -> None:
     assert tick(p, 600.0, 1000 + MIN).step == 1
 
 
+def test_no_advance_without_evidence_that_the_canary_is_under_its_limits() -> None:
+    # time, health and requests are not enough: the step waits for the evidence
+    p = rollout.start(PLAIN, 0.0, 0)
+    quiet = Tick(600.0, True, 10_000, evidence=False)
+    assert advance(p, quiet, PLAIN, MIN) is p
+    assert rollout.waits(p, quiet, PLAIN, MIN) == ("evidence",)
+    assert advance(p, Tick(600.0, True, 10_000, evidence=True), PLAIN, MIN).step == 1
+
+
+def test_waits_names_everything_a_step_still_needs_in_order() -> None:
+    p = rollout.start(PLAIN, 0.0, 100)
+    early = Tick(30.0, False, 120, evidence=False)
+    assert rollout.waits(p, early, PLAIN, MIN) == ("dwell", "verdict", "requests", "evidence")
+    assert rollout.waits(p, Tick(60.0, True, 150), PLAIN, MIN) == ()
+    paused = advance(p, Pause(1.0, "ops"), PLAIN, MIN)
+    assert rollout.waits(paused, early, PLAIN, MIN) == ()  # it does not advance on ticks
+    counting = Progress(Phase.PROGRESSING, 0, 0.0, rollout.UNKNOWN)
+    assert rollout.waits(counting, Tick(60.0, True, 10_000), PLAIN, MIN) == ("requests",)
+
+
 def test_an_approval_step_waits_at_the_previous_weight() -> None:
     p = tick(tick(rollout.start(GATED, 0.0, 0), 60.0, 50, GATED), 120.0, 100, GATED)
     assert (p.phase, p.step) == (Phase.AWAITING, 2)

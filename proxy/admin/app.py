@@ -135,7 +135,8 @@ def _rollout(server: Server) -> dict:
     cfg = rt.config.rollout
     p = rt.progress
     if cfg is None or p is None:
-        return {"state": "none", "step": None, "weight": None, "next_at": None, "awaiting": None}
+        return {"state": "none", "step": None, "weight": None, "next_at": None, "awaiting": None,
+                "waiting_for": []}  # fmt: skip
     return {
         "state": p.phase.value,
         "step": p.step,
@@ -143,6 +144,9 @@ def _rollout(server: Server) -> dict:
         "weight": rollout.weight(p, cfg),
         "next_at": _iso(rollout.next_at(p, cfg)),
         "awaiting": rollout.awaiting(p, cfg),
+        # what the step needs before it advances on its own, in words (dwell, verdict,
+        # requests, evidence); [] when it would advance now or does not advance on time
+        "waiting_for": server.controller.waiting_for(),
     }
 
 
