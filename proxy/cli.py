@@ -215,8 +215,10 @@ def render_status(doc: dict) -> str:
     else:
         extra = f", awaiting approval by {ro['awaiting']}" if ro.get("awaiting") else ""
         nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
+        rings = ", ".join(escape(str(r)) for r in ro.get("rings") or ())
+        ring = f" plus ring {rings}" if rings else ""
         lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
-                     f"weight {ro['weight']}%{extra}{nxt}")  # fmt: skip
+                     f"weight {ro['weight']}%{ring}{extra}{nxt}")  # fmt: skip
         for what in ro.get("waiting_for") or ():
             lines.append(f"  waiting for {escape(str(what))}")
     mirror = doc.get("mirror")

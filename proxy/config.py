@@ -142,6 +142,9 @@ class Step:
     weight: int  # 0..100, never below the previous step's
     approve: str | None = None  # the role whose `promote` enters this step
     interval: float | None = None  # this step's dwell; None: RolloutConfig.interval
+    # a ring: cohorts routed to the canary from this step on (`ring:<cohort>`), on top of
+    # the weight; a ring step without a weight keeps the previous step's (0 at first)
+    cohorts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,8 +643,25 @@ def _config(ctx: _Ctx, root: Node) -> dict[str, Any]:
     sticky = kw.get("routing", Routing()).sticky
     if sticky is not None and not sticky.group and canary is not None:
         kw["routing"] = replace(kw["routing"], sticky=replace(sticky, group=canary))
+    _check_cohort_refs(ctx, root)
     _check_rollout(ctx, root, kw.get("admin", Admin()))
     return kw
+
+
+def _check_cohort_refs(ctx: _Ctx, root: Node) -> None:
+    """Every cohort a rule or a rollout ring names must be in routing.cohorts, and a
+    sticky key must exist to compare it with (sections may come in any order)."""
+    routing = _child(root, "routing")
+    listed = _child(routing, "cohorts") if routing is not None else None
+    keys = listed.value if isinstance(listed, MappingNode) else []
+    names = {k.value for k, _ in keys if isinstance(k, ScalarNode)}
+    for ref_path, ref_node, name in ctx.cohort_refs:
+        if name not in names:
+            hint = _hint(name, names)
+            ctx.error(ref_path, ref_node, f"no cohort named {name!r} in routing.cohorts{hint}")
+        elif routing is None or _child(routing, "sticky") is None:
+            why = "cohorts are compared with the sticky key"
+            ctx.error(ref_path, ref_node, f"needs routing.sticky.key ({why})")
 
 
 def _check_rollout(ctx: _Ctx, root: Node, admin: Admin) -> None:
@@ -736,13 +756,6 @@ def _split_url(url: str) -> tuple[str, int] | str:
 def _routing(ctx: _Ctx, node: Node, path: str) -> Any:
     fields = _fields(ctx, node, path, ROUTING_FIELDS)
     cohorts, files = fields.get("cohorts", ({}, ()))
-    for ref_path, ref_node, name in ctx.cohort_refs:
-        if name not in cohorts:
-            hint = _hint(name, cohorts)
-            ctx.error(ref_path, ref_node, f"no cohort named {name!r} in routing.cohorts{hint}")
-        elif _child(node, "sticky") is None:
-            why = "cohorts are compared with the sticky key"
-            ctx.error(ref_path, ref_node, f"needs routing.sticky.key ({why})")
     rules, sticky = tuple(fields.get("rules", ())), fields.get("sticky")
     cohort_map = MappingProxyType(cohorts)
     return Routing(fields.get("weight", 0), sticky, rules, cohort_map, files)
@@ -987,8 +1000,9 @@ def _rollout(ctx: _Ctx, node: Node, path: str) -> Any:
 
 
 def _steps(ctx: _Ctx, node: Node, path: str) -> Any:
-    """A non-empty list of weights or {weight, approve, interval}; weights never decrease."""
-    like = "steps (a weight 0..100 or {weight, approve, interval})"
+    """A non-empty list of weights or {weight, approve, interval, cohorts}; weights never
+    decrease. A ring step (cohorts) without a weight keeps the previous step's."""
+    like = "steps (a weight 0..100 or {weight, approve, interval, cohorts})"
     if not isinstance(node, SequenceNode) or not node.value:
         return ctx.error(path, node, f"must be a non-empty list of {like}, got {_got(node)}")
     steps, previous, bad = [], None, False
@@ -996,6 +1010,8 @@ def _steps(ctx: _Ctx, node: Node, path: str) -> Any:
         if (step := _step(ctx, sub, f"{path}[{i}]")) is _BAD:
             bad = True
             continue
+        if step.weight == _PREVIOUS_WEIGHT:
+            step = replace(step, weight=previous or 0)
         if previous is not None and step.weight < previous:
             where = _child(sub, "weight") or sub
             message = (
@@ -1012,10 +1028,20 @@ def _step(ctx: _Ctx, node: Node, path: str) -> Any:
     if not isinstance(node, MappingNode):
         weight = _weight(ctx, node, path)
         return weight if weight is _BAD else Step(weight)
-    fields = _fields(ctx, node, path, STEP_FIELDS, ("weight",))
-    if "weight" not in fields or len(fields) < len(node.value):
+    has_cohorts = _child(node, "cohorts") is not None
+    fields = _fields(ctx, node, path, STEP_FIELDS, () if has_cohorts else ("weight",))
+    if not ("weight" in fields or has_cohorts) or len(fields) < len(node.value):
         return _BAD
-    return Step(**fields)
+    if "cohorts" in fields:
+        fields["cohorts"] = tuple(fields["cohorts"])
+    return Step(**{"weight": _PREVIOUS_WEIGHT, **fields})
+
+
+_PREVIOUS_WEIGHT = -1  # a ring step without a weight: _steps puts the previous step's
+
+
+def _ring(ctx: _Ctx, node: Node, path: str) -> Any:
+    return _list(ctx, node, path, _cohort_ref, "cohort names", key=lambda name: name)
 
 
 def _approve(ctx: _Ctx, node: Node, path: str) -> Any:
@@ -1124,7 +1150,12 @@ GUARD_FIELDS: dict[str, Parser] = {
     "webhook": _webhook,
 }
 ROLLOUT_FIELDS: dict[str, Parser] = {"interval": _duration, "steps": _steps}
-STEP_FIELDS: dict[str, Parser] = {"weight": _weight, "approve": _approve, "interval": _duration}
+STEP_FIELDS: dict[str, Parser] = {
+    "weight": _weight,
+    "approve": _approve,
+    "interval": _duration,
+    "cohorts": _ring,
+}
 MIRROR_FIELDS: dict[str, Parser] = {
     "percent": _weight,
     "methods": _methods,

@@ -389,7 +389,8 @@ class Controller:
         words = []
         for what in rollout.waits(p, tick, cfg.rollout, min_requests):
             if what == "dwell":
-                words.append(f"the step's dwell, until {_iso(rollout.next_at(p, cfg.rollout))}")
+                at = rollout.next_at(p, cfg.rollout)  # set: the step is progressing
+                words.append(f"the step's dwell, until {_iso(at) if at is not None else '?'}")
             elif what == "verdict":
                 state = self.last_verdict.state if self.last_verdict else "inconclusive"
                 words.append(f"a healthy guard verdict (now {state})")

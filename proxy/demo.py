@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 HOST = "127.0.0.1"
 USERS = 40
-RATE = 100.0  # requests per second, all users together
+RATE = 200.0  # requests per second, all users together
 DEFAULT_DURATION = 12.0  # the hot-reload phases; the guarded release then runs on events
 APPLY_TIMEOUT = 5.0  # a config change not in force by then is reported as a failure
 PORTS_ENV = "TURNOUT_DEMO_PORTS"

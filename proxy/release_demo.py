@@ -2,7 +2,8 @@
 
 Script (each phase waits for what it announces, with a deadline):
 1. A new build of green ("2.0") with a `guard` and a `rollout` is written into
-   the config file: the rollout walks its steps on its own.
+   the config file: the rollout walks its steps on its own, each on evidence that
+   green is under its budget, starting with a ring (the internal users only).
 2. It stops at the step that needs role `product`: an `engineer` token is
    refused (403), the `product` token approves it.
 3. A fault is injected into green (half its answers are 500): the guard
@@ -25,11 +26,19 @@ import aiohttp
 from .demo import ARROW, BAD, HOST, OK, Demo, Phase, say
 
 PRODUCT_ENV, ENGINEER_ENV = "TURNOUT_DEMO_TOKEN_PRODUCT", "TURNOUT_DEMO_TOKEN_ENGINEER"
-# The 50% step dwells a minute: the fault arrives there; the fixed build is promoted past it.
-STEPS = [10, 25, {"weight": 50, "approve": "product", "interval": "1m"}, 100]
+# A ring of internal users first; the 50% step dwells a minute: the fault arrives there;
+# the fixed build is promoted past it.
+INTERNAL = [f"user-{n}" for n in range(1, 5)]  # four of the demo's users: the employees
+STEPS: list[Any] = [
+    {"cohorts": ["internal"]},
+    10,
+    25,
+    {"weight": 50, "approve": "product", "interval": "1m"},
+    100,
+]
 WAIT = 30.0  # seconds any one expected change may take before the demo reports a failure
 # A 5% budget: a step needs ~92 error-free canary requests as evidence that the canary is
-# under it (~9 s at weight 10 and the demo's 100 req/s), where 2% would need ~233.
+# under it (~5 s at weight 10 and the demo's 200 req/s), where 2% would need ~233.
 GUARD = {
     "window": "10s",
     "min_requests": 20,
@@ -80,7 +89,11 @@ async def watch(demo: Demo, want, what: str) -> dict | None:
             if now != demo.rollout_seen and ro["state"] != "none":
                 demo.rollout_seen = now
                 waiting = f", waiting for role {ro['awaiting']}" if ro.get("awaiting") else ""
-                demo.event(f"rollout {ro['state']}: step {ro['step']}, weight {now[2]}%{waiting}")
+                rings = ", ".join(ro.get("rings") or ())
+                in_force = rings and now[2] < 100 and not doc["rollback"]["active"]
+                ring = f" plus ring {rings}" if in_force else ""
+                demo.event(f"rollout {ro['state']}: step {ro['step']}, weight {now[2]}%"
+                           f"{ring}{waiting}")  # fmt: skip
             evidence = [w for w in ro.get("waiting_for") or () if w.startswith("evidence")]
             if evidence and demo.evidence_seen != now:
                 demo.evidence_seen = now  # once per step: what it waits for before it moves on
@@ -102,8 +115,20 @@ def write_release(demo: Demo, release: str) -> None:
         {"name": "ci-bot", "token_env": ENGINEER_ENV, "roles": ["engineer"]},
     ]
     cfg["routing"].pop("weight", None)  # the rollout owns the weight now
+    cfg["routing"]["cohorts"] = {"internal": {"keys": INTERNAL}}
     cfg.pop("mirror", None)  # users see green now; the dark launch is over
     demo.write_config()
+
+
+def describe(step: Any) -> str:
+    """A step as people say it: 10%, ring internal, 50% (approve: product)."""
+    if isinstance(step, int):
+        return f"{step}%"
+    parts = [f"ring {'+'.join(step['cohorts'])}"] if step.get("cohorts") else []
+    if "weight" in step:
+        parts.append(f"{step['weight']}%")
+    text = " + ".join(parts)
+    return f"{text} (approve: {step['approve']})" if step.get("approve") else text
 
 
 async def dark_launch(demo: Demo, seconds: float) -> None:
@@ -141,9 +166,10 @@ async def step_up(demo: Demo, seconds: float) -> None:
     demo.bearer = tokens()["product"]
     write_release(demo, "2.0")
     demo.event(f"config file rewritten: {demo.canary} release 2.0, guard and rollout "
-               f"steps {[s if isinstance(s, int) else s['weight'] for s in STEPS]}")  # fmt: skip
+               f"steps {', '.join(map(describe, STEPS))}")  # fmt: skip
     if await watch(demo, lambda d: d["rollout"]["state"] != "none", "the rollout's start"):
-        demo.event("a new release starts small: users above bucket 10 are back on blue")
+        demo.event(f"a new release starts with a ring: only the internal users "
+                   f"({', '.join(INTERNAL)}) are on {demo.canary}")  # fmt: skip
         await asyncio.sleep(1.0)
         demo.load.forget_moves()
     await watch(demo, lambda d: d["rollout"]["state"] == "awaiting_approval", "the approval step")
@@ -162,7 +188,8 @@ async def approve(demo: Demo, seconds: float) -> None:
         demo.problem(f"promote by pat (role product) answered {status}: {doc.get('error')}")
         return
     demo.event(f"{OK} promote by pat (role product): approved")
-    await watch(demo, lambda d: d["rollout"]["step"] == 2 and d["weight"]["effective"] == 50,
+    step = next(i for i, s in enumerate(STEPS) if isinstance(s, dict) and s.get("approve"))
+    await watch(demo, lambda d: d["rollout"]["step"] == step and d["weight"]["effective"] == 50,
                 "weight 50%")  # fmt: skip
     await asyncio.sleep(2.0)  # let users settle on 50%; the step dwells a minute
 
@@ -201,6 +228,9 @@ def evidence_lines(rollback: dict) -> list[str]:
             f"window: canary {c['errors']}/{c['requests']} errors ({100 * c['error_rate']:.1f}%), "
             f"stable {s['errors']}/{s['requests']} ({100 * s['error_rate']:.1f}%)"
         )
+    if ev.get("speed") == "cumulative":  # the slow speed fired first: its summary says why
+        lines.append(str((ev.get("cumulative") or {}).get("summary")))
+        return lines
     for name, test in (ev.get("tests") or {}).items():
         if test.get("breach"):
             lines.append(f"test {name}: {test['test']}, p = {test['p_value']:.2g} "

@@ -10,7 +10,8 @@ Rules (modelled on h11's `_state.py`: the rules here, the table as data below):
 - The effective weight is `steps[step].weight` while PROGRESSING, COMPLETE or
   PAUSED from PROGRESSING. While AWAITING (or PAUSED from AWAITING) it stays at
   the previous step's weight, 0 before the first step: a step that needs an
-  approval is not entered until it is approved.
+  approval is not entered until it is approved. The rings in force (cohorts routed
+  to the canary on top of the weight) are those of every step in force so far.
 - A PROGRESSING step advances on a `Tick` when ALL of: its dwell (`step.interval`,
   else `cfg.interval`) has passed since `step_started_at`, the tick is healthy,
   the canary served at least `min_requests` since the step started
@@ -139,11 +140,25 @@ def start(cfg: RolloutConfig, now: float, canary_requests: int) -> Progress:
 
 def weight(p: Progress, cfg: RolloutConfig) -> int:
     """The canary weight this progress puts in force."""
+    step = _in_force(p, cfg)
+    return cfg.steps[step].weight if step >= 0 else 0
+
+
+def rings(p: Progress, cfg: RolloutConfig) -> tuple[str, ...]:
+    """The cohorts this progress routes to the canary: those of every step entered so
+    far, in order, so that the users of an earlier ring stay on the canary."""
+    names: dict[str, None] = {}
+    for step in cfg.steps[: _in_force(p, cfg) + 1]:
+        names.update(dict.fromkeys(step.cohorts))
+    return tuple(names)
+
+
+def _in_force(p: Progress, cfg: RolloutConfig) -> int:
+    """The index of the step whose weight and rings are in force; -1 before the first.
+    A step that waits for its approval is not in force yet."""
     step = min(p.step, len(cfg.steps) - 1)  # a reload may have shortened the steps
     paused_waiting = p.phase is Phase.PAUSED and p.paused_from is Phase.AWAITING
-    if p.phase is Phase.AWAITING or paused_waiting:
-        return cfg.steps[step - 1].weight if step > 0 else 0
-    return cfg.steps[step].weight
+    return step - 1 if p.phase is Phase.AWAITING or paused_waiting else step
 
 
 def next_at(p: Progress, cfg: RolloutConfig) -> float | None:

@@ -3,10 +3,12 @@
 The order is fixed (PRODUCT.md §4):
 1. rollback latch → stable (`rollback`)
 2. rules, first match wins (`rule:<name>`)
-3. sticky weight by key (`weight`): bucket = murmur3_x86_32("<group>:<key>",
+3. the rollout's rings in force, in the order they were entered: a keyed request whose
+   key is in a ring's cohort → canary (`ring:<cohort>`)
+4. sticky weight by key (`weight`): bucket = murmur3_x86_32("<group>:<key>",
    seed 0, unsigned) % 100 + 1; canary iff bucket <= weight. This is Unleash's
    `normalizedValue`, so the same group and percentage pick the same users.
-4. no key: `random` (probability weight%), `stable` (`anonymous`), or `cookie`
+5. no key: `random` (probability weight%), `stable` (`anonymous`), or `cookie`
    (issue a random `turnout_id` and route by it as a keyed request, `weight`).
 
 `Table` is compiled once per config snapshot; `decide` only reads it.
@@ -118,7 +120,9 @@ class _CompiledRule:
 class Table:
     """Everything `decide` needs, compiled from one config and one runtime state."""
 
-    def __init__(self, config: Config, weight: int, latched: bool) -> None:
+    def __init__(
+        self, config: Config, weight: int, latched: bool, rings: tuple[str, ...] = ()
+    ) -> None:
         routing = config.routing
         stable, canary = config.stable, config.canary
         self.stable = stable
@@ -137,6 +141,11 @@ class Table:
         self.rules = tuple(
             _CompiledRule(r, stable if r.to == "stable" else canary, dict(routing.cohorts))
             for r in routing.rules
+        )
+        # (keys, decision) per ring; a ring whose cohort a reload removed routes no one
+        self.rings = tuple(
+            (routing.cohorts.get(name, frozenset()), Decision(canary, f"ring:{name}"))
+            for name in rings
         )
         self.needs_cookies = any(r.match.cookie for r in routing.rules) or (
             sticky is not None and (sticky.kind == "cookie" or sticky.anonymous == "cookie")
@@ -158,7 +167,7 @@ class Table:
         self.labels = self._labels()
         # The common table: no rules, keyed by a header. Then a request with the
         # key needs nothing but the bucket (see `quick`).
-        self.plain = not self.rules and self.key_kind == "header" and not latched
+        self.plain = not self.rules and not self.rings and self.key_kind == "header" and not latched
 
     def _labels(self) -> tuple[tuple[str, str], ...]:
         """Every (version, reason) pair this table can produce: metric label values."""
@@ -166,6 +175,7 @@ class Table:
         seen.update(d.label for d in self.random_decisions)
         seen.update(d.label for d in self.by_bucket[1:])
         seen.update(r.decision.label for r in self.rules)
+        seen.update(decision.label for _, decision in self.rings)
         return tuple(sorted(seen))
 
     def quick(self, headers: dict[str, str]) -> Decision | None:
@@ -201,6 +211,9 @@ def decide(req: RequestView, table: Table, rand: Callable[[], float] = _random.r
         if rule.matches(req, key, cookies):
             return rule.decision
     if key is not None:
+        for keys, ring in table.rings:
+            if key in keys:
+                return ring
         return table.by_bucket[bucket(table.group, key)]
     if table.anonymous == "stable":
         return table.anonymous_decision

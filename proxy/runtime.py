@@ -62,7 +62,7 @@ class Runtime:
         return self.latch.active
 
     def _build(self, config: Config, upstreams: Upstreams, generation: int) -> Snapshot:
-        table = Table(config, self.configured_weight(config), self.latch.active)
+        table = Table(config, self.configured_weight(config), self.latch.active, self.rings(config))
         self.recorder.canary_weight = table.weight
         self.recorder.decision_labels = table.labels
         self.recorder.rollback_active = int(self.latch.active)
@@ -73,6 +73,12 @@ class Runtime:
         if config.rollout is not None and self.progress is not None:
             return rollout.weight(self.progress, config.rollout)
         return config.routing.weight
+
+    def rings(self, config: Config) -> tuple[str, ...]:
+        """The rollout's rings in force: cohorts routed to the canary on top of the weight."""
+        if config.rollout is not None and self.progress is not None:
+            return rollout.rings(self.progress, config.rollout)
+        return ()
 
     @property
     def config(self) -> Config:

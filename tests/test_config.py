@@ -747,7 +747,7 @@ def test_rollout_weights_must_not_decrease(tmp_path: Path) -> None:
         (
             "rollout: {steps: []}",
             "rollout.steps: must be a non-empty list of steps "
-            "(a weight 0..100 or {weight, approve, interval}), got a list (line 8)",
+            "(a weight 0..100 or {weight, approve, interval, cohorts}), got a list (line 8)",
         ),
         ("rollout: {steps: 10}", "rollout.steps: must be a non-empty list of steps "),
         (
@@ -761,6 +761,66 @@ def test_rollout_weights_must_not_decrease(tmp_path: Path) -> None:
 def test_bad_rollout_sections(tmp_path: Path, written: str, message: str) -> None:
     found = problems(tmp_path, MINIMAL + written + "\n")
     assert any(p.startswith(message) for p in found), found
+
+
+RINGS = """\
+rollout:
+  steps:
+    - {cohorts: [internal]}
+    - {cohorts: [internal, beta], approve: product}
+    - 10
+    - {cohorts: [everyone-else], weight: 50}
+    - 100
+"""
+COHORTS = """\
+routing:
+  sticky: {key: "header:X-User-Id"}
+  cohorts:
+    internal: {keys: [ann, bob]}
+    beta: {keys: [cy]}
+    everyone-else: {keys: [dee]}
+"""
+
+
+def test_ring_steps_name_cohorts_and_keep_the_previous_weight(tmp_path: Path) -> None:
+    # the rollout may come before routing: cohorts are checked once every section is read
+    cfg = config.load(write(tmp_path, MINIMAL + RINGS + COHORTS))
+    assert cfg.rollout is not None
+    assert cfg.rollout.steps == (
+        Step(0, cohorts=("internal",)),
+        Step(0, approve="product", cohorts=("internal", "beta")),
+        Step(10),
+        Step(50, cohorts=("everyone-else",)),
+        Step(100),
+    )
+
+
+def test_ring_steps_that_name_what_is_not_there_are_rejected(tmp_path: Path) -> None:
+    text = MINIMAL + RINGS.replace("[internal, beta]", "[internal, betta, internal]") + COHORTS
+    assert problems(tmp_path, text) == [
+        "rollout.steps[1].cohorts[2]: duplicate internal (first on line 11) (line 11)",
+        "rollout.steps[1].cohorts[1]: no cohort named 'betta' in routing.cohorts "
+        "(did you mean 'beta'?) (line 11)",
+    ]
+    unkeyed = (
+        MINIMAL
+        + "rollout: {steps: [{cohorts: [internal]}, 100]}\n"
+        + COHORTS.replace('  sticky: {key: "header:X-User-Id"}\n', "")
+    )
+    assert problems(tmp_path, unkeyed) == [
+        "rollout.steps[0].cohorts[0]: needs routing.sticky.key "
+        "(cohorts are compared with the sticky key) (line 8)"
+    ]
+    lower = MINIMAL + "rollout: {steps: [20, {cohorts: [beta], weight: 10}]}\n" + COHORTS
+    assert problems(tmp_path, lower) == [
+        "rollout.steps[1].weight: must not be below the previous step's weight (20), got 10 "
+        "(line 8)"
+    ]
+    empty = MINIMAL + "rollout: {steps: [{cohorts: []}, {approve: product}]}\n" + COHORTS
+    assert problems(tmp_path, empty) == [
+        "rollout.steps[0].cohorts: must be a non-empty list of cohort names, got a list (line 8)",
+        "rollout.steps[1].weight: is required (line 8)",
+    ]
 
 
 def test_routing_weight_beside_a_rollout_is_ignored_with_a_warning(tmp_path: Path) -> None:

@@ -107,12 +107,17 @@ def test_demo_plays_the_release_and_keeps_users_sticky() -> None:
 
     # the guarded release: steps, an approval only role product may give, a rollback
     # within seconds with its evidence, then a fixed build that completes
-    assert "awaiting_approval: step 2, weight 25%, waiting for role product" in out, out
+    assert "rollout progressing: step 0, weight 0% plus ring internal" in out, out
+    assert re.search(r"waiting for evidence that the canary is under its limits: needs ~\d+ "
+                     r"more canary requests to promote", out), out  # fmt: skip
+    assert "step 3, weight 25% plus ring internal, waiting for role product" in out, out
     assert re.search(r"promote by ci-bot \(role engineer\) refused: 403", out), out
     assert "promote by pat (role product): approved" in out, out
     took = re.search(r"guard rolled back to blue (\d+\.\d) s after the fault", out)
     assert took and float(took.group(1)) < 3.0, out
-    assert re.search(r"test (relative|error_rate): \S+, p = \S+ < alpha", out), out
+    window = r"test (relative|error_rate): \S+, p = \S+ < alpha"
+    cumulative = r"cumulative evidence: .*; breach \((relative|error_rate)\): e-value"
+    assert re.search(window, out) or re.search(cumulative, out), out
     assert "every user is on blue" in out, out
     assert "rollback latch cleared, rollout restarted at step 0" in out, out
     assert "rollout complete: green 2.0.1 serves 100% of users" in out, out

@@ -1,12 +1,18 @@
 """Rollouts over real loopback sockets: steps walked to `complete`, an approval step
-with admin tokens and the audit log, pause and resume, the CLI (PRODUCT.md §6, §7,
-§8, §13)."""
+with admin tokens and the audit log, pause and resume, the CLI, rings of cohorts as
+steps (PRODUCT.md §3, §6, §7, §8, §13)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import time
 
+import aiohttp
 import pytest
+
+from proxy.routing import bucket
 
 from .conftest import Proxy, ProxyFactory, eventually
 from .live import (
@@ -17,6 +23,7 @@ from .live import (
     run_cli,
     state_doc,
     status,
+    wait_latched,
     write_with_tokens,
 )
 
@@ -258,3 +265,149 @@ async def test_rollout_progress_survives_a_restart_and_keeps_moving(pair, proxie
         doc = await eventually(lambda: in_state(proxy, "progressing", step=2), 2.5)
     assert doc["weight"]["effective"] == 100
     assert (await proxy.metrics()).get("turnout_rollout_step") == 2
+
+
+# ---------------------------------------------------------------------------- rings
+
+INTERNAL = [f"staff-{i}" for i in range(8)]
+BETA = [f"beta-{i}" for i in range(8)]
+EVERYONE = [f"user-{i}" for i in range(160)]
+
+
+def ring_config(blue, green) -> dict:
+    steps = [{"cohorts": ["internal"]}, {"cohorts": ["internal", "beta"]}, 10, 100]
+    cfg = rollout_config(blue, green, steps, "2s")
+    cfg["routing"]["cohorts"] = {"internal": {"keys": INTERNAL}, "beta": {"keys": BETA}}
+    return cfg
+
+
+class UserLoad:
+    """Named users in a shuffled round, `rate` requests a second in all; for each request
+    the time it went out, its user, status and the version that answered."""
+
+    def __init__(self, proxy: Proxy, rate: float, seed: int) -> None:
+        self.proxy, self.rate = proxy, rate
+        users = INTERNAL + BETA + EVERYONE
+        random.Random(seed).shuffle(users)
+        self.users = users
+        self.samples: list[tuple[float, str, int, str | None]] = []
+
+    async def run(self, stop: asyncio.Event, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        t0, tasks = loop.time(), set()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            for i in range(int(limit * self.rate)):  # bounded in count and so in time
+                if stop.is_set():
+                    break
+                await asyncio.sleep(max(0.0, t0 + i / self.rate - loop.time()))
+                task = loop.create_task(self.one(session, self.users[i % len(self.users)]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+
+    async def one(self, session: aiohttp.ClientSession, user: str) -> None:
+        sent = time.monotonic()
+        try:
+            async with session.get(self.proxy.url + "/", headers={"X-User-Id": user}) as r:
+                await r.read()
+                self.samples.append((sent, user, r.status, r.headers.get("X-Turnout-Version")))
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.samples.append((sent, user, 0, None))
+
+    def on_canary(self, since: float) -> set[str]:
+        return {u for sent, u, _, v in self.samples if sent > since and v == "green"}
+
+    def seen(self, since: float) -> set[str]:
+        return {u for sent, u, _, v in self.samples if sent > since and v is not None}
+
+
+@contextlib.asynccontextmanager
+async def user_load(proxy: Proxy, rate: float, seed: int, limit: float = 50.0):
+    load, stop = UserLoad(proxy, rate, seed), asyncio.Event()
+    task = asyncio.get_running_loop().create_task(load.run(stop, limit))
+    try:
+        yield load
+    finally:
+        stop.set()
+        await task
+
+
+async def paused_at(proxy: Proxy, step: int) -> float:
+    """Wait for the rollout to enter `step`, pause it there (a step dwells 2 s, so the
+    pause lands in it), and return the time after which requests see that step only."""
+    await eventually(lambda: in_state(proxy, "progressing", step=step), 20, interval=0.05)
+    code, body = await admin(proxy, "POST", "/pause")
+    assert code == 200 and body["status"]["rollout"]["step"] == step, body
+    return time.monotonic()
+
+
+async def served_everyone(load: UserLoad, since: float) -> None:
+    total = len(load.users)
+    await eventually(lambda: len(load.seen(since)) == total, 15)
+
+
+@pytest.mark.timeout(90)
+async def test_a_rollout_walks_its_rings_then_its_weights(pair, proxies: ProxyFactory):
+    """[{cohorts: [internal]}, {cohorts: [internal, beta]}, 10, 100]: step 0 puts exactly
+    the internal users on the canary, step 1 beta as well, step 2 10% of everyone on top
+    of both rings; each step advances on its own evidence."""
+    blue, green = pair
+    proxy = await proxies.start(ring_config(blue, green))
+    explain = {}
+    async with user_load(proxy, 150, seed=21) as load:
+        since = await paused_at(proxy, 0)
+        doc = await status(proxy)
+        assert doc["rollout"]["rings"] == ["internal"] and doc["rollout"]["weight"] == 0
+        assert doc["rollout"]["step_rings"] == [["internal"], ["internal", "beta"], [], []]
+        await served_everyone(load, since)
+        assert load.on_canary(since) == set(INTERNAL)
+        explain[0] = [await proxy.explain(key=k) for k in (INTERNAL[0], BETA[0])]
+        rc, out, err = await run_cli("status", "--admin", proxy.admin_url)
+        assert rc == 0 and "weight 0% plus ring internal" in out, (out, err)
+
+        code, _ = await admin(proxy, "POST", "/resume")
+        assert code == 200
+        since = await paused_at(proxy, 1)
+        assert (await status(proxy))["rollout"]["rings"] == ["internal", "beta"]
+        await served_everyone(load, since)
+        assert load.on_canary(since) == set(INTERNAL + BETA)
+        explain[1] = [await proxy.explain(key=k) for k in (INTERNAL[0], BETA[0])]
+
+        code, _ = await admin(proxy, "POST", "/resume")
+        since = await paused_at(proxy, 2)
+        await served_everyone(load, since)
+        weighted = {u for u in EVERYONE if bucket("green", u) <= 10}
+        assert 0 < len(weighted) < len(EVERYONE)
+        assert load.on_canary(since) == set(INTERNAL + BETA) | weighted
+        code, _ = await admin(proxy, "POST", "/resume")
+        await eventually(lambda: in_state(proxy, "complete", step=3), 20)
+    reasons = [[(e["version"], e["reason"]) for e in pair_] for pair_ in explain.values()]
+    assert reasons == [
+        [("green", "ring:internal"), ("blue", "weight")],
+        [("green", "ring:internal"), ("green", "ring:beta")],
+    ]
+    m = await proxy.metrics()
+    assert m.get("turnout_route_decisions_total", version="green", reason="ring:internal") > 0
+    assert m.get("turnout_route_decisions_total", version="green", reason="ring:beta") > 0
+    assert all(status_ == 200 for _, _, status_, _ in load.samples)
+
+
+@pytest.mark.timeout(60)
+async def test_a_failing_canary_in_the_first_ring_latches_before_anyone_else_sees_it(
+    pair, proxies: ProxyFactory
+):
+    blue, green = pair
+    green.fault_rate = 0.5
+    proxy = await proxies.start(ring_config(blue, green))
+    async with user_load(proxy, 150, seed=22) as load:
+        doc = await wait_latched(proxy, timeout=20)
+        latched_at = time.monotonic()
+        await asyncio.sleep(0.5)
+    assert doc["rollback"]["actor"] == "guard" and doc["rollout"]["step"] == 0
+    on_canary = {u for _, u, _, v in load.samples if v == "green"}
+    assert on_canary and on_canary <= set(INTERNAL)  # no one outside the first ring
+    failed = {u for _, u, s, v in load.samples if s >= 500}
+    assert failed <= set(INTERNAL)
+    after = [v for sent, _, _, v in load.samples if sent > latched_at + 0.2]
+    assert after and set(after) == {"blue"}

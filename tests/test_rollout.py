@@ -112,6 +112,34 @@ def test_waits_names_everything_a_step_still_needs_in_order() -> None:
     assert rollout.waits(counting, Tick(60.0, True, 10_000), PLAIN, MIN) == ("requests",)
 
 
+RINGS = RolloutConfig(
+    (
+        Step(0, cohorts=("internal",)),
+        Step(0, approve="product", cohorts=("internal", "beta")),
+        Step(10),
+        Step(50, cohorts=("late",)),
+    ),
+    interval=60.0,
+)
+
+
+def test_rings_accumulate_as_the_steps_are_entered() -> None:
+    p = rollout.start(RINGS, 0.0, 0)
+    assert (rollout.weight(p, RINGS), rollout.rings(p, RINGS)) == (0, ("internal",))
+    p = tick(p, 60.0, MIN, RINGS)
+    assert p.phase is Phase.AWAITING  # beta is not in force before the approval
+    assert (rollout.weight(p, RINGS), rollout.rings(p, RINGS)) == (0, ("internal",))
+    paused = advance(p, Pause(61.0, "ops"), RINGS, MIN)
+    assert rollout.rings(paused, RINGS) == ("internal",)
+    p = advance(p, Promote(62.0, "pat", PRODUCT, canary_requests=MIN), RINGS, MIN)
+    assert rollout.rings(p, RINGS) == ("internal", "beta")
+    p = tick(p, 122.0, 2 * MIN, RINGS)
+    assert (rollout.weight(p, RINGS), rollout.rings(p, RINGS)) == (10, ("internal", "beta"))
+    p = tick(p, 182.0, 3 * MIN, RINGS)
+    assert (rollout.weight(p, RINGS), rollout.rings(p, RINGS)) == (50, ("internal", "beta", "late"))
+    assert rollout.rings(p, PLAIN) == ()  # steps without cohorts have no rings
+
+
 def test_an_approval_step_waits_at_the_previous_weight() -> None:
     p = tick(tick(rollout.start(GATED, 0.0, 0), 60.0, 50, GATED), 120.0, 100, GATED)
     assert (p.phase, p.step) == (Phase.AWAITING, 2)

@@ -20,9 +20,11 @@ versions:
 """
 
 
-def table(routing: str, weight: int | None = None, latched: bool = False, tmp=None) -> Table:
+def table(
+    routing: str, weight: int | None = None, latched: bool = False, tmp=None, rings=()
+) -> Table:
     cfg = parse(BASE + routing, str(tmp / "t.yaml") if tmp else "/tmp/t.yaml")
-    return Table(cfg, cfg.routing.weight if weight is None else weight, latched)
+    return Table(cfg, cfg.routing.weight if weight is None else weight, latched, rings)
 
 
 def view(headers=None, method="GET", path="/", query="", peer="10.0.0.1") -> RequestView:
@@ -211,3 +213,41 @@ def test_quick_path_agrees_with_decide():
     assert t.quick({}) is None  # anonymous requests take the full path
     assert not table(RULES).plain and table(RULES).quick({"x-user-id": "a"}) is None
     assert not table(STICKY, latched=True).plain
+
+
+# -- rollout rings -------------------------------------------------------------------------
+
+RINGED = """
+routing:
+  sticky: {key: "header:X-User-Id"}
+  cohorts:
+    internal: {keys: [ann, bob]}
+    beta: {keys: [bob, cy]}
+  rules:
+    - {name: bob-stays, match: {header: {X-Pin: stable}}, to: stable}
+"""
+
+
+def test_rings_come_after_rules_and_before_the_weight():
+    t = table(RINGED, weight=0, rings=("internal", "beta"))
+    assert not t.plain  # the quick path knows nothing of rings
+    got = {k: (d.version, d.reason) for k in ("ann", "bob", "cy", "dee")
+           for d in [decide(view({"X-User-Id": k}), t)]}  # fmt: skip
+    assert got == {
+        "ann": ("green", "ring:internal"),
+        "bob": ("green", "ring:internal"),  # in both: the ring entered first names it
+        "cy": ("green", "ring:beta"),
+        "dee": ("blue", "weight"),
+    }
+    pinned = decide(view({"X-User-Id": "ann", "X-Pin": "stable"}), t)
+    assert (pinned.version, pinned.reason) == ("blue", "rule:bob-stays")
+    assert decide(view({}), t).reason == "random"  # no key: no ring
+    assert decide(
+        view({"X-User-Id": "ann"}), table(RINGED, 0, True, rings=("internal",))
+    ).reason == ("rollback")
+    assert ("green", "ring:beta") in t.labels and ("green", "ring:internal") in t.labels
+
+
+def test_a_ring_whose_cohort_is_gone_routes_no_one():
+    t = table(RINGED, weight=100, rings=("removed",))
+    assert (decide(view({"X-User-Id": "ann"}), t).reason) == "weight"

@@ -135,13 +135,17 @@ def _rollout(server: Server) -> dict:
     cfg = rt.config.rollout
     p = rt.progress
     if cfg is None or p is None:
-        return {"state": "none", "step": None, "weight": None, "next_at": None, "awaiting": None,
-                "waiting_for": []}  # fmt: skip
+        return {"state": "none", "step": None, "weight": None, "rings": [], "next_at": None,
+                "awaiting": None, "waiting_for": []}  # fmt: skip
     return {
         "state": p.phase.value,
         "step": p.step,
         "steps": [s.weight for s in cfg.steps],
+        # each step's ring (its cohorts), and the rings in force: routed to the canary on
+        # top of the weight (reason ring:<cohort>)
+        "step_rings": [list(s.cohorts) for s in cfg.steps],
         "weight": rollout.weight(p, cfg),
+        "rings": list(rollout.rings(p, cfg)),
         "next_at": _iso(rollout.next_at(p, cfg)),
         "awaiting": rollout.awaiting(p, cfg),
         # what the step needs before it advances on its own, in words (dwell, verdict,
