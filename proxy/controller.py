@@ -349,9 +349,7 @@ class Controller:
         records; the versions; the release; the step), started afresh when it changes."""
         rt = self.runtime
         cfg = rt.config
-        progress = rt.progress
-        settings = thresholds(policy)
-        key = (settings, cfg.canary, cfg.stable, _release(cfg), progress.step if progress else None)
+        key = self.evidence_key(policy)
         if self.cumulative is None or key != self.cumulative_key:
             self.cumulative, self.cumulative_key = Cumulative(policy, time.time()), key
         if not rt.latch.active:  # after a rollback the canary is no longer judged
@@ -359,6 +357,11 @@ class Controller:
                 ticks.get(cfg.canary, Outcomes()), ticks.get(cfg.stable, Outcomes())
             )
         return self.cumulative
+
+    def evidence_key(self, policy: Policy) -> tuple:
+        cfg, progress = self.runtime.config, self.runtime.progress
+        step = progress.step if progress else None
+        return (thresholds(policy), cfg.canary, cfg.stable, _release(cfg), step)
 
     def judge(self, v: Verdict, cum: Cumulative) -> Verdict:
         """The two speeds, one verdict: the window's, or a breach of the cumulative tests
@@ -647,11 +650,17 @@ class Controller:
     # -- the guard's windows, handed to a leader that takes over ------------------------------
 
     def guard_doc(self) -> dict:
+        cum = self.cumulative
         return {
             "window": self.window_length,
             "windows": {name: w.dump() for name, w in self.windows.items()},
             "seen": [[v, shadow, list(t[:2]), t[2]] for (v, shadow), t in self.seen.items()],
-        }
+            # the slow speed's evidence with what it is about (compared as text: the key
+            # holds the policy's settings, the versions, the release and the step)
+            "cumulative": None if cum is None else {
+                "key": repr(self.cumulative_key), "evidence": cum.dump(),
+            },
+        }  # fmt: skip
 
     def take_over(self, doc: dict | None) -> None:
         """A leader that starts with counts carried over: keep judging from where the
@@ -669,11 +678,35 @@ class Controller:
         except (KeyError, TypeError, ValueError) as err:
             log.error("cannot take the guard's windows over (%s): they start afresh", err)
             return
+        taken = set()
         for name in list(self.windows):
             window = windows.get(name)
             if window is not None and (name, False) in seen and (name, True) in seen:
                 self.windows[name] = window
                 self.seen[name, False], self.seen[name, True] = seen[name, False], seen[name, True]
+                taken.add(name)
+        cfg = self.runtime.config
+        if {cfg.canary, cfg.stable} <= taken:  # what the evidence saw is what was fed
+            self.take_evidence_over(doc.get("cumulative"))
+
+    def take_evidence_over(self, doc: Any) -> None:
+        """Keep the last leader's cumulative evidence if it is about what this leader
+        judges now (the same settings, versions, release and step)."""
+        cfg = self.runtime.config
+        policy = cfg.guard or (DEFAULT_POLICY if cfg.rollout is not None else None)
+        if not doc or policy is None:
+            return
+        key = self.evidence_key(policy)
+        if doc.get("key") != repr(key):
+            log.info("the last leader's cumulative evidence is about another step or policy: "
+                     "it starts afresh")  # fmt: skip
+            return
+        try:
+            self.cumulative = Cumulative.restored(policy, doc["evidence"])
+        except (KeyError, TypeError, ValueError) as err:
+            log.error("cannot take the cumulative evidence over (%s): it starts afresh", err)
+            return
+        self.cumulative_key = key
 
     def event(self, kind: str, external: bool = False, **fields: Any) -> dict:
         ev = {"at": time.time(), "kind": kind, **fields}

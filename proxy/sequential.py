@@ -68,6 +68,18 @@ class _Mixture:
     def crossed(self) -> bool:
         return self.log_value >= self.threshold
 
+    def dump(self) -> dict[str, Any]:
+        """The state, JSON-safe, for a process that takes over (`load`)."""
+        return {"logs": [_encode(x) for x in self.logs]}
+
+    def load(self, d: Any) -> None:
+        """The inverse of `dump` for a mixture built with the same settings; ValueError,
+        changing nothing, when `d` is not one."""
+        logs = [_decode(x) for x in d["logs"]]
+        if len(logs) != len(self.logs):
+            raise ValueError(f"{len(logs)} processes where {len(self.logs)} were expected")
+        self.logs = logs
+
     def doc(self) -> dict:
         # JSON has no infinity: a certain refutation (a bad outcome against a null rate
         # of zero) is shown as the largest value kept, e^700.
@@ -80,6 +92,25 @@ class _Mixture:
 
 
 _LOG_CAP = 700.0
+
+
+def _encode(x: float) -> float | str:
+    """A log for JSON: infinities (certain evidence either way) as strings."""
+    return x if math.isfinite(x) else repr(x)
+
+
+def _decode(x: Any) -> float:
+    if isinstance(x, str) and x in ("inf", "-inf"):
+        return float(x)
+    if isinstance(x, bool) or not isinstance(x, int | float) or math.isnan(x):
+        raise ValueError(f"not a log value: {x!r}")
+    return float(x)
+
+
+def _count(x: Any) -> int:
+    if type(x) is not int or x < 0:
+        raise ValueError(f"not a count: {x!r}")
+    return x
 
 
 class _Share(_Mixture):
@@ -110,6 +141,14 @@ class _Share(_Mixture):
         logs = self.logs
         for j in range(len(self.hit)):
             logs[j] += (bad * self.hit[j] if bad else 0.0) + good * self.miss[j]
+
+    def dump(self) -> dict[str, Any]:
+        return super().dump() | {"bad": self.bad, "total": self.total}
+
+    def load(self, d: Any) -> None:
+        bad, total = _count(d["bad"]), _count(d["total"])
+        super().load(d)
+        self.bad, self.total = bad, total
 
     def doc(self) -> dict:
         return super().doc() | {"bad": self.bad, "total": self.total, "p0": self.p0}
@@ -159,6 +198,17 @@ class Relative(_Mixture):
         for j, rho in enumerate(ODDS):
             shared = math.log1p(odds0) - math.log1p(rho * odds0)
             logs[j] += canary_errors * (math.log(rho) + shared) + stable_errors * shared
+
+    def dump(self) -> dict[str, Any]:
+        counts = (self.canary_errors, self.canary_requests, self.stable_errors)
+        return super().dump() | {"counts": [*counts, self.stable_requests]}
+
+    def load(self, d: Any) -> None:
+        counts = [_count(x) for x in d["counts"]]
+        if len(counts) != 4:
+            raise ValueError("four counts expected")
+        super().load(d)
+        self.canary_errors, self.canary_requests, self.stable_errors, self.stable_requests = counts
 
     def doc(self) -> dict:
         return super().doc() | {
@@ -245,6 +295,33 @@ class Cumulative:
             self.relative.update(
                 canary.live_errors, canary.live_requests, stable.live_errors, stable.live_requests
             )
+
+    def parts(self) -> dict[str, _Mixture]:
+        """Every test kept, by a stable name."""
+        named: dict[str, _Mixture | None] = {
+            "error_rate": self.error_rate, "p99": self.slow, "relative": self.relative,
+            "promote": self.promote, "promote_p99": self.promote_slow,
+        }  # fmt: skip
+        return {name: test for name, test in named.items() if test is not None}
+
+    def dump(self) -> dict[str, Any]:
+        """The evidence so far, JSON-safe, for a leader that takes over (`restored`)."""
+        return {"since": self.since, "tests": {n: t.dump() for n, t in self.parts().items()}}
+
+    @classmethod
+    def restored(cls, policy: Any, d: Any) -> Cumulative:
+        """The evidence `dump` gave, under the same policy; ValueError (or KeyError,
+        TypeError) when `d` is not such evidence."""
+        since = d["since"]
+        if isinstance(since, bool) or not isinstance(since, int | float):
+            raise ValueError(f"since must be a time, got {since!r}")
+        cum = cls(policy, float(since))
+        tests = d["tests"]
+        if set(tests) != set(cum.parts()):
+            raise ValueError(f"tests {sorted(tests)} where {sorted(cum.parts())} were expected")
+        for name, test in cum.parts().items():
+            test.load(tests[name])
+        return cum
 
     def breaches(self) -> tuple[str, ...]:
         """The names of the tests that crossed, in the window verdict's order."""

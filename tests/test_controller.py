@@ -198,6 +198,41 @@ def test_a_new_leader_keeps_the_windows_of_the_last_one(tmp_path):
     assert new.windows["green"].stats(now).requests == 9  # not 2, not 16
 
 
+def test_a_new_leader_keeps_the_cumulative_evidence_of_the_last_one(tmp_path):
+    old = controller(tmp_path)
+    rec, now = old.runtime.recorder, time.monotonic()
+    for second in range(20):
+        for i in range(10):
+            rec.finished(("green", "weight"), 503 if i == second % 10 == 0 else 200, 0.01, None)
+            rec.finished(("blue", "weight"), 200, 0.01, None)
+        old.tick(now + second, time.time())
+    before = old.cumulative.dump()
+    assert old.cumulative.error_rate.total == 200 and old.cumulative.error_rate.bad == 2
+    doc = json.loads(json.dumps(old.guard_doc(), allow_nan=False))
+    new = controller(tmp_path)
+    new.runtime.recorder.add_counts(rec.counts())  # the counts carried over, plus 10 more
+    for _ in range(10):
+        new.runtime.recorder.finished(("green", "weight"), 200, 0.01, None)
+    new.take_over(doc)
+    assert new.cumulative is not None and new.cumulative.dump() == before
+    new.tick(now + 21, time.time())
+    assert new.cumulative.error_rate.total == 210  # carried on, not restarted, not doubled
+    assert new.cumulative.promote.logs != old.cumulative.promote.logs
+
+    # evidence about another step, or broken, is not taken: it starts afresh
+    moved = json.loads(json.dumps(doc))
+    moved["cumulative"]["key"] = moved["cumulative"]["key"].replace(", 0)", ", 1)")
+    broken = json.loads(json.dumps(doc))
+    broken["cumulative"]["evidence"]["tests"]["promote"]["logs"] = ["many"]
+    for bad in (moved, broken):
+        other = controller(tmp_path)
+        other.runtime.recorder.add_counts(rec.counts())
+        other.take_over(bad)
+        assert other.cumulative is None
+        other.tick(now + 21, time.time())
+        assert other.cumulative.error_rate.total == 0
+
+
 def test_without_a_handover_the_windows_start_from_the_counts_as_they_are(tmp_path):
     ctl = controller(tmp_path)
     for _ in range(5):

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.sequential import Promotion, Rate, Relative
+from proxy.guard import Policy
+from proxy.sequential import Cumulative, Outcomes, Promotion, Rate, Relative
 
 
 def poisson(rng: random.Random, mean: float) -> int:
@@ -166,9 +167,6 @@ def test_null_rates_outside_the_unit_interval_are_refused(bad: float):
 
 
 def test_the_summary_says_what_a_step_waits_for():
-    from proxy.guard import Policy
-    from proxy.sequential import Cumulative, Outcomes
-
     cum = Cumulative(Policy(max_error_rate=0.02))
     assert "needs ~" in cum.words() and "more canary requests" in cum.words()
     for _ in range(40):
@@ -213,3 +211,19 @@ def test_relative_factor_under_equal_rates_has_expectation_at_most_one(nc: int, 
             for j, log in enumerate(test.logs):
                 expected[j] += weight * math.exp(log)
         assert max(expected) <= 1 + 1e-9, (errors, expected)
+
+
+def test_evidence_survives_json_whole_including_certain_refutations():
+    policy = Policy(max_error_rate=0.0, max_p99_ms=100.0)
+    cum = Cumulative(policy, since=5.0)
+    cum.update(Outcomes(10, 1, slow=1, measured=10), Outcomes(50, 0, measured=50))
+    assert cum.error_rate.log_value == math.inf and cum.promote.log_value == -math.inf
+    doc = json.loads(json.dumps(cum.dump(), allow_nan=False))
+    again = Cumulative.restored(policy, doc)
+    assert again.dump() == cum.dump() and again.since == 5.0
+    assert again.breaches() == cum.breaches() and again.doc() == cum.doc()
+    with pytest.raises(ValueError, match="tests"):
+        Cumulative.restored(Policy(max_error_rate=0.0), doc)  # another policy: other tests
+    doc["tests"]["error_rate"]["bad"] = -1
+    with pytest.raises(ValueError, match="count"):
+        Cumulative.restored(policy, doc)
