@@ -54,7 +54,7 @@ class Policy:
     webhook: str | None = None
     alpha: float = 1e-5  # per-look false-breach probability of each test
     relative_min_ratio: float = 2.0  # canary rate must be >= 2x stable's ...
-    relative_min_difference: float = 0.005  # ... and >= 0.5 points above it
+    relative_min_difference: float = 0.002  # ... and >= 0.2 points above it
     sequential_alpha: float = 1e-3  # a false breach of the cumulative tests, per step
     promotion_alpha: float = 0.05  # evidence "under its limits" for a canary at its limits
 

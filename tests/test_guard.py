@@ -229,10 +229,12 @@ def test_relative_breach_when_clearly_worse_than_stable_under_the_budget() -> No
 
 
 def test_relative_needs_a_material_difference() -> None:
-    canary, stable = Stats(requests=100_000, errors=300), Stats(requests=900_000, errors=900)
-    v = verdict(canary, stable, POLICY)  # 0.3% vs 0.1%: significant, but only 0.2 points
+    canary, stable = Stats(requests=100_000, errors=250), Stats(requests=900_000, errors=900)
+    v = verdict(canary, stable, POLICY)  # 0.25% vs 0.1%: significant, but only 0.15 points
     assert v.state == HEALTHY
     assert v.evidence["tests"]["relative"]["material"] is False
+    five_times = verdict(Stats(requests=100_000, errors=500), stable, POLICY)  # 0.5% vs 0.1%
+    assert five_times.state == BREACH and five_times.reasons == ("relative",)
 
 
 def test_relative_off_ignores_stable() -> None:
