@@ -8,6 +8,8 @@
 #   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
 #   make soak    fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
+#   make guard   the guard's simulations: its calibration, then the comparison with
+#                Flagger, Argo Rollouts and Kayenta on identical traffic (a few minutes)
 #   make clean   remove caches and build output; `make distclean` also removes .venv
 #
 # .venv is (re)installed, which also compiles the forwarding path with mypyc (setup.py),
@@ -22,7 +24,7 @@ STAMP  := $(VENV)/.installed
 COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test fuzz lint bench soak clean distclean
+.PHONY: help venv build demo test fuzz lint bench soak guard clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
@@ -76,6 +78,10 @@ bench: venv
 
 soak: venv
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+guard: venv
+	$(BIN)/python -m bench.guard_sim
+	$(BIN)/python -m bench.guard_compare
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -151,6 +151,27 @@ async def test_detection_at_weight_1_within_20_seconds(
     assert r.green_after_latch == 0, r
 
 
+@pytest.mark.timeout(90)
+async def test_a_canary_too_quiet_for_the_window_is_latched_by_the_cumulative_tests(
+    pair, proxies: ProxyFactory, client, tmp_path: Path
+):
+    """The default window (30 s, min_requests 50) at 0.5 canary req/s holds ~15
+    requests: it never judges. The cumulative tests do: against a clean stable, about
+    three canary errors (~6 requests at 50 % faults, ~12 s) cross their threshold."""
+    blue, green = pair
+    guard = {**FAST_GUARD, "window": "30s", "min_requests": 50}
+    r = await detection_run(
+        proxies, blue, green, client, tmp_path / "run", 1, guard,
+        rate=50, warmup=2.0, timeout=60, tail=0.5, rng=random.Random(8),
+    )  # fmt: skip
+    assert r.latched, r
+    assert r.evidence is not None and r.evidence["speed"] == "cumulative", r.evidence
+    assert r.evidence["canary"]["requests"] < 50  # the window could not have judged
+    assert set(fired(r.evidence)) & {"error_rate", "relative"}
+    assert r.latch_s is not None and r.latch_s < 60.0, r
+    assert r.green_after_latch == 0, r
+
+
 # ------------------------------------------------------------------------ latch
 
 
