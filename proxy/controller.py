@@ -45,7 +45,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import rollout, state
 from .config import Config
-from .guard import BREACH, UPPER_MS, Policy, Stats, Verdict, Window, thresholds, verdict
+from .guard import (
+    BREACH,
+    INCONCLUSIVE,
+    UPPER_MS,
+    Policy,
+    Stats,
+    Verdict,
+    Window,
+    thresholds,
+    verdict,
+)
 from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Resume, Tick
 from .sequential import Cumulative, Outcomes
 from .state import Latch, State, StateError
@@ -326,7 +336,9 @@ class Controller:
             canary, stable = self.stats(now)
             v = self.judge(verdict(canary, stable, policy), cum)
             self.last_verdict = v
-            healthy = v.state == "healthy"
+            # A canary too quiet for the window is judged by its cumulative evidence:
+            # inconclusive there, and shown under its limits here, lets a step advance.
+            healthy = v.state == "healthy" or (v.state == INCONCLUSIVE and cum.promotable)
             if v.state == "breach" and not rt.latch.active:
                 self.breach(v, wall)
                 if v.evidence.get("speed") == "cumulative":
@@ -359,9 +371,16 @@ class Controller:
         return self.cumulative
 
     def evidence_key(self, policy: Policy) -> tuple:
+        """What the evidence is about: the tests' settings, the versions, the release, and
+        the step with the weight and rings in force (so an approval, which puts a step's
+        weight in force at the same index, or a reload that changes a step, starts it
+        afresh: each step earns its own evidence)."""
         cfg, progress = self.runtime.config, self.runtime.progress
-        step = progress.step if progress else None
-        return (thresholds(policy), cfg.canary, cfg.stable, _release(cfg), step)
+        exposure: tuple = ()
+        if progress is not None and cfg.rollout is not None:
+            exposure = (progress.step, rollout.weight(progress, cfg.rollout),
+                        rollout.rings(progress, cfg.rollout))  # fmt: skip
+        return (thresholds(policy), cfg.canary, cfg.stable, _release(cfg), exposure)
 
     def judge(self, v: Verdict, cum: Cumulative) -> Verdict:
         """The two speeds, one verdict: the window's, or a breach of the cumulative tests
@@ -387,7 +406,7 @@ class Controller:
         if rt.latch.active:
             return ["the rollback latch to be cleared (resume, or a new release)"]
         if tick is None:
-            return ["the guard's first look at the canary"]
+            return ["the guard's next look at the canary"]
         min_requests = (cfg.guard or DEFAULT_POLICY).min_requests
         words = []
         for what in rollout.waits(p, tick, cfg.rollout, min_requests):
@@ -399,7 +418,7 @@ class Controller:
                 words.append(f"a healthy guard verdict (now {state})")
             elif what == "requests":
                 base = p.step_base_requests
-                served = 0 if base == rollout.UNKNOWN else tick.canary_requests - base
+                served = 0 if base == rollout.UNKNOWN else max(0, tick.canary_requests - base)
                 more = min_requests - served
                 words.append(f"{more} more canary requests in the step (min_requests)")
             elif what == "evidence":
@@ -469,7 +488,10 @@ class Controller:
     def resume(self, actor: str) -> None:
         rt = self.runtime
         was = rt.latch
-        self.cumulative = None  # a resumed canary is judged on new evidence
+        paused = rt.progress is not None and rt.progress.phase == rollout.Phase.PAUSED
+        if was.active or paused:
+            self.cumulative = None  # a resumed canary is judged on new evidence
+            self.last_tick = None
         if was.active:
             rt.latch = Latch()
             self.windows = {}
@@ -525,6 +547,7 @@ class Controller:
         if new is old or new == old:
             return
         rt.progress = new
+        self.last_tick = None  # what the new step waits for is known at the next tick
         rt.refresh()
         rt.recorder.rollout_step = new.step
         self.persist()
@@ -585,6 +608,10 @@ class Controller:
         self.seq += 1
         if self.share is not None:
             self.share(self.current())  # first: a worker that starts now must see it
+        if self.keep is not None:
+            # the evidence and windows too: a resume or a new release discards them, and a
+            # leader that takes over right after must not take the discarded ones
+            self.keep(self.guard_doc())
         return self.write(self.saved_state())
 
     def write(self, doc: State) -> bool:
@@ -694,7 +721,7 @@ class Controller:
         judges now (the same settings, versions, release and step)."""
         cfg = self.runtime.config
         policy = cfg.guard or (DEFAULT_POLICY if cfg.rollout is not None else None)
-        if not doc or policy is None:
+        if not isinstance(doc, dict) or policy is None:
             return
         key = self.evidence_key(policy)
         if doc.get("key") != repr(key):
@@ -703,7 +730,7 @@ class Controller:
             return
         try:
             self.cumulative = Cumulative.restored(policy, doc["evidence"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as err:
             log.error("cannot take the cumulative evidence over (%s): it starts afresh", err)
             return
         self.cumulative_key = key

@@ -37,8 +37,8 @@ STEPS: list[Any] = [
     100,
 ]
 WAIT = 30.0  # seconds any one expected change may take before the demo reports a failure
-# A 5% budget: a step needs ~92 error-free canary requests as evidence that the canary is
-# under it (~5 s at weight 10 and the demo's 200 req/s), where 2% would need ~233.
+# A 5% budget: a step needs 75 error-free canary requests as evidence that the canary is
+# under it (~5 s at weight 10 and the demo's 200 req/s), where 2% would need 189.
 GUARD = {
     "window": "10s",
     "min_requests": 20,

@@ -84,7 +84,7 @@ class Tick:
     now: float
     healthy: bool  # the guard's verdict: no breach
     canary_requests: int  # a monotonically growing total of canary requests
-    evidence: bool = True  # the guard's evidence shows the canary under its limits
+    evidence: bool  # the guard's evidence shows the canary under its limits
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,13 @@ class _Mixture:
         logs = [_decode(x) for x in d["logs"]]
         if len(logs) != len(self.logs):
             raise ValueError(f"{len(logs)} processes where {len(self.logs)} were expected")
+        if any(not math.isfinite(x) and x not in self.extremes() for x in logs):
+            raise ValueError("an infinite log this test cannot reach")
         self.logs = logs
+
+    def extremes(self) -> tuple[float, ...]:
+        """The infinite logs this test can reach (certain evidence one way)."""
+        return ()
 
     def doc(self) -> dict:
         # JSON has no infinity: a certain refutation (a bad outcome against a null rate
@@ -147,8 +153,14 @@ class _Share(_Mixture):
 
     def load(self, d: Any) -> None:
         bad, total = _count(d["bad"]), _count(d["total"])
+        if bad > total:
+            raise ValueError(f"{bad} bad outcomes among {total}")
         super().load(d)
         self.bad, self.total = bad, total
+
+    def extremes(self) -> tuple[float, ...]:
+        # against p0 = 0 one bad outcome is certain: +inf for the test that p <= 0
+        return (math.inf,) if self.p0 == 0 else ()
 
     def doc(self) -> dict:
         return super().doc() | {"bad": self.bad, "total": self.total, "p0": self.p0}
@@ -205,8 +217,8 @@ class Relative(_Mixture):
 
     def load(self, d: Any) -> None:
         counts = [_count(x) for x in d["counts"]]
-        if len(counts) != 4:
-            raise ValueError("four counts expected")
+        if len(counts) != 4 or counts[0] > counts[1] or counts[2] > counts[3]:
+            raise ValueError(f"counts {counts} are not errors and requests of each version")
         super().load(d)
         self.canary_errors, self.canary_requests, self.stable_errors, self.stable_requests = counts
 
@@ -227,26 +239,41 @@ class Promotion(_Share):
         if p0 == 0:
             self.logs = [-math.inf]  # nothing is below a budget of zero
 
+    def extremes(self) -> tuple[float, ...]:
+        return (-math.inf,) if self.p0 == 0 else ()
+
     def needed(self) -> int | None:
-        """About how many more outcomes, at the rate seen so far (none bad before the
-        first outcome: the fewest it could take), until the threshold is crossed; None
+        """How many more outcomes, at the rate seen so far (none bad before the first
+        outcome: the fewest it could take), until the mixture crosses its threshold; None
         when the rate seen is too close to p0, or above it, to get there."""
         if self.crossed:
             return 0
         if self.p0 == 0:
             return None
         seen = self.bad / self.total if self.total else 0.0
-        target = self.threshold + math.log(len(self.logs))  # what one process must reach
-        best: float | None = None
-        for j in range(len(self.logs)):
-            drift = seen * self.hit[j] + (1 - seen) * self.miss[j]
-            if drift <= 0:
-                continue
-            n = (target - self.logs[j]) / drift
-            best = n if best is None else min(best, n)
-        if best is None:
+        drifts = [seen * h + (1 - seen) * m for h, m in zip(self.hit, self.miss, strict=True)]
+        if max(drifts) <= 0:
             return None
-        return max(1, math.ceil(best))
+
+        def crosses(n: int) -> bool:
+            logs = [x + n * d for x, d in zip(self.logs, drifts, strict=True)]
+            return _log_mean_exp(logs) >= self.threshold
+
+        # The log of the mixture is convex in n and starts below the threshold, so it
+        # crosses it once: double, then halve.
+        high = 1
+        while not crosses(high):
+            high *= 2
+            if high > NEEDED_CAP:
+                return None
+        low = high // 2  # does not cross (or is 0)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if crosses(mid) else (mid, high)
+        return high
+
+
+NEEDED_CAP = 1 << 40  # beyond this many outcomes, "never" is the honest answer
 
 
 SLOW_SHARE = 0.01  # p99 > T  <=>  more than 1% of requests are slower than T
@@ -321,6 +348,14 @@ class Cumulative:
             raise ValueError(f"tests {sorted(tests)} where {sorted(cum.parts())} were expected")
         for name, test in cum.parts().items():
             test.load(tests[name])
+        # the tests saw the same outcomes: their counts agree, or this is not one evidence
+        e, p = cum.error_rate, cum.promote
+        agree = (e.bad, e.total) == (p.bad, p.total)
+        if cum.slow is not None and cum.promote_slow is not None:
+            agree = agree and cum.slow.total == cum.promote_slow.total
+            agree = agree and cum.slow.bad <= cum.promote_slow.bad
+        if not agree:
+            raise ValueError("the tests' counts disagree")
         return cum
 
     def breaches(self) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ VIEWER = frozenset({"viewer"})
 
 
 def tick(p: Progress, now: float, requests: int, cfg: RolloutConfig = PLAIN, healthy=True):
-    return advance(p, Tick(now, healthy, requests), cfg, MIN)
+    return advance(p, Tick(now, healthy, requests, evidence=True), cfg, MIN)
 
 
 def test_walks_every_step_to_complete_with_ticks() -> None:
@@ -105,11 +105,11 @@ def test_waits_names_everything_a_step_still_needs_in_order() -> None:
     p = rollout.start(PLAIN, 0.0, 100)
     early = Tick(30.0, False, 120, evidence=False)
     assert rollout.waits(p, early, PLAIN, MIN) == ("dwell", "verdict", "requests", "evidence")
-    assert rollout.waits(p, Tick(60.0, True, 150), PLAIN, MIN) == ()
+    assert rollout.waits(p, Tick(60.0, True, 150, True), PLAIN, MIN) == ()
     paused = advance(p, Pause(1.0, "ops"), PLAIN, MIN)
     assert rollout.waits(paused, early, PLAIN, MIN) == ()  # it does not advance on ticks
     counting = Progress(Phase.PROGRESSING, 0, 0.0, rollout.UNKNOWN)
-    assert rollout.waits(counting, Tick(60.0, True, 10_000), PLAIN, MIN) == ("requests",)
+    assert rollout.waits(counting, Tick(60.0, True, 10_000, True), PLAIN, MIN) == ("requests",)
 
 
 RINGS = RolloutConfig(
