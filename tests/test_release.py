@@ -109,6 +109,36 @@ async def test_healthy_canary_walks_every_step_to_complete(pair, proxies: ProxyF
     assert (await proxy.metrics()).get("turnout_rollout_step") == 3
 
 
+@pytest.mark.timeout(60)
+async def test_a_canary_too_quiet_to_judge_does_not_advance_and_status_says_why(
+    pair, proxies: ProxyFactory
+):
+    """Weight 1 at 50 req/s: about one canary request in two seconds. The step's dwell
+    (1 s) and min_requests (3) pass, but a handful of clean requests is not evidence
+    that the canary is under a 2% budget: the rollout stays at step 0 and says so."""
+    blue, green = pair
+    cfg = rollout_config(blue, green, [1, 100], "1s")
+    cfg["guard"] = {**GUARD, "max_error_rate": 0.02}
+    proxy = await proxies.start(cfg)
+    async with background_load(proxy, 50, limit=20, seed=4):
+
+        async def enough_served():
+            doc = await status(proxy)
+            cum = (doc["guard"]["evidence"] or {}).get("cumulative") or {}
+            served = cum.get("tests", {}).get("error_rate", {}).get("total", 0)
+            return doc if served >= 4 else None
+
+        doc = await eventually(enough_served, 20, interval=0.2)
+    ro = doc["rollout"]
+    assert (ro["state"], ro["step"], doc["weight"]["effective"]) == ("progressing", 0, 1)
+    evidence = [w for w in ro["waiting_for"] if w.startswith("evidence")]
+    assert len(evidence) == 1 and "more canary requests to promote" in evidence[0], ro
+    assert not any(w.startswith("the step's dwell") for w in ro["waiting_for"]), ro
+    assert not doc["rollback"]["active"]
+    rc, out, err = await run_cli("status", "--admin", proxy.admin_url)
+    assert rc == 0 and "waiting for evidence that the canary is under its limits" in out, out
+
+
 # ------------------------------------------------------------------------ approval
 
 
