@@ -595,6 +595,10 @@ def pool(results: Results, rule: str, **where: Any) -> Tally:
 # --- tables ------------------------------------------------------------------------------------
 
 
+def _pct1(share: float) -> str:
+    return _pct(share, 1)
+
+
 def _pct(share: float, digits: int = 0) -> str:
     return "-" if math.isnan(share) else f"{100 * share:.{digits}f}%"
 
@@ -721,6 +725,92 @@ class Match:
 
 
 FALSE_ROLLBACK_LIMIT = 0.01  # an anchor above this on healthy canaries is not detecting
+BOUND_ALPHA = 1e-3  # the false-rollback rate the detection bound is computed at
+
+
+def detection_bound(requests: float, p0: float, p1: float, alpha: float = BOUND_ALPHA) -> float:
+    """The most any rule can catch of a canary whose error rate went from p0 to p1, over
+    Poisson(`requests`) canary requests since the onset, if it rolls back a canary that
+    stayed at p0 with probability at most `alpha`: the power of the Neyman-Pearson test
+    of p0 against p1 on those requests, randomized at its edge, knowing both rates.
+
+    Whatever a rule does (look every second, compare with stable, stop early), its
+    rollback is an event in the run's data; under both hypotheses everything but the
+    canary's outcomes after the onset has the same law, so no event of probability at
+    most `alpha` under p0 has more probability under p1 than this test's rejection. The
+    request count N has the same law under both, and given N the errors are binomial:
+    the likelihood ratio is (p1/p0)^E ((1-p1)/(1-p0))^(N-E).
+    """
+    sd = math.sqrt(requests)
+    low, high = max(0, math.floor(requests - 9 * sd - 5)), math.ceil(requests + 9 * sd + 5)
+    a, c = math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+    points = []  # (log LR, P under p0, P under p1) of every (N, E) worth counting
+    for n in range(low, high + 1):
+        pn = math.exp(n * math.log(requests) - requests - math.lgamma(n + 1)) if requests else 1.0
+        if pn < 1e-15:
+            continue
+        top = min(n, math.ceil(n * p1 + 9 * math.sqrt(n * p1 + 1) + 5))
+        for e in range(top + 1):
+            log_choose = math.lgamma(n + 1) - math.lgamma(e + 1) - math.lgamma(n - e + 1)
+            q0 = pn * math.exp(log_choose + e * math.log(p0) + (n - e) * math.log1p(-p0))
+            q1 = pn * math.exp(log_choose + e * math.log(p1) + (n - e) * math.log1p(-p1))
+            points.append((e * a + (n - e) * c + e * 1e-12, q0, q1))
+    points.sort(reverse=True)
+    spent = power = 0.0
+    for _, q0, q1 in points:
+        if spent + q0 > alpha:  # the edge: reject with the probability that uses the rest
+            return power + (q1 * (alpha - spent) / q0 if q0 > 0 else q1)
+        spent += q0
+        power += q1
+    return power
+
+
+def _binomial_pmf(t: int, k: int, theta: float) -> float:
+    log_choose = math.lgamma(t + 1) - math.lgamma(k + 1) - math.lgamma(t - k + 1)
+    return math.exp(log_choose + k * math.log(theta) + (t - k) * math.log1p(-theta))
+
+
+def conditional_power(cell: Cell, alpha: float = BOUND_ALPHA) -> float:
+    """What the best test that compares with stable, not knowing the baseline, catches
+    when it looks once at the end of the run and knows when the fault began: the
+    uniformly most powerful unbiased test of equal rates, which, given the errors of
+    both versions since the onset, rejects when the canary's share of them is too large
+    for Binomial(errors, w) (randomized at its edge, at level `alpha`)."""
+    seconds = DURATION - cell.onset
+    lam_c = cell.rate * cell.weight * cell.p_canary * seconds  # canary errors, on average
+    lam_s = cell.rate * (1 - cell.weight) * cell.baseline * seconds
+    theta0, theta1 = cell.weight, lam_c / (lam_c + lam_s)
+    total = lam_c + lam_s
+    power = 0.0
+    spread = 9 * math.sqrt(total) + 10
+    for t in range(max(1, math.floor(total - spread)), math.ceil(total + spread) + 1):
+        pt = math.exp(t * math.log(total) - total - math.lgamma(t + 1))
+        spent, reject = 0.0, 0.0  # the rejection region, from the largest canary share down
+        # above `top` neither law has mass worth counting
+        top = min(t, math.ceil(t * max(theta0, theta1) + 12 * math.sqrt(t / 4) + 10))
+        for k in range(top, -1, -1):
+            q0 = _binomial_pmf(t, k, theta0)
+            q1 = _binomial_pmf(t, k, theta1)
+            if spent + q0 > alpha:
+                reject += q1 * (alpha - spent) / q0
+                break
+            spent += q0
+            reject += q1
+        power += pt * reject
+    return power
+
+
+def bound(m: Match, cells: Iterable[Cell]) -> tuple[float, float]:
+    """For a match, pooled over its cells as its figures are: `detection_bound` (an
+    upper bound for any rule) and `conditional_power` (what the best test comparing
+    with stable at one look would catch)."""
+    p1 = 5.0 * m.baseline if m.fault == "5x" else 0.5
+    mine = [c for c in cells if (c.canary_rps, c.fault, c.baseline) ==
+            (m.canary_rps, m.fault, m.baseline)]  # fmt: skip
+    upper = statistics.fmean(
+        detection_bound(c.canary_rps * (DURATION - c.onset), c.baseline, p1) for c in mine
+    )
+    return upper, statistics.fmean(conditional_power(c) for c in mine)
 
 
 def matches(results: Results) -> list[Match]:
@@ -790,6 +880,8 @@ def wins(results: Results) -> str:
                 f"- canary {m.canary_rps:g} req/s, {m.fault}, baseline {100 * m.baseline:g}%: "
                 f"Turnout {_figure(m.turnout)}; {SHORT[name]} {_figure(b)}"
                 + (_noise(m.turnout, b) if m.turnout.caught < b.caught else "")
+                + "; at ≤ {:g}% false rollbacks any rule: at most {}, one look comparing "
+                "with stable: {}".format(100 * BOUND_ALPHA, *map(_pct1, bound(m, results)))
             )
     return "\n".join(lines)
 

@@ -23,6 +23,8 @@ from bench.guard_compare import (
     argo,
     classify_high,
     compare,
+    conditional_power,
+    detection_bound,
     flagger,
     mann_whitney_interval,
     run_once,
@@ -184,3 +186,19 @@ def test_kayenta_classifies_only_a_clear_increase_as_high() -> None:
     assert not classify_high([0.011, 0.010, 0.012, 0.009, 0.013, 0.011], stable, noise)
     # both constant: noise breaks the ties, and a far higher canary is still High
     assert classify_high([0.5] * 5, [0.01] * 5, noise)
+
+
+def test_the_detection_bounds_are_what_their_tests_catch() -> None:
+    # A Poisson(60) count of requests, 2% against 10% at level 1e-3: the Neyman-Pearson
+    # test rejects at about 7 errors or more; randomized at its edge it catches about half.
+    upper = detection_bound(60.0, 0.02, 0.10)
+    assert 0.45 < upper < 0.6
+    assert detection_bound(600.0, 0.02, 0.10) > 0.999  # ten times the traffic: certain
+    assert detection_bound(60.0, 0.02, 0.02 * 1.0001) < 0.0011  # no fault: about alpha
+    # Not knowing stable's rate costs power: the best unbiased two-sample test catches
+    # less than the bound, and more when stable's own traffic pins its rate down.
+    small, large = Cell(0.02, 10.0, 0.01, "5x", 0), Cell(0.02, 100.0, 0.1, "5x", 0)
+    assert conditional_power(small) <= detection_bound(small.canary_rps * 600, 0.02, 0.10)
+    assert conditional_power(large) > 0.999
+    even = Cell(0.001, 10.0, 0.5, "5x", 0)  # 5 req/s each: ~15 canary errors against ~3
+    assert 0.3 < conditional_power(even) < 0.5
