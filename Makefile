@@ -4,7 +4,7 @@
 #   make test    create .venv if needed, then run the whole test suite
 #   make fuzz    differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
 #   make build   compile the forwarding path again (after editing one of its modules)
-#   make lint    ruff check + ruff format --check
+#   make lint    ruff check + ruff format --check + mypy over all of proxy/
 #   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
 #   make soak    fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
@@ -64,6 +64,7 @@ fuzz: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: venv
 	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \

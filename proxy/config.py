@@ -354,7 +354,7 @@ def _compose(text: str, path: str, sources: dict[str, str]) -> Node | None:
         raise ConfigError([Problem(e.path, why, e.line)], path, sources) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        why = getattr(e, "problem", None) or e
+        why = getattr(e, "problem", None) or str(e)
         problem = Problem("", f"invalid YAML: {why}", mark.line + 1 if mark else None)
         raise ConfigError([problem], path, sources) from e
 
@@ -478,7 +478,7 @@ class _Ctx:
             self.error(path, node, f"must be a mapping, got {_got(node)}")
             return None
         seen: dict[str, int] = {}
-        out = []
+        out: list[tuple[str, Node, Node]] = []
         for knode, vnode in node.value:
             if not isinstance(knode, ScalarNode):
                 self.error(path, knode, f"keys must be strings, got {_got(knode)}")

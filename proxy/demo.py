@@ -137,8 +137,8 @@ class DemoUpstream:
         self.served += 1
         if self.fault_rate and random.random() < self.fault_rate:
             self.faults += 1
-            body = {"version": self.name, "error": "injected fault"}
-            return web.json_response(body, status=500)
+            fault = {"version": self.name, "error": "injected fault"}
+            return web.json_response(fault, status=500)
         body: dict[str, Any] = {"version": self.name, "path": request.path_qs}
         body["cart"] = {"items": 3, "total": 42.0 if not self.quirk else 41.5}
         return web.json_response(body)
