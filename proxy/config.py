@@ -51,6 +51,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .guard import Policy
+from .headers import HOP_BY_HOP_NAMES
 
 # --------------------------------------------------------------------------- model
 
@@ -160,16 +161,7 @@ class RolloutConfig:
 # `x-turnout-*` header.
 COMPARED_BY_DEFAULT: tuple[str, ...] = ("content-type",)
 NEVER_COMPARED: frozenset[str] = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    }
+    {name.decode("ascii") for name in HOP_BY_HOP_NAMES} | {"content-length"}
 )
 NEVER_COMPARED_PREFIX = "x-turnout-"
 
