@@ -110,7 +110,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.guard_sim import poisson
-from proxy.guard import BREACH, Policy, Stats, Window, verdict
+from proxy.guard import BREACH, Policy, Stats, Window, material, verdict
 from proxy.sequential import Cumulative, Outcomes
 
 DURATION = 600  # simulated seconds per run, as in bench/guard_sim.py
@@ -233,11 +233,7 @@ def _may_breach(c: Stats, s: Stats, policy: Policy) -> bool:
         return True  # the budget test computes a p-value
     if not policy.relative_to_stable or not s.requests:
         return False
-    rate_c, rate_s = c.error_rate, s.error_rate
-    return (
-        rate_c >= policy.relative_min_ratio * rate_s
-        and rate_c - rate_s >= policy.relative_min_difference
-    )
+    return material(c.error_rate, s.error_rate, policy)
 
 
 def run_once(

@@ -435,24 +435,30 @@ def _p99_test(c: Stats, max_p99_ms: float, alpha: float) -> dict[str, Any]:
     return test | {"p_value": p_value, "breach": p_value < alpha}
 
 
+def material(rate_c: float, rate_s: float, policy: Policy) -> bool:
+    """Whether the canary's error rate is materially above stable's: at least
+    `relative_min_ratio` times it and `relative_min_difference` above it."""
+    return (
+        rate_c >= policy.relative_min_ratio * rate_s
+        and rate_c - rate_s >= policy.relative_min_difference
+    )
+
+
 def _relative_test(c: Stats, s: Stats, policy: Policy) -> dict[str, Any]:
     """H0: same error rate; one-sided Fisher exact test, conditional on the total errors."""
     test: dict[str, Any] = {"test": "fisher_exact_one_sided", "statistic": c.errors}
     if not s.requests:
         return test | {"p_value": None, "material": False, "breach": False}
     rate_c, rate_s = c.error_rate, s.error_rate
-    material = (
-        rate_c >= policy.relative_min_ratio * rate_s
-        and rate_c - rate_s >= policy.relative_min_difference
-    )
+    is_material = material(rate_c, rate_s, policy)
     total, errors = c.requests + s.requests, c.errors + s.errors
     test |= {
         "expected": round(errors * c.requests / total, 3),  # canary errors under H0
         "rate_ratio": round(rate_c / rate_s, 4) if rate_s else None,
         "difference": round(rate_c - rate_s, 6),
-        "material": material,
+        "material": is_material,
     }
-    if not material:
+    if not is_material:
         return test | {"p_value": None, "breach": False}
     p_value = hypergeometric_sf(c.errors, total, errors, c.requests)
     return test | {"p_value": p_value, "breach": p_value < policy.alpha}

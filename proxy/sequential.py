@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .guard import material
+
 # Alternatives, as multiples of the null rate (Rate), of the null odds (Relative), or as
 # fractions of the budget (Promotion). A wide grid keeps power for faults small and large:
 # the mixture costs log(len(grid)) nats against the best single alternative.
@@ -374,11 +376,7 @@ class Cumulative:
         if r is None or not r.canary_requests or not r.stable_requests:
             return False
         rate_c = r.canary_errors / r.canary_requests
-        rate_s = r.stable_errors / r.stable_requests
-        p = self.policy
-        return (
-            rate_c >= p.relative_min_ratio * rate_s and rate_c - rate_s >= p.relative_min_difference
-        )
+        return material(rate_c, r.stable_errors / r.stable_requests, self.policy)
 
     @property
     def promotable(self) -> bool:
