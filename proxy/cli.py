@@ -216,7 +216,8 @@ def render_status(doc: dict) -> str:
         extra = f", awaiting approval by {ro['awaiting']}" if ro.get("awaiting") else ""
         nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
         rings = ", ".join(escape(str(r)) for r in ro.get("rings") or ())
-        ring = f" plus ring {rings}" if rings else ""
+        # under the latch everyone is on stable: the step's ring is not in force
+        ring = f" plus ring {rings}" if rings and not rb["active"] else ""
         lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
                      f"weight {ro['weight']}%{ring}{extra}{nxt}")  # fmt: skip
         for what in ro.get("waiting_for") or ():

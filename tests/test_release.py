@@ -441,3 +441,6 @@ async def test_a_failing_canary_in_the_first_ring_latches_before_anyone_else_see
     assert failed <= set(INTERNAL)
     after = [v for sent, _, _, v in load.samples if sent > latched_at + 0.2]
     assert after and set(after) == {"blue"}
+    rc, out, err = await run_cli("status", "--admin", proxy.admin_url)
+    assert rc == 0 and "rollback latch: SET" in out, (out, err)
+    assert "weight 0%," in out and "plus ring" not in out  # the latch holds the ring too
