@@ -327,9 +327,7 @@ class Controller:
         rt = self.runtime
         cfg = rt.config
         policy = cfg.guard
-        # A rollout without a guard still moves on evidence, under the default limits;
-        # only a guard acts on a breach.
-        gate = policy or (DEFAULT_POLICY if cfg.rollout is not None else None)
+        gate = _evidence_policy(cfg)
         healthy = True
         cum = None if gate is None else self.gather(self.feed(now, gate.max_p99_ms), gate)
         if policy is not None and cum is not None:
@@ -407,7 +405,7 @@ class Controller:
             return ["the rollback latch to be cleared (resume, or a new release)"]
         if tick is None:
             return ["the guard's next look at the canary"]
-        min_requests = (cfg.guard or DEFAULT_POLICY).min_requests
+        _, min_requests = self._rc()
         words = []
         for what in rollout.waits(p, tick, cfg.rollout, min_requests):
             if what == "dwell":
@@ -719,8 +717,7 @@ class Controller:
     def take_evidence_over(self, doc: Any) -> None:
         """Keep the last leader's cumulative evidence if it is about what this leader
         judges now (the same settings, versions, release and step)."""
-        cfg = self.runtime.config
-        policy = cfg.guard or (DEFAULT_POLICY if cfg.rollout is not None else None)
+        policy = _evidence_policy(self.runtime.config)
         if not isinstance(doc, dict) or policy is None:
             return
         key = self.evidence_key(policy)
@@ -748,6 +745,13 @@ class Controller:
 
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
+
+
+def _evidence_policy(cfg: Config) -> Policy | None:
+    """The policy the cumulative evidence is gathered under: the guard's, or, for a
+    rollout without a guard, the default limits (its steps still move on evidence;
+    only a guard acts on a breach). None when there is nothing to gather it for."""
+    return cfg.guard or (DEFAULT_POLICY if cfg.rollout is not None else None)
 
 
 def _release(cfg: Config) -> str | None:
