@@ -151,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .release_demo import run_demo
 
     return run_demo(duration=args.duration)
 

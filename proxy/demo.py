@@ -27,7 +27,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import shutil
@@ -591,22 +590,3 @@ async def main(duration: float, ports: Ports, phases: list[Phase]) -> int:
         say(f"{BAD} the demo saw the proxy misbehave: " + "; ".join(demo.problems))
         return 1
     return 0
-
-
-def run_demo(duration: float | None = None) -> int:
-    """`turnout demo`: exit status 0, or 1 when it cannot run or saw something wrong."""
-    import uvloop
-
-    logging.basicConfig(level=logging.WARNING, format="proxy %(levelname)s: %(message)s")
-    try:
-        ports = ports_from_env()
-        from .release_demo import release_phases
-
-        phases = PHASES + release_phases()
-        return uvloop.run(main(duration or DEFAULT_DURATION, ports, phases))
-    except DemoError as err:
-        print(f"turnout demo: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before the loop's handler was in place, or after
-        print("stopped", flush=True)
-        return 0

@@ -29,45 +29,46 @@ import hashlib
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from .compare import Captured, compare
 from .config import Mirror
-from .forward import IDEMPOTENT, sized_response
+from .forward import Forwarding, MirrorTap, Shadow
 from .framing import Framing
 from .headers import HOP_BY_HOP
-from .http.upstream import Pool, UpstreamConnection
+from .http.upstream import Pool
+from .leg import UpstreamLeg
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
-
-if TYPE_CHECKING:
-    from .forward import Exchange
-    from .server import Server
+from .shared import Shared
 
 MAX_MISMATCHES = 50  # kept for /status and /events
 
 
-class Mirroring:
-    """Per server: what is in flight and the latest mismatches.
+class Mirroring(MirrorTap):
+    """Per process: what is in flight and the latest mismatches.
 
     The counts (sent, dropped, failed, compared) live in the Recorder, which
-    both /metrics and /status read."""
+    both /metrics and /status read; a mismatch is also given to `on_mismatch`
+    (the controller's event feed)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, shared: Shared, on_mismatch: Callable[[dict], None]) -> None:
+        self.shared = shared
+        self.on_mismatch = on_mismatch
         self.in_flight = 0
         self.mismatches: deque[dict] = deque(maxlen=MAX_MISMATCHES)
         self.cfg: Mirror | None = None  # the policy `methods` was made from
         self.methods: frozenset[bytes] = frozenset()
 
-    def eligible(self, ex: Exchange, decision: Decision) -> Mirror | None:
+    def eligible(self, ex: Forwarding, decision: Decision) -> Mirror | None:
         """The mirror policy if `ex` should be copied (before its body is known).
 
         Called for every request while a mirror is configured: the common "no"
         answers come first and cost a few attribute reads.
         """
         snap = ex.snap
-        cfg = snap.config.mirror
-        if cfg is None or decision.version != snap.config.stable or ex.upgrade:
+        cfg = snap.mirror
+        if cfg is None or decision.version != snap.stable or ex.upgrade:
             return None
         if cfg is not self.cfg:  # methods as bytes, once per configuration
             self.cfg = cfg
@@ -90,38 +91,39 @@ class Mirroring:
         return cfg
 
     def drop(self) -> None:
-        self.server.runtime.recorder.mirrored("dropped")
+        self.shared.recorder.mirrored("dropped")
 
-    def launch(self, ex: Exchange, cfg: Mirror, body: list[bytes]) -> ShadowExchange | None:
+    def launch(self, ex: Forwarding, cfg: Mirror, body: list[bytes]) -> Shadow | None:
         """Send the copy now that the primary's request is complete, or drop it.
 
         Returns the copy when the primary must feed it its answer (`compare` on);
         otherwise the primary has nothing more to do with it.
         """
-        if self.in_flight >= cfg.max_in_flight or self.server.runtime.snapshot.table.latched:
+        shared = self.shared
+        if self.in_flight >= cfg.max_in_flight or shared.snapshot.table.latched:
             self.drop()
             return None
         snap = ex.snap
-        pools = snap.upstreams.versions[snap.config.canary]
+        pools = snap.upstreams.versions[snap.canary]
         pool = pools.pick()
         if pool is None:
             # Like a primary's 502: the guard must see it, or a dead canary (its
             # endpoints cooling down after refusals) would never fail its dark launch.
-            rec = self.server.runtime.recorder
+            rec = shared.recorder
             rec.mirrored("failed")
-            rec.shadow_finished(snap.config.canary, 0, 0.0, "unavailable")
+            rec.shadow_finished(snap.canary, 0, 0.0, "unavailable")
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
-        self.server.runtime.recorder.mirrored("sent")
-        shadow.dispatch(pool)
+        shared.recorder.mirrored("sent")
+        shadow.start(pool)
         return shadow if cfg.compare is not None else None
 
     def done(self, shadow: ShadowExchange) -> None:
         self.in_flight -= 1
 
 
-def sampling_key(ex: Exchange, decision: Decision) -> str | None:
+def sampling_key(ex: Forwarding, decision: Decision) -> str | None:
     """The request's sticky key as routing reads it (any kind), or None."""
     table = ex.snap.table
     if table.key_kind is None and table.anonymous != "cookie":
@@ -134,7 +136,7 @@ def sampling_key(ex: Exchange, decision: Decision) -> str | None:
         path.decode("latin-1"),
         query.decode("latin-1"),
         headers,
-        ex.client.peer,
+        ex.client.peer_address(),
     )
     key = table.sticky_key(view, cookies)
     if key is None and table.anonymous == "cookie":
@@ -145,7 +147,7 @@ def sampling_key(ex: Exchange, decision: Decision) -> str | None:
 _CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"  # the last line upstream_request adds
 
 
-def shadow_request(ex: Exchange, body: bytes) -> bytes:
+def shadow_request(ex: Forwarding, body: bytes) -> bytes:
     """The copy: the primary's head as sent upstream, framed by length, and its body.
 
     The head is the one headers.upstream_request made for the primary (never an
@@ -194,73 +196,53 @@ class _Capture:
                         self.sha.hexdigest())  # fmt: skip
 
 
-class ShadowExchange:
+class ShadowExchange(UpstreamLeg, Shadow):
     """A fire-and-forget copy of one request, sent to the canary; no client attached."""
 
-    tunnel = False
-    resp_pending = None
     # Class-level defaults: most keep them for the copy's whole life.
-    conn: UpstreamConnection | None = None
-    pool: Pool | None = None
     done = False
     keep_alive = True
-    reused = False  # the connection came from the pool
     mine: _Capture | None = None  # the canary's answer, when comparing
     primary: _Capture | None = None  # the primary's answer, when comparing
     primary_finished = False
     finished_status: int | None = None
 
-    def __init__(self, owner: Mirroring, primary: Exchange, cfg: Mirror, body: bytes) -> None:
+    def __init__(self, owner: Mirroring, primary: Forwarding, cfg: Mirror, body: bytes) -> None:
+        snap = primary.snap
+        pools = snap.upstreams.versions[snap.canary]
+        timeout = min(cfg.timeout, 5.0)
+        super().__init__(owner.shared, pools, primary.method, primary.head.host is None, timeout)
         self.owner = owner
         self.cfg = cfg
-        self.version = primary.snap.config.canary
-        self.method = primary.method
+        self.version = snap.canary
         self.target = primary.target
-        self.data = shadow_request(primary, body)  # kept for one resend (see stale_pooled)
-        self.needs_host = primary.head.host is None
-        self.loop = primary.client.loop
-        self.server = owner.server
+        self.data = shadow_request(primary, body)  # kept for one resend (see rewind)
         self.t0 = time.perf_counter()
-        self.deadline = self.t0 + cfg.timeout
         if cfg.compare is not None:
             limit = cfg.compare.max_body_bytes
             self.mine, self.primary = _Capture(limit), _Capture(limit)
 
-    # -- sending ------------------------------------------------------------------------
+    # -- the leg's hooks ------------------------------------------------------------------
 
-    def dispatch(self, pool: Pool) -> None:
-        self.pool = pool
-        self.server.awaiting[self] = None  # the timeout covers the whole copy
-        conn = pool.take()
-        if conn is None:
-            self.loop.create_task(self.connect(pool))
-            return
-        self.reused = True
-        self.attach(conn)
+    def start(self, pool: Pool) -> None:
+        self.wait_until(self.t0 + self.cfg.timeout)  # the timeout covers the whole copy
+        self.dial_pool(pool)
 
-    async def connect(self, pool: Pool) -> None:
-        try:
-            conn = await pool.connect(min(self.cfg.timeout, 5.0))
-        except (TimeoutError, OSError):
-            pool.refused()
-            self.end(0, "connect")
-            return
-        if self.done:
-            pool.give(conn)
-            return
-        self.attach(conn)
+    def over(self) -> bool:
+        return self.done
 
-    def attach(self, conn: UpstreamConnection) -> None:
-        self.conn = conn
-        conn.exchange = self  # type: ignore[assignment]
-        data = self.data
-        if self.needs_host:  # as the primary does: HTTP/1.1 upstreams require a Host
-            line_end = data.index(b"\r\n") + 2
-            host = conn.pool.endpoint.key.encode()
-            data = b"%sHost: %s\r\n%s" % (data[:line_end], host, data[line_end:])
-        conn.send(data)
+    def outgoing(self) -> bytes:
+        return self.data
+
+    def attached(self) -> None:
         if not self.reused:
             self.data = b""  # a fresh connection is never resent on
+
+    def rewind(self) -> bool:
+        return bool(self.data) and not self.done
+
+    def leg_failed(self, status: int, kind: str, cause: str) -> None:
+        self.end(0, kind)
 
     def upstream_paused(self, paused: bool) -> None:
         """Nothing to pause: the copy's body is already in memory."""
@@ -269,9 +251,7 @@ class ShadowExchange:
 
     def whole_response(self, data: bytes, end: int) -> bool:
         """A complete, sized answer read in one piece: take it without the parser."""
-        if self.method == b"HEAD":
-            return False
-        found = sized_response(data, end)
+        found = self.sized(data, end)
         if found is None:
             return False
         status, sle, rh = found
@@ -284,7 +264,7 @@ class ShadowExchange:
         self.response_complete()
         return True
 
-    def flush_response_head(self) -> None:
+    def read_done(self) -> None:
         pass
 
     def response_head(self, status: int, head: bytes, keep_alive: bool, framing: Framing) -> None:
@@ -304,10 +284,10 @@ class ShadowExchange:
     def response_complete(self) -> None:
         if self.done or self.finished_status is None:
             return
-        conn, self.conn = self.conn, None
+        conn = self.detach()
         if conn is not None:
-            if self.keep_alive:
-                self.pool.give(conn)  # type: ignore[union-attr]
+            if self.keep_alive and self.pool is not None:
+                self.pool.give(conn)
             else:
                 conn.close()
         self.end(self.finished_status, None)
@@ -315,37 +295,27 @@ class ShadowExchange:
     def upgraded(self, rest: bytes) -> None:
         self.upstream_failed("protocol", "unexpected protocol switch")
 
+    def tunnel_data(self, data: bytes) -> None:
+        self.upstream_failed("protocol", "unexpected protocol switch")
+
     def upstream_lost(self, silent: bool = False, until_close: bool = False) -> None:
         """The canary's connection closed (`silent`: before one byte of an answer)."""
         self.conn = None
         if self.done:
             return
-        if silent and self.stale_pooled():
+        if silent and self.resend():
             return
         if self.finished_status is not None and until_close:
             self.end(self.finished_status, None)  # the close is the end of the body
             return
         self.end(0, "reset")
 
-    def stale_pooled(self) -> bool:
-        """Resend once on a fresh connection when a pooled one was closed under the copy.
-
-        The canary may close an idle keep-alive connection just as it is reused; the
-        copy was then never processed. As for primaries, only idempotent methods.
-        """
-        if not (self.reused and self.data) or self.method not in IDEMPOTENT or self.pool is None:
-            return False
-        self.reused = False
-        self.loop.create_task(self.connect(self.pool))
-        return True
-
     def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
+        self.close_conn()
         self.end(0, kind)
 
     def timed_out(self) -> None:
+        self.deadline = 0.0
         self.upstream_failed("timeout", "shadow timeout")
 
     # -- the end --------------------------------------------------------------------------------
@@ -354,9 +324,9 @@ class ShadowExchange:
         if self.done:
             return
         self.done = True
-        self.server.awaiting.pop(self, None)
+        self.stop_waiting()
         self.owner.done(self)
-        rec = self.server.runtime.recorder
+        rec = self.shared.recorder
         rec.shadow_finished(self.version, status, time.perf_counter() - self.t0, error)
         if error is not None:
             rec.mirrored("failed")
@@ -387,7 +357,7 @@ class ShadowExchange:
         primary, mine = self.primary.captured(), self.mine.captured()
         outcome = compare(primary, mine, cfg)
         self.primary = self.mine = None
-        self.server.runtime.recorder.compared(outcome.result)
+        self.shared.recorder.compared(outcome.result)
         if outcome.result == "mismatch":
             event: dict[str, Any] = {
                 "request": f"{self.method.decode('latin-1')} {self.target.decode('latin-1')}",
@@ -398,4 +368,4 @@ class ShadowExchange:
                 "version": self.version,
             }
             self.owner.mismatches.appendleft({"at": time.time(), **event})
-            self.server.controller.event("mismatch", **event)
+            self.owner.on_mismatch(event)

@@ -25,9 +25,13 @@ _SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 def build() -> str:
     """ "mypyc" when the forwarding path is compiled, else "python"."""
-    from . import forward
-
-    return "mypyc" if (forward.__file__ or "").endswith(_SUFFIXES) else "python"
+    forward = sys.modules.get(__package__ + ".forward")
+    if forward is None:  # not imported yet: where it would be found
+        spec = importlib.util.find_spec(__package__ + ".forward")
+        origin = spec.origin if spec is not None else None
+    else:
+        origin = forward.__file__
+    return "mypyc" if (origin or "").endswith(_SUFFIXES) else "python"
 
 
 def stale() -> list[str]:

@@ -17,13 +17,28 @@ the admin API with bearer tokens, and /status.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
+import sys
 from typing import Any
 
 import aiohttp
 
-from .demo import ARROW, BAD, HOST, OK, Demo, Phase, say
+from .demo import (
+    ARROW,
+    BAD,
+    DEFAULT_DURATION,
+    HOST,
+    OK,
+    PHASES,
+    Demo,
+    DemoError,
+    Phase,
+    main,
+    ports_from_env,
+    say,
+)
 
 PRODUCT_ENV, ENGINEER_ENV = "TURNOUT_DEMO_TOKEN_PRODUCT", "TURNOUT_DEMO_TOKEN_ENGINEER"
 # A ring of internal users first; the 50% step dwells a minute: the fault arrives there;
@@ -258,3 +273,20 @@ async def fixed(demo: Demo, seconds: float) -> None:
         demo.event(f"{OK} rollout complete: {demo.canary} 2.0.1 serves "
                    f"{doc['weight']['effective']}% of users")  # fmt: skip
     await asyncio.sleep(1.5)
+
+
+def run_demo(duration: float | None = None) -> int:
+    """`turnout demo`: exit status 0, or 1 when it cannot run or saw something wrong."""
+    import uvloop
+
+    logging.basicConfig(level=logging.WARNING, format="proxy %(levelname)s: %(message)s")
+    try:
+        ports = ports_from_env()
+        phases = PHASES + release_phases()
+        return uvloop.run(main(duration or DEFAULT_DURATION, ports, phases))
+    except DemoError as err:
+        print(f"turnout demo: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the loop's handler was in place, or after
+        print("stopped", flush=True)
+        return 0

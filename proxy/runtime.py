@@ -1,8 +1,10 @@
 """The snapshot in force, and how a new one replaces it.
 
 Rules:
-- A `Snapshot` is immutable: config, compiled routing table, upstream pools,
-  generation. A request reads `runtime.snapshot` once and keeps it.
+- A `Snapshot` (proxy.shared) is immutable: config, compiled routing table,
+  upstream pools, generation. A request reads the snapshot in force once and
+  keeps it; the one in force lives in `Shared.snapshot`, which the data plane
+  reads and only this class writes.
 - `swap()` is one assignment; the old snapshot lives on for requests that hold it.
 - The rollback latch and the rollout progress are runtime state, not config,
   so a reload never clears them (the controller decides what a reload means).
@@ -18,20 +20,8 @@ from .http.upstream import Upstreams
 from .metrics import Recorder
 from .rollout import Progress
 from .routing import Table
+from .shared import Shared, Snapshot
 from .state import Latch
-
-
-class Snapshot:
-    __slots__ = ("config", "table", "upstreams", "generation", "loaded_at")
-
-    def __init__(
-        self, config: Config, table: Table, upstreams: Upstreams, generation: int, loaded_at: float
-    ) -> None:
-        self.config = config
-        self.table = table
-        self.upstreams = upstreams
-        self.generation = generation
-        self.loaded_at = loaded_at
 
 
 class Runtime:
@@ -54,8 +44,16 @@ class Runtime:
         self.progress = progress
         self.last_error: str | None = None
         self.last_error_at: float | None = None
-        self.snapshot = self._build(config, Upstreams(config), 1)
+        self.shared = Shared(self._build(config, Upstreams(config), 1), self.recorder)
         self.recorder.generation = 1
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.shared.snapshot
+
+    @snapshot.setter
+    def snapshot(self, snap: Snapshot) -> None:
+        self.shared.snapshot = snap
 
     @property
     def latched(self) -> bool:

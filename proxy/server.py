@@ -29,11 +29,10 @@ from . import native
 from .admin.app import AdminServer
 from .config import Config
 from .controller import Controller
-from .forward import Exchange
 from .http.downstream import ClientConnection
 from .http.outbox import abort, flush
 from .metrics import Recorder
-from .mirror import Mirroring, ShadowExchange
+from .mirror import Mirroring
 from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
@@ -69,21 +68,17 @@ def raise_fd_limit(connections: int) -> None:
 class Server:
     def __init__(self, config: Config) -> None:
         self.runtime = Runtime(config)
+        self.shared = self.runtime.shared
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
-        # Exchanges waiting for a response head, and shadow copies in flight, in the
-        # order they started to wait; each has `deadline` and `timed_out()`.
-        self.awaiting: dict[Exchange | ShadowExchange, None] = {}
-        self.draining = False
-        self.max_header_bytes = config.limits.max_header_bytes
         self.listener: asyncio.base_events.Server | None = None
         self.admin: AdminServer | None = None
         self.runtime.recorder.in_flight = self.in_flight
-        self.mirroring = Mirroring(self)
         self.webhook = Webhook(self.webhook_url)
         self.role = role_from_env()
         follower = self.role is not None and not self.role.leader
         self.controller = Controller(self.runtime, notify=self.webhook.send, follower=follower)
+        self.mirroring = Mirroring(self.shared, self.mismatch)
         self.fleet: Fleet | None = None
         self.channel: Channel | None = None
         self.ledger = Ledger(self.role.folder) if self.role is not None else None
@@ -108,12 +103,19 @@ class Server:
         self.controller.share = lambda doc: ledger.write(LEDGER_STATE, doc)
         self.controller.keep = lambda doc: ledger.write(LEDGER_GUARD, doc)
 
+    @property
+    def draining(self) -> bool:
+        return self.shared.draining
+
+    def mismatch(self, event: dict) -> None:
+        self.controller.event("mismatch", **event)
+
     def in_flight(self) -> dict[str, int]:
         """Exchanges in progress per version, counted over the open connections."""
         counts: dict[str, int] = {}
         for conn in self.connections:
             ex = conn.tunnel or conn.current
-            if ex is not None and (conn.tunnel is not None or not ex.done):
+            if ex is not None and (conn.tunnel is not None or not ex.over()):
                 counts[ex.version] = counts.get(ex.version, 0) + 1
         return counts
 
@@ -126,7 +128,6 @@ class Server:
         return guard.webhook if guard is not None else None
 
     def applied(self, old: Config, new: Config) -> None:
-        self.max_header_bytes = new.limits.max_header_bytes
         self.controller.reloaded(old, new)
         if (old.listen_host, old.listen_port) != (new.listen_host, new.listen_port):
             log.warning(
@@ -140,7 +141,7 @@ class Server:
         cfg = self.runtime.config
         raise_fd_limit(cfg.limits.max_connections)
         if self.role is not None and not self.role.leader:
-            self.channel = Channel(self.role, self)
+            self.channel = Channel(self.role, self.controller, self.runtime, self.mirroring)
             await self.channel.start()
             assert self.ledger is not None
             shared = self.ledger.read(LEDGER_STATE)  # what changed before the socket was up
@@ -150,7 +151,7 @@ class Server:
             except (KeyError, TypeError, ValueError) as err:
                 log.error("the fleet's copy of the state is unusable (%s): wait for a push", err)
         self.listener = await loop.create_server(
-            lambda: ClientConnection(self),  # type: ignore[arg-type, return-value]  # see its class
+            lambda: ClientConnection(self.shared, self.mirroring, self.connections),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,
             cfg.listen_port,
             backlog=2048,
@@ -207,19 +208,20 @@ class Server:
         """Answer 504 for exchanges whose response head is overdue."""
         while not self.stopped.is_set():
             await asyncio.sleep(DEADLINE_INTERVAL)
-            if not self.awaiting:
+            awaiting = self.shared.awaiting
+            if not awaiting:
                 continue
             now = time.perf_counter()
-            late = [ex for ex in self.awaiting if 0 < ex.deadline <= now]
+            late = [ex for ex in awaiting if 0 < ex.overdue_at() <= now]
             for ex in late:
-                self.awaiting.pop(ex, None)
+                awaiting.pop(ex, None)
                 ex.timed_out()
 
     async def drain(self) -> None:
         """Stop accepting, finish what is in flight (bounded), then stop."""
-        if self.draining:
+        if self.shared.draining:
             return
-        self.draining = True
+        self.shared.draining = True
         self.ready = False
         log.info("draining %d connections", len(self.connections))
         if self.listener is not None:

@@ -61,7 +61,9 @@ from aiohttp import (
 from .metrics import Recorder
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .controller import Controller
+    from .mirror import Mirroring
+    from .runtime import Runtime
 
 log = logging.getLogger("turnout.workers")
 
@@ -281,24 +283,28 @@ class Ledger:
 class Channel:
     """A follower's side: takes the state the leader pushes, answers its counters."""
 
-    def __init__(self, role: Role, server: Server) -> None:
+    def __init__(
+        self, role: Role, controller: Controller, runtime: Runtime, mirroring: Mirroring
+    ) -> None:
         self.role = role
-        self.server = server
+        self.controller = controller
+        self.runtime = runtime
+        self.mirroring = mirroring
         self.runner: web.AppRunner | None = None
 
     async def sync(self, request: web.Request) -> web.Response:
         try:
-            self.server.controller.adopt(await request.json())
+            self.controller.adopt(await request.json())
         except (ValueError, KeyError, TypeError) as err:
             return web.json_response({"error": f"bad state: {err}"}, status=400)
-        ctl = self.server.controller
+        ctl = self.controller
         doc = {
             "pid": os.getpid(),
             "at": time.monotonic_ns(),  # orders answers that cross on the way
-            "counts": self.server.runtime.recorder.counts(),
-            "mismatches": list(self.server.mirroring.mismatches),
+            "counts": self.runtime.recorder.counts(),
+            "mismatches": list(self.mirroring.mismatches),
             "mark": list(ctl.mark) if ctl.mark is not None else None,
-            "latched": self.server.runtime.latch.active,
+            "latched": self.runtime.latch.active,
         }
         return web.json_response(doc)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.forward import sized_response
+from proxy.leg import sized_response
 from proxy.framing import FramingError, response_framing
 from proxy.headers import (
     HeaderError,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
@@ -39,7 +39,27 @@ MAX_JSON_DEPTH = 32
 MAX_REASON_CHARS = 512
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..controller import Controller
+    from ..mirror import Mirroring
+    from ..reload import Reloader
+    from ..runtime import Runtime
+    from ..workers import Fleet
+
+
+class Proxy(Protocol):
+    """What the admin API reads and steers: the proxy process it belongs to
+    (proxy.server's Server, the composition root, implements it)."""
+
+    runtime: Runtime
+    controller: Controller
+    reloader: Reloader
+    mirroring: Mirroring
+    fleet: Fleet | None
+    ready: bool
+
+    def counts(self) -> Recorder:
+        """The counters to show: this process's, or the whole fleet's on the leader."""
+        ...
 
 
 def _iso(ts: float | None) -> str | None:
@@ -48,7 +68,7 @@ def _iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def status_document(server: Server) -> dict:
+def status_document(server: Proxy) -> dict:
     rt = server.runtime
     snap = rt.snapshot
     cfg = snap.config
@@ -91,13 +111,13 @@ def status_document(server: Server) -> dict:
     }
 
 
-def _workers(server: Server) -> dict | None:
+def _workers(server: Proxy) -> dict | None:
     if server.fleet is None:
         return None
     return {"count": server.fleet.role.count, "members": server.fleet.members()}
 
 
-def _mirror(server: Server, rec: Recorder) -> dict | None:
+def _mirror(server: Proxy, rec: Recorder) -> dict | None:
     cfg = server.runtime.config.mirror
     if cfg is None:
         return None
@@ -130,7 +150,7 @@ def _latch(latch) -> dict:
     }
 
 
-def _rollout(server: Server) -> dict:
+def _rollout(server: Proxy) -> dict:
     rt = server.runtime
     cfg = rt.config.rollout
     p = rt.progress
@@ -154,7 +174,7 @@ def _rollout(server: Server) -> dict:
     }
 
 
-def _guard(server: Server) -> dict | None:
+def _guard(server: Proxy) -> dict | None:
     if server.runtime.config.guard is None:
         return None
     v = server.controller.last_verdict
@@ -165,7 +185,7 @@ def _guard(server: Server) -> dict | None:
             "summary": summary}  # fmt: skip
 
 
-def explain(server: Server, query: web.Request) -> dict:
+def explain(server: Proxy, query: web.Request) -> dict:
     """Which version a request with this key and these headers would get, and why."""
     table = server.runtime.snapshot.table
     headers: dict[str, str] = {}
@@ -211,7 +231,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class AdminServer:
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Proxy) -> None:
         self.server = server
         self.registry = registry(server.runtime.recorder)
         self.runner: web.AppRunner | None = None

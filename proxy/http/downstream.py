@@ -27,7 +27,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..forward import Exchange, error_response
+from ..answers import error_response
+from ..forward import ClientSide, Exchange, MirrorTap
 from ..framing import (
     CHUNKED,
     LENGTH,
@@ -40,14 +41,13 @@ from ..framing import (
 )
 from ..headers import HeaderError, RequestHead, scan_request, upstream_request
 from ..routing import RequestView, decide
+from ..shared import Shared, Snapshot
 from .outbox import abort, close, flush, send
 
 if TYPE_CHECKING:
     from ..config import Limits
-    from ..runtime import Snapshot
-    from ..server import Server
 
-PAUSE_PIPELINE = 1  # other bits: 2 upstream back-pressure, 4 connect buffer
+PAUSE_PIPELINE = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUSE_CONNECT
 LINGER = 2.0  # seconds a closed connection's late bytes are read and dropped
 MAX_EMPTY_LINES = 8  # blank lines tolerated before a request line (RFC 9112 §2.2)
 
@@ -67,22 +67,27 @@ class _Reject(Exception):
         self.head_only = False  # it answers a HEAD request: no body (RFC 9110 §9.3.2)
 
 
-class ClientConnection:
+class ClientConnection(ClientSide):
     """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
     the loop only calls the methods, and a class with no Python base compiles to a
-    native class (see proxy/native.py)."""
+    native class (see proxy/native.py). It is the `ClientSide` its exchanges talk to.
+
+    Made with what it shares with every connection of its listener: the
+    process's state, the mirror tap, and the set of open connections it joins.
+    """
 
     __slots__ = (
-        "server", "recorder", "transport", "peer", "peer_bytes", "buf", "phase", "left",
+        "shared", "tap", "registry", "transport", "peer", "peer_bytes", "buf", "phase", "left",
         "chunks", "current", "queue", "paused", "tunnel", "closed", "idle_since", "reject",
-        "last", "loop", "eof", "head_since", "progress", "seen", "seen_at", "write_paused",
-        "up_seen", "up_seen_at",
+        "last", "eof", "head_since", "progress", "seen", "seen_at", "write_paused",
     )  # fmt: skip
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.recorder = server.runtime.recorder
-        self.loop = server.loop
+    def __init__(
+        self, shared: Shared, tap: MirrorTap | None, registry: set[ClientConnection]
+    ) -> None:
+        self.shared = shared
+        self.tap = tap
+        self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = ""
         self.peer_bytes = b""
@@ -104,8 +109,6 @@ class ClientConnection:
         self.seen = 0  # `progress` at the last sweep that saw it change
         self.seen_at = 0.0
         self.write_paused = 0.0  # monotonic time the client stopped reading; 0: it reads
-        self.up_seen = 0  # the upstream connection's `progress` at the last change seen
-        self.up_seen_at = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -114,15 +117,14 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.peer_bytes = self.peer.encode()
-        server = self.server
-        if len(server.connections) >= server.runtime.snapshot.config.limits.max_connections:
+        if len(self.registry) >= self.shared.snapshot.config.limits.max_connections:
             self.closed = True
             self.phase = STOPPED
-            self.recorder.rejected(503)
+            self.shared.recorder.rejected(503)
             send(transport, error_response(503, None, "too many connections", False))  # type: ignore[arg-type]
             close(transport)
             return
-        server.connections.add(self)
+        self.registry.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.progress += 1
@@ -186,12 +188,13 @@ class ClientConnection:
         gathered in a bytearray (appending is linear, where joining bytes read by
         read would be quadratic for a head trickled a byte at a time).
         """
+        limit = self.shared.snapshot.max_header_bytes
         pending = self.buf
         if pending:
             old = len(pending)
             pending += data
             end = pending.find(b"\r\n\r\n", max(0, old - 3))
-            if end == -1 or end + 4 > self.server.max_header_bytes:
+            if end == -1 or end + 4 > limit:
                 self.unfinished(pending, old, end)
                 return None
             buf = bytes(pending)
@@ -203,7 +206,7 @@ class ClientConnection:
                 if not buf:
                     return None
             end = buf.find(b"\r\n\r\n")
-            if end == -1 or end + 4 > self.server.max_header_bytes:
+            if end == -1 or end + 4 > limit:
                 self.unfinished(buf, 0, end)
                 self.buf = bytearray(buf)
                 return None
@@ -213,7 +216,7 @@ class ClientConnection:
 
     def unfinished(self, buf: bytes | bytearray, old: int, end: int) -> None:
         """A head not complete yet: refuse it at once if it can never be good."""
-        if end != -1 or len(buf) > self.server.max_header_bytes:
+        if end != -1 or len(buf) > self.shared.snapshot.max_header_bytes:
             raise _Reject(431, "request line and headers exceed max_header_bytes")
         if bare_lf_end(buf, old):
             raise _Reject(400, "malformed request: bare LF line ends")
@@ -244,7 +247,7 @@ class ClientConnection:
             self.left = framing.length
         elif mode == CHUNKED:
             self.phase = BODY_CHUNKED
-            self.chunks = ChunkedReader(400, ex.snap.config.limits.max_body_bytes)
+            self.chunks = ChunkedReader(400, ex.snap.max_body_bytes)
         else:
             self.message_done()
             if ex.upgrade:
@@ -279,26 +282,40 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        self.registry.discard(self)
         if self.current is not None:
             self.current.client_lost()
         if self.tunnel is not None:
             self.tunnel.client_lost()
         for ex in self.queue:
-            ex.done = True
+            ex.cancel()
         self.queue.clear()
 
     def pause_writing(self) -> None:
         self.write_paused = time.monotonic()
         ex = self.tunnel or self.current
-        if ex is not None and ex.conn is not None and ex.conn.transport is not None:
-            ex.conn.transport.pause_reading()
+        if ex is not None:
+            ex.client_paused(True)
 
     def resume_writing(self) -> None:
         self.write_paused = 0.0
         ex = self.tunnel or self.current
-        if ex is not None and ex.conn is not None and ex.conn.transport is not None:
-            ex.conn.transport.resume_reading()
+        if ex is not None:
+            ex.client_paused(False)
+
+    # -- ClientSide: what its exchanges call ------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        send(self.transport, data)
+
+    def cut_off(self) -> None:
+        abort(self.transport)
+
+    def end_tunnel(self) -> None:
+        close(self.transport)
+
+    def peer_address(self) -> str:
+        return self.peer
 
     # -- exchanges --------------------------------------------------------------------
 
@@ -307,7 +324,7 @@ class ClientConnection:
             raise _Reject(405, "CONNECT is not supported")
         if target[:1] != b"/":
             target = _origin_form(method, target)
-        snap = self.server.runtime.snapshot
+        snap = self.shared.snapshot
         head = scan_request(block, snap.table.scanner, snap.table.wanted, http11)
         if http11 and head.host is None:
             raise _Reject(400, "missing Host header")
@@ -340,16 +357,17 @@ class ClientConnection:
             )
             decision = decide(view, snap.table)
         head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
-        keep_alive = keep_alive and not self.server.draining
+        keep_alive = keep_alive and not self.shared.draining
         return Exchange(
-            self, snap, decision, method, target, head_bytes, head, keep_alive, http11, upgrade
-        )
+            self, self.shared, self.tap, snap, decision, method, target, head_bytes, head,
+            keep_alive, http11, upgrade,
+        )  # fmt: skip
 
     def exchange_done(self, ex: Exchange) -> None:
         if ex is not self.current or self.tunnel is not None:
             return
         self.current = None
-        if ex.close_client or self.closed or self.server.draining or self.eof:
+        if ex.close_client or self.closed or self.shared.draining or self.eof:
             self.close()
             return
         self.idle_since = time.monotonic()
@@ -378,21 +396,21 @@ class ClientConnection:
     def bad_request(self, reject: _Reject) -> None:
         """Answer a request that cannot be parsed or forwarded, then close."""
         ex, self.last = self.last, None
-        if ex is not None and not ex.req_done:
-            reject.head_only = ex.is_head  # the rejected request is this one
+        if ex is not None and not ex.request_whole():
+            reject.head_only = ex.head_request  # the rejected request is this one
             if ex is self.current:
                 ex.fail(reject.status, None, reject.cause)  # aborts the upstream side
                 return
             if self.queue and self.queue[-1] is ex:
                 self.queue.pop()  # never forward a request that did not parse whole
-            ex.done = True
+            ex.cancel()
         if self.current is not None:
             self.reject = reject  # answer once the exchange in flight is over
             self.pause_reading(PAUSE_PIPELINE)
             return
         self.queue.clear()
-        self.recorder.rejected(reject.status)
-        expose = self.server.runtime.snapshot.config.expose_version
+        self.shared.recorder.rejected(reject.status)
+        expose = self.shared.snapshot.expose_version
         answer = error_response(reject.status, None, reject.cause, expose, reject.head_only)
         send(self.transport, answer)
         self.close()
@@ -432,22 +450,12 @@ class ClientConnection:
             elif now - self.seen_at > limits.client_body_timeout:
                 self.stop(_Reject(408, "request body stalled past client_body_timeout"))
                 return
-        self.upstream_overdue(now, limits.response_timeout)
-
-    def upstream_overdue(self, now: float, timeout: float) -> None:
-        """An upstream that stops sending mid-response is cut off after `timeout`."""
         ex = self.current
-        conn = ex.conn if ex is not None else None
-        if ex is None or conn is None or not ex.status or ex.done or ex.tunnel:
-            return
-        if conn.progress != self.up_seen or self.write_paused:
-            self.up_seen = conn.progress
-            self.up_seen_at = now
-        elif now - self.up_seen_at > timeout:
-            ex.upstream_failed("timeout", "upstream stalled mid-response", 504)
+        if ex is not None:
+            ex.stalled(now, limits.response_timeout, self.write_paused != 0.0)
 
     def closing(self) -> bool:
-        return self.closed or self.server.draining
+        return self.closed or self.shared.draining
 
     def close(self) -> None:
         """Close once what was queued has gone out, lingering as NGINX does.
@@ -471,7 +479,7 @@ class ClientConnection:
         if self.paused:
             self.paused = 0
             transport.resume_reading()
-        self.loop.call_later(LINGER, transport.close)
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue

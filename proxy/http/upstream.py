@@ -8,15 +8,17 @@ Rules:
 - An endpoint that refuses connections is skipped for a short back-off (see
   BACKOFF_FIRST); the next request after it is the probe.
 - Pools survive config reloads for endpoints that did not change.
-- Parser callbacks are forwarded to the attached exchange; flow control
-  (pause/resume_writing) is passed through to the client connection.
+- What a connection reads goes to the `ResponseSink` bound to it for one
+  exchange (declared here, implemented by the layers above: a primary exchange
+  or a shadow copy); a connection knows nothing else of them. Flow control
+  (pause/resume_writing) is reported to the sink.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, cast
+from typing import Protocol
 
 from ..config import Config, Endpoint
 from ..framing import (
@@ -27,16 +29,13 @@ from ..framing import (
     RESPONSE_HEAD,
     UNTIL_CLOSE,
     ChunkedReader,
+    Framing,
     FramingError,
     bare_lf_end,
     head_fault,
     response_framing,
 )
 from .outbox import abort, send
-
-if TYPE_CHECKING:
-    from ..forward import Exchange
-    from ..mirror import ShadowExchange
 
 # An endpoint that refused is skipped for a back-off that doubles with each refusal
 # in a row, from BACKOFF_FIRST to BACKOFF_MAX seconds; the first request after it
@@ -46,6 +45,54 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 0.25
 MAX_IDLE = 512  # idle connections kept per endpoint
 MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection delivers one response to, in this order:
+    interim heads, then `whole_response` or `response_head`, body pieces and
+    `response_complete`; after any read that delivered something, `read_done`.
+
+    An implementer inherits this class explicitly (mypyc compiles it as a trait,
+    so the calls are native). The sink may detach from the connection (close it,
+    give it back to its pool) inside any call; the connection then stops
+    delivering to it.
+    """
+
+    def whole_response(self, data: bytes, end: int) -> bool:
+        """A response read whole in one piece (`end`: where its head ends). True when
+        the sink took it; False, having changed nothing, sends it through the parser."""
+        ...
+
+    def response_head(self, status: int, head: bytes, keep_alive: bool, framing: Framing) -> None:
+        """A head (interim when `status` < 200 and not 101); `head` ends with CRLF."""
+        ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_complete(self) -> None: ...
+
+    def read_done(self) -> None:
+        """The end of one read of the connection: what was held for it may go out."""
+        ...
+
+    def upgraded(self, rest: bytes) -> None:
+        """The upstream switched protocols; `rest`: the bytes after the 101 head."""
+        ...
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Bytes from the upstream after a switch of protocols."""
+        ...
+
+    def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None: ...
+
+    def upstream_lost(self, silent: bool = False, until_close: bool = False) -> None:
+        """The connection closed under the sink (`silent`: before one byte of a response;
+        `until_close`: the response's framing ends with the close)."""
+        ...
+
+    def upstream_paused(self, paused: bool) -> None:
+        """The connection's send buffer filled (True) or drained (False)."""
+        ...
 
 
 class UpstreamConnection:
@@ -59,13 +106,13 @@ class UpstreamConnection:
 
     __slots__ = (
         "pool", "transport", "exchange", "closed", "idle_since", "head_buf", "want_head",
-        "mode", "left", "chunks", "spoiled", "progress",
+        "mode", "left", "chunks", "spoiled", "progress", "head_request", "tunnel",
     )  # fmt: skip
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | ShadowExchange | None = None
+        self.exchange: ResponseSink | None = None
         self.closed = False
         self.idle_since = 0.0
         self.head_buf = bytearray()  # a response head still being received, over reads
@@ -75,6 +122,8 @@ class UpstreamConnection:
         self.chunks: ChunkedReader | None = None
         self.spoiled = False  # bytes arrived past a response's end: never reuse
         self.progress = 0  # reads so far; the server's sweep watches it for stalls
+        self.head_request = False  # the request in flight is a HEAD: no body follows
+        self.tunnel = False  # the upstream switched protocols: bytes pass through as they are
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -87,8 +136,8 @@ class UpstreamConnection:
             self.close()
             return
         self.progress += 1
-        if ex.tunnel:  # only a primary exchange tunnels
-            send(cast("Exchange", ex).client.transport, data)
+        if self.tunnel:
+            ex.tunnel_data(data)
             return
         if self.want_head and not self.head_buf:
             end = data.find(b"\r\n\r\n")
@@ -100,10 +149,10 @@ class UpstreamConnection:
             if self.exchange is ex:
                 ex.upstream_failed("protocol", f"malformed upstream response: {exc.cause}")
             return
-        if ex.resp_pending is not None and self.exchange is ex:
-            ex.flush_response_head()
+        if self.exchange is ex:
+            ex.read_done()
 
-    def read(self, ex: Exchange | ShadowExchange, data: bytes) -> None:
+    def read(self, ex: ResponseSink, data: bytes) -> None:
         """Consume `data` for `ex`: heads, then the body as its framing says."""
         while data:
             if self.want_head:
@@ -134,7 +183,7 @@ class UpstreamConnection:
                 ex.response_body(data)
                 return
 
-    def read_head(self, ex: Exchange | ShadowExchange, data: bytes) -> bytes | None:
+    def read_head(self, ex: ResponseSink, data: bytes) -> bytes | None:
         """Gather and judge one response head; the bytes after it, or None when done."""
         pending = self.head_buf
         old = len(pending)
@@ -166,9 +215,10 @@ class UpstreamConnection:
             self.want_head = False
             ex.response_head(status, head, False, PLAIN)
             if self.exchange is ex:
+                self.tunnel = True
                 ex.upgraded(rest)
             return None
-        framing = response_framing(m.group(3) + b"\r\n", status, ex.method == b"HEAD")
+        framing = response_framing(m.group(3) + b"\r\n", status, self.head_request)
         keep_alive = framing.keep_alive(m.group(1) == b"1")
         self.want_head = False
         self.mode = framing.mode
@@ -183,11 +233,9 @@ class UpstreamConnection:
             return None
         return rest
 
-    def body_ended(self, ex: Exchange | ShadowExchange, rest: bytes) -> None:
+    def body_ended(self, ex: ResponseSink, rest: bytes) -> None:
         if rest:
             self.spoiled = True  # more than the framing said: the next reader would desync
-        if ex.resp_pending is not None:
-            ex.flush_response_head()
         ex.response_complete()
 
     def eof_received(self) -> bool:
@@ -212,7 +260,21 @@ class UpstreamConnection:
         if ex is not None:
             ex.upstream_paused(False)
 
-    # -- helpers ------------------------------------------------------------------
+    # -- for the sink ---------------------------------------------------------------
+
+    def bind(self, sink: ResponseSink, head_request: bool) -> None:
+        """Deliver what this connection reads to `sink`, for one request."""
+        self.exchange = sink
+        self.head_request = head_request
+
+    def pause_reading(self) -> None:
+        """The client stopped reading: stop reading the upstream (TCP pushes back)."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def send(self, data: bytes) -> None:
         send(self.transport, data)  # type: ignore[arg-type]
@@ -245,13 +307,39 @@ class UpstreamConnection:
         self.chunks = None
 
 
+class Dialer(Protocol):
+    """How a pool opens a new connection to its endpoint."""
+
+    async def dial(self, pool: Pool, timeout: float) -> UpstreamConnection:
+        """A connected UpstreamConnection of `pool`; TimeoutError or OSError when none."""
+        ...
+
+
+class TcpDialer(Dialer):
+    """Plain TCP through the running event loop."""
+
+    async def dial(self, pool: Pool, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        ep = pool.endpoint
+        _, conn = await asyncio.wait_for(
+            # a Protocol by its methods, not by its base class (see the class)
+            loop.create_connection(lambda: UpstreamConnection(pool), ep.host, ep.port),  # type: ignore[type-var]
+            timeout,
+        )
+        return conn
+
+
+TCP = TcpDialer()
+
+
 class Pool:
     """Idle connections to one endpoint, and how to dial a new one."""
 
-    __slots__ = ("endpoint", "idle", "down_until", "retired", "refusals")
+    __slots__ = ("endpoint", "idle", "down_until", "retired", "refusals", "dialer")
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, dialer: Dialer = TCP) -> None:
         self.endpoint = endpoint
+        self.dialer = dialer
         self.idle: list[UpstreamConnection] = []
         self.down_until = 0.0
         self.retired = False
@@ -275,13 +363,7 @@ class Pool:
         self.idle.append(conn)
 
     async def connect(self, timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        ep = self.endpoint
-        _, conn = await asyncio.wait_for(
-            # a Protocol by its methods, not by its base class (see the class)
-            loop.create_connection(lambda: UpstreamConnection(self), ep.host, ep.port),  # type: ignore[type-var]
-            timeout,
-        )
+        conn = await self.dialer.dial(self, timeout)
         self.refusals = 0
         self.down_until = 0.0
         return conn
@@ -340,14 +422,16 @@ class VersionPools:
 class Upstreams:
     """All pools of one config; built anew on reload, reusing unchanged endpoints."""
 
-    def __init__(self, config: Config, previous: Upstreams | None = None) -> None:
+    def __init__(
+        self, config: Config, previous: Upstreams | None = None, dialer: Dialer = TCP
+    ) -> None:
         old = previous.by_endpoint if previous else {}
         self.by_endpoint: dict[str, Pool] = {}
         self.versions: dict[str, VersionPools] = {}
         for name, version in config.versions.items():
             pools = []
             for ep in version.endpoints:
-                pool = self.by_endpoint.get(ep.key) or old.get(ep.key) or Pool(ep)
+                pool = self.by_endpoint.get(ep.key) or old.get(ep.key) or Pool(ep, dialer)
                 self.by_endpoint[ep.key] = pool
                 pools.append(pool)
             self.versions[name] = VersionPools(name, pools)
