@@ -1,9 +1,12 @@
-"""The config file: YAML in, frozen dataclasses out (the dataclasses: `model`).
+"""The config file: YAML in, frozen dataclasses out.
+
+The dataclasses are in `model`; the YAML walking, the problems and the limits on
+the file in `walker` (unknown keys are errors there: a typo must never pass
+silently).
 
 Rules:
 - `load(path)` returns a `Config` or raises `ConfigError` carrying *every* problem
   found, each with its dotted key path and the line it sits on.
-- Unknown keys are errors: a typo must never pass silently.
 - Durations are seconds (float) once loaded; sizes are bytes (int).
 - Relative paths (`state_file`, cohort `file`) are resolved against the config
   file's folder.
@@ -36,18 +39,13 @@ Rules:
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import os
 import re
-import stat
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ..guard import Policy
@@ -73,83 +71,61 @@ from .model import (
     Token,
     Version,
 )
+from .walker import (
+    BAD,
+    MAX_DEPTH,
+    NULL_TAG,
+    ConfigError,
+    Ctx,
+    Parser,
+    Problem,
+    child,
+    compose,
+    did_you_mean,
+    digest,
+    file_digest,
+    got,
+    join,
+    parse_fields,
+    parse_list,
+    read_limited,
+    render_problems,
+    unreadable,
+)
 
-# ------------------------------------------------------------------------ problems
+__all__ = [  # the public API; everything else in the package is its own business
+    "COMPARED_BY_DEFAULT",
+    "MAX_COHORT_BYTES",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "NEVER_COMPARED",
+    "NEVER_COMPARED_PREFIX",
+    "SECTIONS",
+    "VIEWER",
+    "Admin",
+    "Compare",
+    "Config",
+    "ConfigError",
+    "Endpoint",
+    "Limits",
+    "Match",
+    "Mirror",
+    "Problem",
+    "RolloutConfig",
+    "Routing",
+    "Rule",
+    "Step",
+    "Sticky",
+    "Token",
+    "Version",
+    "digest",
+    "file_digest",
+    "load",
+    "parse",
+    "render_problems",
+]
 
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    path: str  # dotted key path, e.g. "routing.rules[0].to"; "" for the file itself
-    message: str
-    line: int | None = None  # 1-based
-
-    def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        return where + self.message + (f" (line {self.line})" if self.line else "")
-
-
-class ConfigError(Exception):
-    """An unusable config file; `.problems` holds every problem found, in line order."""
-
-    def __init__(
-        self,
-        problems: list[Problem],
-        source: str | None = None,
-        sources: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__("\n".join(map(str, problems)))
-        self.problems = list(problems)
-        self.source = source  # the config file's path, when known
-        self.sources = dict(sources or {})  # what the failed load read: see Config.sources
-
-
-def render_problems(err: ConfigError) -> str:
-    """A heading naming the file and the count, then one indented problem a line."""
-    n = len(err.problems)
-    head = f"{err.source or 'config'}: {n} problem{'' if n == 1 else 's'}"
-    return "\n".join([head, *(f"  {p}" for p in err.problems)])
-
-
-# ---------------------------------------------------------------------- entry points
-
-
-MAX_DEPTH = 64  # YAML nesting; the schema itself needs fewer than 10 levels
-
-
-def digest(data: bytes) -> str:
-    """What `Config.sources` holds for a file whose bytes were `data`."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_limited(path: str, limit: int) -> bytes:
-    """The file's bytes; OSError when it cannot be read, ValueError when over `limit`
-    or not a regular file (a FIFO would block the reload for good, /dev/zero never end)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        f = open(fd, "rb")  # noqa: SIM115 -- closed below; the fd is closed here on failure
-    except BaseException:
-        os.close(fd)
-        raise
-    with f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        shown = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} byte"
-        raise ValueError(f"larger than the {shown} limit")
-    return data
-
-
-def file_digest(path: str, limit: int) -> str:
-    """The digest `load` would record for `path` now, read the same way."""
-    try:
-        return digest(read_limited(path, limit))
-    except (OSError, ValueError) as e:
-        return _unreadable(e)
-
-
-def _unreadable(e: Exception) -> str:
-    return f"unreadable: {e.strerror if isinstance(e, OSError) else e}"
+# ----------------------------------------------------------------------- entry points
 
 
 def load(path: str) -> Config:
@@ -170,7 +146,7 @@ def _load(path: str, sources: dict[str, str]) -> Config:
     try:
         data = read_limited(path, MAX_CONFIG_BYTES)
     except (OSError, ValueError) as e:
-        sources[path] = _unreadable(e)
+        sources[path] = unreadable(e)
         why = e.strerror if isinstance(e, OSError) else e
         raise ConfigError([Problem("", f"cannot read config file {path}: {why}")], path) from e
     sources[path] = digest(data)
@@ -189,11 +165,11 @@ def parse(text: str, path: str, sources: dict[str, str] | None = None) -> Config
     """
     path = os.path.abspath(path)
     sources = {} if sources is None else sources
-    root = _compose(text, path, sources)
+    root = compose(text, path, sources)
     if root is None:
         empty = Problem("", "the file is empty: versions, stable and canary are required")
         raise ConfigError([empty], path, sources)
-    ctx = _Ctx(os.path.dirname(path), sources)
+    ctx = Ctx(os.path.dirname(path), sources)
     kw = _config(ctx, root)
     if ctx.problems:
         raise ConfigError(sorted(ctx.problems, key=lambda p: p.line or 0), path, sources)
@@ -201,207 +177,30 @@ def parse(text: str, path: str, sources: dict[str, str] | None = None) -> Config
     return Config(path=path, warnings=warnings, sources=MappingProxyType(sources), **kw)
 
 
-def _compose(text: str, path: str, sources: dict[str, str]) -> Node | None:
-    """The YAML node tree, or ConfigError (syntax, or nesting over MAX_DEPTH)."""
-    try:
-        return yaml.compose(text, Loader=_Loader)
-    except _TooDeep as e:
-        why = f"nested deeper than the limit of {MAX_DEPTH} levels"
-        raise ConfigError([Problem(e.path, why, e.line)], path, sources) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        why = getattr(e, "problem", None) or str(e)
-        problem = Problem("", f"invalid YAML: {why}", mark.line + 1 if mark else None)
-        raise ConfigError([problem], path, sources) from e
+# ------------------------------------------------------------------------- names
 
-
-class _TooDeep(Exception):
-    def __init__(self, path: str, line: int) -> None:
-        self.path = path
-        self.line = line
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose composer refuses to nest deeper than MAX_DEPTH.
-
-    The composer recurses once per level: unchecked, a few thousand `[` exhaust
-    Python's stack (RecursionError). The key path is kept for the message.
-    """
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.trail: list[str] = []
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        if len(self.trail) >= MAX_DEPTH:  # this node would be level MAX_DEPTH + 1
-            raise _TooDeep(_trail_path(self.trail), self.peek_event().start_mark.line + 1)
-        if isinstance(index, ScalarNode):
-            self.trail.append(f".{index.value}")  # a mapping's value: its key
-        else:
-            self.trail.append(f"[{index}]" if isinstance(index, int) else "")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.trail.pop()
-
-
-def _trail_path(trail: list[str], shown: int = 8) -> str:
-    """The key path of a too-deep node: its first `shown` levels, then an ellipsis."""
-    text = "".join(trail[:shown]).lstrip(".")
-    return text + "…" if len(trail) > shown else text
-
-
-# -------------------------------------------------------------------------- walker
-
-Parser = Callable[["_Ctx", Node, str], Any]  # (ctx, node, key path) -> value or _BAD
-_BAD: Any = object()  # "invalid, and the problem is already recorded"
-_NULL, _STR = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header names, methods
 _VERSION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")  # rules and cohorts
 
 
-def _line(node: Node) -> int:
-    return node.start_mark.line + 1
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _got(node: Node) -> str:
-    """A value as shown in messages: `150`, `'fast'`, `null`, `a list`."""
-    if not isinstance(node, ScalarNode):
-        return "a mapping" if isinstance(node, MappingNode) else "a list"
-    if node.tag == _NULL:
-        return "null"
-    value = node.value
-    if len(value) > _SHOWN:  # a message quotes a value, never a whole runaway line
-        return f"{value[:_SHOWN]!r}… ({len(value)} characters)"
-    return repr(value) if node.tag == _STR else value
-
-
-_SHOWN = 80
-
-
-def _hint(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _child(node: Node, key: str) -> Node | None:
-    """The value node under `key` of a mapping node, if there is one."""
-    if isinstance(node, MappingNode):
-        for knode, vnode in node.value:
-            if isinstance(knode, ScalarNode) and knode.value == key:
-                return vnode
-    return None
-
-
-class _Ctx:
-    """What one parse accumulates: problems, warnings, and what cross-checks need."""
-
-    def __init__(self, base_dir: str, sources: dict[str, str] | None = None) -> None:
-        self.base_dir = base_dir
-        self.sources = {} if sources is None else sources  # file -> digest of what was read
-        self.problems: list[Problem] = []
-        self.warnings: list[Problem] = []  # `turnout check` prints these
-        self.cohort_refs: list[tuple[str, Node, str]] = []  # (path, node, cohort name)
-        self.approve_refs: list[tuple[str, Node, str]] = []  # (path, node, role)
-        self.secrets: dict[str, str] = {}  # admin token value -> the token's name
-        self.environ: Mapping[str, str] = os.environ
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    def error(self, path: str, node: Node | None, message: str) -> Any:
-        self.problems.append(Problem(path, message, _line(node) if node is not None else None))
-        return _BAD
-
-    def warn(self, path: str, node: Node, message: str) -> None:
-        self.warnings.append(Problem(path, message, _line(node)))
-
-    def value(self, node: Node) -> Any:
-        """The Python value of a scalar node; _BAD for mappings, lists and bad tags."""
-        if not isinstance(node, ScalarNode):
-            return _BAD
-        try:
-            return self._constructor.construct_object(node)
-        except Exception:  # noqa: BLE001 -- YAMLError, or ValueError: 2024-02-30, a 5000-digit int
-            return _BAD
-
-    def entries(self, node: Node, path: str) -> list[tuple[str, Node, Node]] | None:
-        """(key, key node, value node) of a mapping, duplicates dropped; None if no mapping."""
-        if not isinstance(node, MappingNode):
-            self.error(path, node, f"must be a mapping, got {_got(node)}")
-            return None
-        seen: dict[str, int] = {}
-        out: list[tuple[str, Node, Node]] = []
-        for knode, vnode in node.value:
-            if not isinstance(knode, ScalarNode):
-                self.error(path, knode, f"keys must be strings, got {_got(knode)}")
-            elif knode.value in seen:
-                message = f"duplicate key (first on line {seen[knode.value]})"
-                self.error(_join(path, knode.value), knode, message)
-            else:
-                seen[knode.value] = _line(knode)
-                out.append((knode.value, knode, vnode))
-        return out
-
-
-def _fields(
-    ctx: _Ctx, node: Node, path: str, table: Mapping[str, Parser], required: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Parse a mapping whose keys are those of `table`; return the valid values by key."""
-    entries = ctx.entries(node, path)
-    if entries is None:
-        return {}
-    out: dict[str, Any] = {}
-    for key, knode, vnode in entries:
-        if key not in table:
-            ctx.error(_join(path, key), knode, f"unknown key{_hint(key, table)}")
-        elif (value := table[key](ctx, vnode, _join(path, key))) is not _BAD:
-            out[key] = value
-    present = {key for key, _, _ in entries}
-    for key in (key for key in required if key not in present):
-        ctx.error(_join(path, key), node, "is required")
-    return out
-
-
-def _list(
-    ctx: _Ctx, node: Node, path: str, item: Parser, what: str, key: Callable | None = None
-) -> Any:
-    """A non-empty list of `item`s (the valid ones); `key(value)` says what must be unique."""
-    if not isinstance(node, SequenceNode) or not node.value:
-        return ctx.error(path, node, f"must be a non-empty list of {what}, got {_got(node)}")
-    out: list[Any] = []
-    first: dict[Any, int] = {}
-    for i, sub in enumerate(node.value):
-        if (value := item(ctx, sub, f"{path}[{i}]")) is _BAD:
-            continue
-        out.append(value)
-        if key and (k := key(value)) in first:
-            ctx.error(f"{path}[{i}]", sub, f"duplicate {k} (first on line {first[k]})")
-        elif key:
-            first[k] = _line(sub)
-    return out
-
-
 # ---------------------------------------------------------------- scalar parsers
 
 
-def _text(ctx: _Ctx, node: Node, path: str, empty: bool = False) -> Any:
+def _text(ctx: Ctx, node: Node, path: str, empty: bool = False) -> Any:
     """A string as written; plain numbers and booleans count (`release: 2.10` is '2.10')."""
-    if not isinstance(node, ScalarNode) or node.tag == _NULL:
-        return ctx.error(path, node, f"must be a string, got {_got(node)}")
+    if not isinstance(node, ScalarNode) or node.tag == NULL_TAG:
+        return ctx.error(path, node, f"must be a string, got {got(node)}")
     if not node.value and not empty:
         return ctx.error(path, node, "must not be empty")
     return node.value
 
 
 def _named(pattern: re.Pattern[str], what: str) -> Parser:
-    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> Any:
         text = _text(ctx, node, path)
-        if text is not _BAD and not pattern.fullmatch(text):
-            return ctx.error(path, node, f"must be {what} ({pattern.pattern}), got {_got(node)}")
+        if text is not BAD and not pattern.fullmatch(text):
+            return ctx.error(path, node, f"must be {what} ({pattern.pattern}), got {got(node)}")
         return text
 
     return parse
@@ -410,37 +209,37 @@ def _named(pattern: re.Pattern[str], what: str) -> Parser:
 def _choice(*options: str) -> Parser:
     shown = ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"
 
-    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> Any:
         if ctx.value(node) not in options:
-            return ctx.error(path, node, f"must be {shown}, got {_got(node)}")
+            return ctx.error(path, node, f"must be {shown}, got {got(node)}")
         return node.value
 
     return parse
 
 
-def _bool(ctx: _Ctx, node: Node, path: str) -> Any:
+def _bool(ctx: Ctx, node: Node, path: str) -> Any:
     if not isinstance(value := ctx.value(node), bool):
-        return ctx.error(path, node, f"must be true or false, got {_got(node)}")
+        return ctx.error(path, node, f"must be true or false, got {got(node)}")
     return value
 
 
-def _path(ctx: _Ctx, node: Node, path: str) -> Any:
+def _path(ctx: Ctx, node: Node, path: str) -> Any:
     text = _text(ctx, node, path)
-    return text if text is _BAD else os.path.normpath(os.path.join(ctx.base_dir, text))
+    return text if text is BAD else os.path.normpath(os.path.join(ctx.base_dir, text))
 
 
 _HOSTPORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]/]*)):(\d{1,5})")
 
 
-def _hostport(ctx: _Ctx, node: Node, path: str) -> Any:
+def _hostport(ctx: Ctx, node: Node, path: str) -> Any:
     """'HOST:PORT', '[::1]:PORT' or ':PORT' (all interfaces) -> (host, port)."""
     text = _text(ctx, node, path)
-    if text is _BAD:
-        return _BAD
+    if text is BAD:
+        return BAD
     m = _HOSTPORT.fullmatch(text)
     if not m or int(m[3]) > 65535:
         like = "HOST:PORT like 127.0.0.1:8080, [::1]:8080 or :8080"
-        return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+        return ctx.error(path, node, f"must be {like}, got {got(node)}")
     return (m[1] or m[2] or "0.0.0.0", int(m[3]))
 
 
@@ -448,15 +247,15 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
-def _duration(ctx: _Ctx, node: Node, path: str) -> Any:
+def _duration(ctx: Ctx, node: Node, path: str) -> Any:
     """'500ms', '2s', '1.5m', or a bare number of seconds -> seconds (float, > 0)."""
     value = ctx.value(node)
     if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
         value = float(m[1]) * _DURATION_UNITS[m[2]]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return ctx.error(path, node, f"must be a duration like 500ms, 2s or 1m, got {_got(node)}")
+        return ctx.error(path, node, f"must be a duration like 500ms, 2s or 1m, got {got(node)}")
     if not 0 < value < float("inf"):
-        return ctx.error(path, node, f"must be a duration greater than 0, got {_got(node)}")
+        return ctx.error(path, node, f"must be a duration greater than 0, got {got(node)}")
     return float(value)
 
 
@@ -467,15 +266,15 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 def _size(low: int, high: int, bounds: str) -> Parser:
     """Bytes: an integer, or a number with B, KiB, MiB or GiB (binary units only)."""
 
-    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> Any:
         value = ctx.value(node)
         if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
             value = int(float(m[1]) * _SIZE_UNITS[m[2]])
         if type(value) is not int:
             like = "a size like 16384, 64KiB or 100MiB (units B, KiB, MiB, GiB; not KB/MB/GB)"
-            return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+            return ctx.error(path, node, f"must be {like}, got {got(node)}")
         if not low <= value <= high:
-            return ctx.error(path, node, f"must be {bounds}, got {_got(node)}")
+            return ctx.error(path, node, f"must be {bounds}, got {got(node)}")
         return value
 
     return parse
@@ -484,18 +283,18 @@ def _size(low: int, high: int, bounds: str) -> Parser:
 # ----------------------------------------------------------------------- top level
 
 
-def _config(ctx: _Ctx, root: Node) -> dict[str, Any]:
+def _config(ctx: Ctx, root: Node) -> dict[str, Any]:
     """Config keyword arguments from the document's root node."""
     kw: dict[str, Any] = {"state_file": os.path.join(ctx.base_dir, "turnout-state.json")}
-    for part in _fields(ctx, root, "", SECTIONS, ("versions", "stable", "canary")).values():
+    for part in parse_fields(ctx, root, "", SECTIONS, ("versions", "stable", "canary")).values():
         kw.update(part)
     versions, stable, canary = kw.get("versions"), kw.get("stable"), kw.get("canary")
     for role, name in (("stable", stable), ("canary", canary)):
         if name is not None and versions is not None and name not in versions:
-            hint = _hint(name, versions)
-            ctx.error(role, _child(root, role), f"no version named {name!r} in versions{hint}")
+            hint = did_you_mean(name, versions)
+            ctx.error(role, child(root, role), f"no version named {name!r} in versions{hint}")
     if stable is not None and stable == canary:
-        ctx.error("canary", _child(root, "canary"), f"must differ from stable ({stable!r})")
+        ctx.error("canary", child(root, "canary"), f"must differ from stable ({stable!r})")
     sticky = kw.get("routing", Routing()).sticky
     if sticky is not None and not sticky.group and canary is not None:
         kw["routing"] = replace(kw["routing"], sticky=replace(sticky, group=canary))
@@ -504,28 +303,28 @@ def _config(ctx: _Ctx, root: Node) -> dict[str, Any]:
     return kw
 
 
-def _check_cohort_refs(ctx: _Ctx, root: Node) -> None:
+def _check_cohort_refs(ctx: Ctx, root: Node) -> None:
     """Every cohort a rule or a rollout ring names must be in routing.cohorts, and a
     sticky key must exist to compare it with (sections may come in any order)."""
-    routing = _child(root, "routing")
-    listed = _child(routing, "cohorts") if routing is not None else None
+    routing = child(root, "routing")
+    listed = child(routing, "cohorts") if routing is not None else None
     keys = listed.value if isinstance(listed, MappingNode) else []
     names = {k.value for k, _ in keys if isinstance(k, ScalarNode)}
     for ref_path, ref_node, name in ctx.cohort_refs:
         if name not in names:
-            hint = _hint(name, names)
+            hint = did_you_mean(name, names)
             ctx.error(ref_path, ref_node, f"no cohort named {name!r} in routing.cohorts{hint}")
-        elif routing is None or _child(routing, "sticky") is None:
+        elif routing is None or child(routing, "sticky") is None:
             why = "cohorts are compared with the sticky key"
             ctx.error(ref_path, ref_node, f"needs routing.sticky.key ({why})")
 
 
-def _check_rollout(ctx: _Ctx, root: Node, admin: Admin) -> None:
+def _check_rollout(ctx: Ctx, root: Node, admin: Admin) -> None:
     """Warn about what a rollout section makes pointless or unreachable."""
-    if _child(root, "rollout") is None:
+    if child(root, "rollout") is None:
         return
-    routing = _child(root, "routing")
-    if routing is not None and (weight := _child(routing, "weight")) is not None:
+    routing = child(root, "routing")
+    if routing is not None and (weight := child(routing, "weight")) is not None:
         ctx.warn("routing.weight", weight, "ignored because rollout owns the weight")
     held = {role for token in admin.tokens for role in token.roles}
     for path, node, role in ctx.approve_refs if admin.tokens else ():
@@ -537,16 +336,16 @@ def _check_rollout(ctx: _Ctx, root: Node, admin: Admin) -> None:
 def _as(*names: str, parse: Parser) -> Parser:
     """A top-level parser: `parse`'s value (a tuple when several) as Config keyword arguments."""
 
-    def section(ctx: _Ctx, node: Node, path: str) -> Any:
+    def section(ctx: Ctx, node: Node, path: str) -> Any:
         value = parse(ctx, node, path)
         values = value if len(names) > 1 else (value,)
-        return value if value is _BAD else dict(zip(names, values, strict=True))
+        return value if value is BAD else dict(zip(names, values, strict=True))
 
     return section
 
 
-def _admin(ctx: _Ctx, node: Node, path: str) -> Admin:
-    fields = _fields(ctx, node, path, ADMIN_FIELDS)
+def _admin(ctx: Ctx, node: Node, path: str) -> Admin:
+    fields = parse_fields(ctx, node, path, ADMIN_FIELDS)
     tokens = tuple(fields.get("tokens", ()))
     if "listen" not in fields:
         return Admin(tokens=tokens)
@@ -554,31 +353,32 @@ def _admin(ctx: _Ctx, node: Node, path: str) -> Admin:
     return Admin(host, port, tokens)
 
 
-def _limits(ctx: _Ctx, node: Node, path: str) -> Limits:
-    return Limits(**_fields(ctx, node, path, LIMITS_FIELDS))
+def _limits(ctx: Ctx, node: Node, path: str) -> Limits:
+    return Limits(**parse_fields(ctx, node, path, LIMITS_FIELDS))
 
 
-def _versions(ctx: _Ctx, node: Node, path: str) -> Any:
+def _versions(ctx: Ctx, node: Node, path: str) -> Any:
     out: dict[str, Version] = {}
     for name, knode, vnode in ctx.entries(node, path) or ():
-        sub = _join(path, name)
+        sub = join(path, name)
         if not _VERSION_NAME.fullmatch(name):
             ctx.error(sub, knode, f"version names must match {_VERSION_NAME.pattern}")
-        fields = _fields(ctx, vnode, sub, VERSION_FIELDS, ("endpoints",))
+        fields = parse_fields(ctx, vnode, sub, VERSION_FIELDS, ("endpoints",))
         out[name] = Version(name, tuple(fields.get("endpoints", ())), fields.get("release"))
     if isinstance(node, MappingNode) and not node.value:
         ctx.error(path, node, "must name at least one version")
     return MappingProxyType(out)
 
 
-def _endpoints(ctx: _Ctx, node: Node, path: str) -> Any:
-    return _list(ctx, node, path, _endpoint, "http://HOST:PORT URLs", lambda e: f"endpoint {e.key}")
+def _endpoints(ctx: Ctx, node: Node, path: str) -> Any:
+    what = "http://HOST:PORT URLs"
+    return parse_list(ctx, node, path, _endpoint, what, lambda e: f"endpoint {e.key}")
 
 
-def _endpoint(ctx: _Ctx, node: Node, path: str) -> Any:
+def _endpoint(ctx: Ctx, node: Node, path: str) -> Any:
     url = _text(ctx, node, path)
-    if url is _BAD:
-        return _BAD
+    if url is BAD:
+        return BAD
     hostport = _split_url(url)
     if isinstance(hostport, str):
         like = "a URL like http://127.0.0.1:9001"
@@ -609,24 +409,24 @@ def _split_url(url: str) -> tuple[str, int] | str:
 # ------------------------------------------------------------------------- routing
 
 
-def _routing(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, ROUTING_FIELDS)
+def _routing(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, ROUTING_FIELDS)
     cohorts, files = fields.get("cohorts", ({}, ()))
     rules, sticky = tuple(fields.get("rules", ())), fields.get("sticky")
     cohort_map = MappingProxyType(cohorts)
     return Routing(fields.get("weight", 0), sticky, rules, cohort_map, files)
 
 
-def _weight(ctx: _Ctx, node: Node, path: str) -> Any:
+def _weight(ctx: Ctx, node: Node, path: str) -> Any:
     if type(value := ctx.value(node)) is not int or not 0 <= value <= 100:
-        return ctx.error(path, node, f"must be an integer 0..100, got {_got(node)}")
+        return ctx.error(path, node, f"must be an integer 0..100, got {got(node)}")
     return value
 
 
-def _sticky(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, STICKY_FIELDS, ("key",))
+def _sticky(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, STICKY_FIELDS, ("key",))
     if "key" not in fields:
-        return _BAD
+        return BAD
     group, anonymous = fields.get("group", ""), fields.get("anonymous", "random")
     kind, name = fields["key"]
     return Sticky(kind, name, group, anonymous)  # group "" = the canary's name
@@ -635,31 +435,31 @@ def _sticky(ctx: _Ctx, node: Node, path: str) -> Any:
 _QUERY_NAME = re.compile(r"[^\s&=#]+")
 
 
-def _sticky_key(ctx: _Ctx, node: Node, path: str) -> Any:
+def _sticky_key(ctx: Ctx, node: Node, path: str) -> Any:
     """'header:NAME' | 'cookie:NAME' | 'query:NAME' | 'ip' -> (kind, name)."""
-    if (text := _text(ctx, node, path)) is _BAD:
-        return _BAD
+    if (text := _text(ctx, node, path)) is BAD:
+        return BAD
     kind, _, name = text.partition(":")
     if text == "ip":
         return ("ip", "")
     if (_QUERY_NAME if kind == "query" else _TOKEN).fullmatch(name) and kind in STICKY_KINDS:
         return (kind, name)
     like = "header:NAME, cookie:NAME, query:NAME or ip"
-    return ctx.error(path, node, f"must be {like}, got {_got(node)}")
+    return ctx.error(path, node, f"must be {like}, got {got(node)}")
 
 
-def _rules(ctx: _Ctx, node: Node, path: str) -> Any:
-    return _list(ctx, node, path, _rule, "rules", lambda r: f"rule name {r.name!r}")
+def _rules(ctx: Ctx, node: Node, path: str) -> Any:
+    return parse_list(ctx, node, path, _rule, "rules", lambda r: f"rule name {r.name!r}")
 
 
-def _rule(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, RULE_FIELDS, ("name", "match", "to"))
-    return Rule(**fields) if len(fields) == 3 else _BAD
+def _rule(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, RULE_FIELDS, ("name", "match", "to"))
+    return Rule(**fields) if len(fields) == 3 else BAD
 
 
-def _match(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, MATCH_FIELDS)
-    if isinstance(node, MappingNode) and not any(_child(node, k) for k in MATCH_FIELDS):
+def _match(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, MATCH_FIELDS)
+    if isinstance(node, MappingNode) and not any(child(node, k) for k in MATCH_FIELDS):
         conditions = ", ".join(MATCH_FIELDS)
         return ctx.error(path, node, f"must have at least one condition ({conditions})")
     return Match(**fields)
@@ -668,12 +468,12 @@ def _match(ctx: _Ctx, node: Node, path: str) -> Any:
 def _pairs(lower: bool) -> Parser:
     """A mapping of header or cookie names to exact values -> ((name, value), ...)."""
 
-    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> Any:
         out = []
         for name, knode, vnode in ctx.entries(node, path) or ():
             if not _TOKEN.fullmatch(name):
-                ctx.error(_join(path, name), knode, f"names must match {_TOKEN.pattern}")
-            elif (value := _text(ctx, vnode, _join(path, name), empty=True)) is not _BAD:
+                ctx.error(join(path, name), knode, f"names must match {_TOKEN.pattern}")
+            elif (value := _text(ctx, vnode, join(path, name), empty=True)) is not BAD:
                 out.append((name.lower() if lower else name, value))
         if isinstance(node, MappingNode) and not node.value:
             return ctx.error(path, node, "must name at least one")
@@ -682,41 +482,41 @@ def _pairs(lower: bool) -> Parser:
     return parse
 
 
-def _cohort_ref(ctx: _Ctx, node: Node, path: str) -> Any:
-    if (name := _text(ctx, node, path)) is not _BAD:
+def _cohort_ref(ctx: Ctx, node: Node, path: str) -> Any:
+    if (name := _text(ctx, node, path)) is not BAD:
         ctx.cohort_refs.append((path, node, name))  # checked by _routing, once cohorts are known
     return name
 
 
-def _path_prefix(ctx: _Ctx, node: Node, path: str) -> Any:
+def _path_prefix(ctx: Ctx, node: Node, path: str) -> Any:
     prefix = _text(ctx, node, path)
-    if prefix is not _BAD and not prefix.startswith("/"):
-        return ctx.error(path, node, f"must start with '/', got {_got(node)}")
+    if prefix is not BAD and not prefix.startswith("/"):
+        return ctx.error(path, node, f"must start with '/', got {got(node)}")
     return prefix
 
 
-def _methods(ctx: _Ctx, node: Node, path: str) -> Any:
+def _methods(ctx: Ctx, node: Node, path: str) -> Any:
     """'POST' or [GET, HEAD] -> ('POST',) / ('GET', 'HEAD')."""
     if isinstance(node, SequenceNode):
-        found = _list(ctx, node, path, _method, "HTTP methods")
+        found = parse_list(ctx, node, path, _method, "HTTP methods")
     else:
         found = [_method(ctx, node, path)]
-    return _BAD if found is _BAD or _BAD in found else tuple(m.upper() for m in found)
+    return BAD if found is BAD or BAD in found else tuple(m.upper() for m in found)
 
 
 _method = _named(_TOKEN, "an HTTP method")
 
 
-def _cohorts(ctx: _Ctx, node: Node, path: str) -> Any:
+def _cohorts(ctx: Ctx, node: Node, path: str) -> Any:
     """name -> {keys, file} -> ({name: frozenset(keys)}, (absolute file, ...))."""
     cohorts: dict[str, frozenset[str]] = {}
     files: list[str] = []
     for name, knode, vnode in ctx.entries(node, path) or ():
-        sub = _join(path, name)
+        sub = join(path, name)
         if not _RULE_NAME.fullmatch(name):
             ctx.error(sub, knode, f"cohort names must match {_RULE_NAME.pattern}")
-        fields = _fields(ctx, vnode, sub, COHORT_FIELDS)
-        if isinstance(vnode, MappingNode) and not (_child(vnode, "keys") or _child(vnode, "file")):
+        fields = parse_fields(ctx, vnode, sub, COHORT_FIELDS)
+        if isinstance(vnode, MappingNode) and not (child(vnode, "keys") or child(vnode, "file")):
             ctx.error(sub, vnode, "must have keys, file or both")
         file, file_keys = fields.get("file", (None, ()))
         files += [file] if file else []
@@ -724,20 +524,20 @@ def _cohorts(ctx: _Ctx, node: Node, path: str) -> Any:
     return cohorts, tuple(files)
 
 
-def _cohort_keys(ctx: _Ctx, node: Node, path: str) -> Any:
+def _cohort_keys(ctx: Ctx, node: Node, path: str) -> Any:
     if isinstance(node, SequenceNode) and not node.value:
         return []  # an empty inline list is fine: the file may hold the keys
-    return _list(ctx, node, path, _text, "keys")
+    return parse_list(ctx, node, path, _text, "keys")
 
 
-def _cohort_file(ctx: _Ctx, node: Node, path: str) -> Any:
+def _cohort_file(ctx: Ctx, node: Node, path: str) -> Any:
     """(absolute path, keys): one key a line; blank lines and '#' lines are skipped."""
-    if (resolved := _path(ctx, node, path)) is _BAD:
-        return _BAD
+    if (resolved := _path(ctx, node, path)) is BAD:
+        return BAD
     try:
         data = read_limited(resolved, MAX_COHORT_BYTES)
     except (OSError, ValueError) as e:
-        ctx.sources[resolved] = _unreadable(e)
+        ctx.sources[resolved] = unreadable(e)
         why = e.strerror if isinstance(e, OSError) else e
         return ctx.error(path, node, f"cannot read cohort file {resolved}: {why}")
     ctx.sources[resolved] = digest(data)
@@ -755,18 +555,18 @@ _ROLE = re.compile(r"[a-z][a-z0-9_-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _tokens(ctx: _Ctx, node: Node, path: str) -> Any:
+def _tokens(ctx: Ctx, node: Node, path: str) -> Any:
     """A list of {name, token_env, roles}; names unique, secrets distinct."""
-    return _list(ctx, node, path, _token, "tokens", lambda t: f"token name {t.name!r}")
+    return parse_list(ctx, node, path, _token, "tokens", lambda t: f"token name {t.name!r}")
 
 
-def _token(ctx: _Ctx, node: Node, path: str) -> Any:
+def _token(ctx: Ctx, node: Node, path: str) -> Any:
     """One token; its secret is read from the environment now (unset: disabled, a warning)."""
-    fields = _fields(ctx, node, path, TOKEN_FIELDS, ("name", "token_env"))
+    fields = parse_fields(ctx, node, path, TOKEN_FIELDS, ("name", "token_env"))
     if "name" not in fields or "token_env" not in fields:
-        return _BAD
+        return BAD
     name, env = fields["name"], fields["token_env"]
-    env_node, env_path = _child(node, "token_env") or node, _join(path, "token_env")
+    env_node, env_path = child(node, "token_env") or node, join(path, "token_env")
     value = ctx.environ.get(env) or None
     if value is None:
         why = f"environment variable {env} is not set; token {name!r} is disabled"
@@ -779,10 +579,10 @@ def _token(ctx: _Ctx, node: Node, path: str) -> Any:
     return Token(name, env, frozenset({VIEWER, *fields.get("roles", ())}), value)
 
 
-def _roles(ctx: _Ctx, node: Node, path: str) -> Any:
+def _roles(ctx: Ctx, node: Node, path: str) -> Any:
     if isinstance(node, SequenceNode) and not node.value:
         return []  # no role beyond viewer
-    return _list(ctx, node, path, _role, "role names")
+    return parse_list(ctx, node, path, _role, "role names")
 
 
 _role = _named(_ROLE, "a role name")
@@ -791,8 +591,8 @@ _role = _named(_ROLE, "a role name")
 # -------------------------------------------------------------------------- guard
 
 
-def _guard(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, GUARD_FIELDS)
+def _guard(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, GUARD_FIELDS)
     try:
         return Policy(**fields)
     except (TypeError, ValueError) as e:  # the table's checks should have caught it
@@ -800,40 +600,40 @@ def _guard(ctx: _Ctx, node: Node, path: str) -> Any:
 
 
 def _int_at_least(low: int) -> Parser:
-    def parse(ctx: _Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> Any:
         if type(value := ctx.value(node)) is not int or value < low:
-            return ctx.error(path, node, f"must be an integer >= {low}, got {_got(node)}")
+            return ctx.error(path, node, f"must be an integer >= {low}, got {got(node)}")
         return value
 
     return parse
 
 
-def _number(ctx: _Ctx, node: Node, path: str) -> Any:
+def _number(ctx: Ctx, node: Node, path: str) -> Any:
     value = ctx.value(node)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        return _BAD
+        return BAD
     return float(value)
 
 
-def _rate(ctx: _Ctx, node: Node, path: str) -> Any:
+def _rate(ctx: Ctx, node: Node, path: str) -> Any:
     """A fraction strictly between 0 and 1 (0.02 is 2%)."""
-    if (value := _number(ctx, node, path)) is _BAD or not 0 < value < 1:
+    if (value := _number(ctx, node, path)) is BAD or not 0 < value < 1:
         return ctx.error(
-            path, node, f"must be a number between 0 and 1 (exclusive), got {_got(node)}"
+            path, node, f"must be a number between 0 and 1 (exclusive), got {got(node)}"
         )
     return value
 
 
-def _positive(ctx: _Ctx, node: Node, path: str) -> Any:
-    if (value := _number(ctx, node, path)) is _BAD or not 0 < value < float("inf"):
-        return ctx.error(path, node, f"must be a number greater than 0, got {_got(node)}")
+def _positive(ctx: Ctx, node: Node, path: str) -> Any:
+    if (value := _number(ctx, node, path)) is BAD or not 0 < value < float("inf"):
+        return ctx.error(path, node, f"must be a number greater than 0, got {got(node)}")
     return value
 
 
-def _webhook(ctx: _Ctx, node: Node, path: str) -> Any:
+def _webhook(ctx: Ctx, node: Node, path: str) -> Any:
     """An http:// or https:// URL with a host (a path and query are fine)."""
-    if (url := _text(ctx, node, path)) is _BAD:
-        return _BAD
+    if (url := _text(ctx, node, path)) is BAD:
+        return BAD
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -847,28 +647,28 @@ def _webhook(ctx: _Ctx, node: Node, path: str) -> Any:
 # ------------------------------------------------------------------------ rollout
 
 
-def _rollout(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, ROLLOUT_FIELDS, ("steps",))
+def _rollout(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, ROLLOUT_FIELDS, ("steps",))
     if "steps" not in fields:
-        return _BAD
+        return BAD
     return RolloutConfig(tuple(fields["steps"]), fields.get("interval", 60.0))
 
 
-def _steps(ctx: _Ctx, node: Node, path: str) -> Any:
+def _steps(ctx: Ctx, node: Node, path: str) -> Any:
     """A non-empty list of weights or {weight, approve, interval, cohorts}; weights never
     decrease. A ring step (cohorts) without a weight keeps the previous step's."""
     like = "steps (a weight 0..100 or {weight, approve, interval, cohorts})"
     if not isinstance(node, SequenceNode) or not node.value:
-        return ctx.error(path, node, f"must be a non-empty list of {like}, got {_got(node)}")
+        return ctx.error(path, node, f"must be a non-empty list of {like}, got {got(node)}")
     steps, previous, bad = [], None, False
     for i, sub in enumerate(node.value):
-        if (step := _step(ctx, sub, f"{path}[{i}]")) is _BAD:
+        if (step := _step(ctx, sub, f"{path}[{i}]")) is BAD:
             bad = True
             continue
         if step.weight == _PREVIOUS_WEIGHT:
             step = replace(step, weight=previous or 0)
         if previous is not None and step.weight < previous:
-            where = _child(sub, "weight") or sub
+            where = child(sub, "weight") or sub
             message = (
                 f"must not be below the previous step's weight ({previous}), got {step.weight}"
             )
@@ -876,17 +676,17 @@ def _steps(ctx: _Ctx, node: Node, path: str) -> Any:
             bad = True
         previous = step.weight
         steps.append(step)
-    return _BAD if bad else steps
+    return BAD if bad else steps
 
 
-def _step(ctx: _Ctx, node: Node, path: str) -> Any:
+def _step(ctx: Ctx, node: Node, path: str) -> Any:
     if not isinstance(node, MappingNode):
         weight = _weight(ctx, node, path)
-        return weight if weight is _BAD else Step(weight)
-    has_cohorts = _child(node, "cohorts") is not None
-    fields = _fields(ctx, node, path, STEP_FIELDS, () if has_cohorts else ("weight",))
+        return weight if weight is BAD else Step(weight)
+    has_cohorts = child(node, "cohorts") is not None
+    fields = parse_fields(ctx, node, path, STEP_FIELDS, () if has_cohorts else ("weight",))
     if not ("weight" in fields or has_cohorts) or len(fields) < len(node.value):
-        return _BAD
+        return BAD
     if "cohorts" in fields:
         fields["cohorts"] = tuple(fields["cohorts"])
     return Step(**{"weight": _PREVIOUS_WEIGHT, **fields})
@@ -895,12 +695,12 @@ def _step(ctx: _Ctx, node: Node, path: str) -> Any:
 _PREVIOUS_WEIGHT = -1  # a ring step without a weight: _steps puts the previous step's
 
 
-def _ring(ctx: _Ctx, node: Node, path: str) -> Any:
-    return _list(ctx, node, path, _cohort_ref, "cohort names", key=lambda name: name)
+def _ring(ctx: Ctx, node: Node, path: str) -> Any:
+    return parse_list(ctx, node, path, _cohort_ref, "cohort names", key=lambda name: name)
 
 
-def _approve(ctx: _Ctx, node: Node, path: str) -> Any:
-    if (role := _role(ctx, node, path)) is not _BAD:
+def _approve(ctx: Ctx, node: Node, path: str) -> Any:
+    if (role := _role(ctx, node, path)) is not BAD:
         ctx.approve_refs.append((path, node, role))  # checked against admin.tokens later
     return role
 
@@ -908,20 +708,20 @@ def _approve(ctx: _Ctx, node: Node, path: str) -> Any:
 # ------------------------------------------------------------------------- mirror
 
 
-def _mirror(ctx: _Ctx, node: Node, path: str) -> Any:
-    fields = _fields(ctx, node, path, MIRROR_FIELDS)
+def _mirror(ctx: Ctx, node: Node, path: str) -> Any:
+    fields = parse_fields(ctx, node, path, MIRROR_FIELDS)
     if fields.get("percent") == 0:
-        where = _child(node, "percent") or node
-        ctx.warn(_join(path, "percent"), where, "is 0, so nothing is mirrored")
+        where = child(node, "percent") or node
+        ctx.warn(join(path, "percent"), where, "is 0, so nothing is mirrored")
     if "methods" in fields:
         fields["methods"] = frozenset(fields["methods"])
     return Mirror(**fields)
 
 
-def _compare(ctx: _Ctx, node: Node, path: str) -> Any:
+def _compare(ctx: Ctx, node: Node, path: str) -> Any:
     """`{}` is a comparison with the defaults; see COMPARED_BY_DEFAULT for the headers."""
-    fields = _fields(ctx, node, path, COMPARE_FIELDS)
-    listed, ignored = _child(node, "headers"), fields.get("ignore_headers", frozenset())
+    fields = parse_fields(ctx, node, path, COMPARE_FIELDS)
+    listed, ignored = child(node, "headers"), fields.get("ignore_headers", frozenset())
     for i, name in enumerate(fields.get("headers", ())):
         sub, where = f"{path}.headers[{i}]", listed.value[i] if listed is not None else node
         if name in NEVER_COMPARED or name.startswith(NEVER_COMPARED_PREFIX):
@@ -933,21 +733,21 @@ def _compare(ctx: _Ctx, node: Node, path: str) -> Any:
     return Compare(**fields)
 
 
-def _header_names(ctx: _Ctx, node: Node, path: str) -> Any:
+def _header_names(ctx: Ctx, node: Node, path: str) -> Any:
     """A non-empty list of header names -> lower-case names (duplicates kept)."""
     if isinstance(node, SequenceNode) and not node.value:
         default = ", ".join(COMPARED_BY_DEFAULT)
         why = f"must list at least one header name (leave the key out to compare {default})"
         return ctx.error(path, node, why)
-    found = _list(ctx, node, path, _header_name, "header names")
-    return found if found is _BAD else [name.lower() for name in found]
+    found = parse_list(ctx, node, path, _header_name, "header names")
+    return found if found is BAD else [name.lower() for name in found]
 
 
-def _ignore_headers(ctx: _Ctx, node: Node, path: str) -> Any:
+def _ignore_headers(ctx: Ctx, node: Node, path: str) -> Any:
     if isinstance(node, SequenceNode) and not node.value:
         return frozenset()  # nothing ignored
     found = _header_names(ctx, node, path)
-    return found if found is _BAD else frozenset(found)
+    return found if found is BAD else frozenset(found)
 
 
 _header_name = _named(_TOKEN, "a header name")
@@ -955,19 +755,19 @@ _JSON_SEGMENT = r"(?:[A-Za-z0-9_$-]+|\*)"
 _JSON_PATH = re.compile(rf"{_JSON_SEGMENT}(?:\.{_JSON_SEGMENT})*")
 
 
-def _json_paths(ctx: _Ctx, node: Node, path: str) -> Any:
+def _json_paths(ctx: Ctx, node: Node, path: str) -> Any:
     """Dotted paths into a JSON body; `*` is any key or array element ('items.*.id')."""
     if isinstance(node, SequenceNode) and not node.value:
         return ()  # nothing ignored
-    found = _list(ctx, node, path, _json_path, "dotted JSON paths")
-    return found if found is _BAD else tuple(dict.fromkeys(found))
+    found = parse_list(ctx, node, path, _json_path, "dotted JSON paths")
+    return found if found is BAD else tuple(dict.fromkeys(found))
 
 
-def _json_path(ctx: _Ctx, node: Node, path: str) -> Any:
+def _json_path(ctx: Ctx, node: Node, path: str) -> Any:
     text = _text(ctx, node, path)
-    if text is not _BAD and not _JSON_PATH.fullmatch(text):
+    if text is not BAD and not _JSON_PATH.fullmatch(text):
         what = "a dotted path of field names ([A-Za-z0-9_$-]+) or * (any key or element)"
-        return ctx.error(path, node, f"must be {what}, like meta.request_id, got {_got(node)}")
+        return ctx.error(path, node, f"must be {what}, like meta.request_id, got {got(node)}")
     return text
 
 
