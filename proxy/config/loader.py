@@ -36,9 +36,11 @@ from .model import MAX_CONFIG_BYTES, Admin, Config, Routing
 from .values import boolean, file_path, host_port, string
 from .walker import (
     BAD,
+    Bad,
     ConfigError,
     Ctx,
     Parser,
+    ParserOf,
     Problem,
     child,
     compose,
@@ -154,12 +156,12 @@ def _check_rollout(ctx: Ctx, root: Node, admin: Admin) -> None:
             ctx.warn(path, node, why)
 
 
-def _as(*names: str, parse: Parser) -> Parser:
+def _as(*names: str, parse: Parser) -> ParserOf[dict[str, object]]:
     """A top-level parser: `parse`'s value (a tuple when several) as Config keyword arguments."""
 
-    def section(ctx: Ctx, node: Node, path: str) -> Any:
+    def section(ctx: Ctx, node: Node, path: str) -> dict[str, object] | Bad:
         value = parse(ctx, node, path)
-        values = value if len(names) > 1 else (value,)
+        values = value if len(names) > 1 and isinstance(value, tuple) else (value,)
         return value if value is BAD else dict(zip(names, values, strict=True))
 
     return section

@@ -23,9 +23,9 @@ Rules:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Any
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
@@ -75,7 +75,7 @@ from .values import (
     string,
     webhook,
 )
-from .walker import BAD, Ctx, Parser, child, got, join, parse_fields, parse_list
+from .walker import BAD, Bad, Ctx, Parser, child, got, join, parse_fields, parse_list
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")  # rules and cohorts
@@ -98,7 +98,7 @@ def limits(ctx: Ctx, node: Node, path: str) -> Limits:
     return Limits(**parse_fields(ctx, node, path, LIMITS_FIELDS))
 
 
-def versions(ctx: Ctx, node: Node, path: str) -> Any:
+def versions(ctx: Ctx, node: Node, path: str) -> Mapping[str, Version]:
     out: dict[str, Version] = {}
     for name, knode, vnode in ctx.entries(node, path) or ():
         sub = join(path, name)
@@ -114,7 +114,7 @@ def versions(ctx: Ctx, node: Node, path: str) -> Any:
 # ------------------------------------------------------------------------------- routing
 
 
-def routing(ctx: Ctx, node: Node, path: str) -> Any:
+def routing(ctx: Ctx, node: Node, path: str) -> Routing:
     fields = parse_fields(ctx, node, path, ROUTING_FIELDS)
     cohorts, files = fields.get("cohorts", ({}, ()))
     rules, sticky = tuple(fields.get("rules", ())), fields.get("sticky")
@@ -122,7 +122,7 @@ def routing(ctx: Ctx, node: Node, path: str) -> Any:
     return Routing(fields.get("weight", 0), sticky, rules, cohort_map, files)
 
 
-def _sticky(ctx: Ctx, node: Node, path: str) -> Any:
+def _sticky(ctx: Ctx, node: Node, path: str) -> Sticky | Bad:
     fields = parse_fields(ctx, node, path, STICKY_FIELDS, ("key",))
     if "key" not in fields:
         return BAD
@@ -131,16 +131,16 @@ def _sticky(ctx: Ctx, node: Node, path: str) -> Any:
     return Sticky(kind, name, group, anonymous)  # group "" = the canary's name
 
 
-def _rules(ctx: Ctx, node: Node, path: str) -> Any:
+def _rules(ctx: Ctx, node: Node, path: str) -> list[Rule] | Bad:
     return parse_list(ctx, node, path, _rule, "rules", lambda r: f"rule name {r.name!r}")
 
 
-def _rule(ctx: Ctx, node: Node, path: str) -> Any:
+def _rule(ctx: Ctx, node: Node, path: str) -> Rule | Bad:
     fields = parse_fields(ctx, node, path, RULE_FIELDS, ("name", "match", "to"))
     return Rule(**fields) if len(fields) == 3 else BAD
 
 
-def _match(ctx: Ctx, node: Node, path: str) -> Any:
+def _match(ctx: Ctx, node: Node, path: str) -> Match | Bad:
     fields = parse_fields(ctx, node, path, MATCH_FIELDS)
     if isinstance(node, MappingNode) and not any(child(node, k) for k in MATCH_FIELDS):
         conditions = ", ".join(MATCH_FIELDS)
@@ -148,7 +148,7 @@ def _match(ctx: Ctx, node: Node, path: str) -> Any:
     return Match(**fields)
 
 
-def _cohorts(ctx: Ctx, node: Node, path: str) -> Any:
+def _cohorts(ctx: Ctx, node: Node, path: str) -> tuple[dict[str, frozenset[str]], tuple[str, ...]]:
     """name -> {keys, file} -> ({name: frozenset(keys)}, (absolute file, ...))."""
     cohorts: dict[str, frozenset[str]] = {}
     files: list[str] = []
@@ -168,12 +168,12 @@ def _cohorts(ctx: Ctx, node: Node, path: str) -> Any:
 # -------------------------------------------------------------------------- admin tokens
 
 
-def _tokens(ctx: Ctx, node: Node, path: str) -> Any:
+def _tokens(ctx: Ctx, node: Node, path: str) -> list[Token] | Bad:
     """A list of {name, token_env, roles}; names unique, secrets distinct."""
     return parse_list(ctx, node, path, _token, "tokens", lambda t: f"token name {t.name!r}")
 
 
-def _token(ctx: Ctx, node: Node, path: str) -> Any:
+def _token(ctx: Ctx, node: Node, path: str) -> Token | Bad:
     """One token; its secret is read from the environment now (unset: disabled, a warning)."""
     fields = parse_fields(ctx, node, path, TOKEN_FIELDS, ("name", "token_env"))
     if "name" not in fields or "token_env" not in fields:
@@ -195,7 +195,7 @@ def _token(ctx: Ctx, node: Node, path: str) -> Any:
 # --------------------------------------------------------------------------------- guard
 
 
-def guard(ctx: Ctx, node: Node, path: str) -> Any:
+def guard(ctx: Ctx, node: Node, path: str) -> Policy | Bad:
     fields = parse_fields(ctx, node, path, GUARD_FIELDS)
     try:
         return Policy(**fields)
@@ -206,20 +206,22 @@ def guard(ctx: Ctx, node: Node, path: str) -> Any:
 # ------------------------------------------------------------------------------- rollout
 
 
-def rollout(ctx: Ctx, node: Node, path: str) -> Any:
+def rollout(ctx: Ctx, node: Node, path: str) -> RolloutConfig | Bad:
     fields = parse_fields(ctx, node, path, ROLLOUT_FIELDS, ("steps",))
     if "steps" not in fields:
         return BAD
     return RolloutConfig(tuple(fields["steps"]), fields.get("interval", 60.0))
 
 
-def _steps(ctx: Ctx, node: Node, path: str) -> Any:
+def _steps(ctx: Ctx, node: Node, path: str) -> list[Step] | Bad:
     """A non-empty list of weights or {weight, approve, interval, cohorts}; weights never
     decrease. A ring step (cohorts) without a weight keeps the previous step's."""
     like = "steps (a weight 0..100 or {weight, approve, interval, cohorts})"
     if not isinstance(node, SequenceNode) or not node.value:
         return ctx.error(path, node, f"must be a non-empty list of {like}, got {got(node)}")
-    steps, previous, bad = [], None, False
+    steps: list[Step] = []
+    previous: int | None = None
+    bad = False
     for i, sub in enumerate(node.value):
         if (step := _step(ctx, sub, f"{path}[{i}]")) is BAD:
             bad = True
@@ -238,7 +240,7 @@ def _steps(ctx: Ctx, node: Node, path: str) -> Any:
     return BAD if bad else steps
 
 
-def _step(ctx: Ctx, node: Node, path: str) -> Any:
+def _step(ctx: Ctx, node: Node, path: str) -> Step | Bad:
     if not isinstance(node, MappingNode):
         weight = percent(ctx, node, path)
         return weight if weight is BAD else Step(weight)
@@ -257,7 +259,7 @@ _PREVIOUS_WEIGHT = -1  # a ring step without a weight: _steps puts the previous 
 # -------------------------------------------------------------------------------- mirror
 
 
-def mirror(ctx: Ctx, node: Node, path: str) -> Any:
+def mirror(ctx: Ctx, node: Node, path: str) -> Mirror:
     fields = parse_fields(ctx, node, path, MIRROR_FIELDS)
     if fields.get("percent") == 0:
         where = child(node, "percent") or node
@@ -267,7 +269,7 @@ def mirror(ctx: Ctx, node: Node, path: str) -> Any:
     return Mirror(**fields)
 
 
-def _compare(ctx: Ctx, node: Node, path: str) -> Any:
+def _compare(ctx: Ctx, node: Node, path: str) -> Compare:
     """`{}` is a comparison with the defaults; see COMPARED_BY_DEFAULT for the headers."""
     fields = parse_fields(ctx, node, path, COMPARE_FIELDS)
     listed, ignored = child(node, "headers"), fields.get("ignore_headers", frozenset())

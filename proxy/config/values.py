@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
 from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -28,8 +27,9 @@ from .model import COMPARED_BY_DEFAULT, MAX_COHORT_BYTES, Endpoint
 from .walker import (
     BAD,
     NULL_TAG,
+    Bad,
     Ctx,
-    Parser,
+    ParserOf,
     digest,
     got,
     join,
@@ -44,7 +44,7 @@ TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header nam
 # ------------------------------------------------------------------------------- scalars
 
 
-def string(ctx: Ctx, node: Node, path: str, empty: bool = False) -> Any:
+def string(ctx: Ctx, node: Node, path: str, empty: bool = False) -> str | Bad:
     """A string as written; plain numbers and booleans count (`release: 2.10` is '2.10')."""
     if not isinstance(node, ScalarNode) or node.tag == NULL_TAG:
         return ctx.error(path, node, f"must be a string, got {got(node)}")
@@ -53,8 +53,8 @@ def string(ctx: Ctx, node: Node, path: str, empty: bool = False) -> Any:
     return node.value
 
 
-def named(pattern: re.Pattern[str], what: str) -> Parser:
-    def parse(ctx: Ctx, node: Node, path: str) -> Any:
+def named(pattern: re.Pattern[str], what: str) -> ParserOf[str]:
+    def parse(ctx: Ctx, node: Node, path: str) -> str | Bad:
         text = string(ctx, node, path)
         if text is not BAD and not pattern.fullmatch(text):
             return ctx.error(path, node, f"must be {what} ({pattern.pattern}), got {got(node)}")
@@ -63,10 +63,10 @@ def named(pattern: re.Pattern[str], what: str) -> Parser:
     return parse
 
 
-def choice(*options: str) -> Parser:
+def choice(*options: str) -> ParserOf[str]:
     shown = ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"
 
-    def parse(ctx: Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> str | Bad:
         if ctx.value(node) not in options:
             return ctx.error(path, node, f"must be {shown}, got {got(node)}")
         return node.value
@@ -74,13 +74,13 @@ def choice(*options: str) -> Parser:
     return parse
 
 
-def boolean(ctx: Ctx, node: Node, path: str) -> Any:
+def boolean(ctx: Ctx, node: Node, path: str) -> bool | Bad:
     if not isinstance(value := ctx.value(node), bool):
         return ctx.error(path, node, f"must be true or false, got {got(node)}")
     return value
 
 
-def file_path(ctx: Ctx, node: Node, path: str) -> Any:
+def file_path(ctx: Ctx, node: Node, path: str) -> str | Bad:
     text = string(ctx, node, path)
     return text if text is BAD else os.path.normpath(os.path.join(ctx.base_dir, text))
 
@@ -88,7 +88,7 @@ def file_path(ctx: Ctx, node: Node, path: str) -> Any:
 _HOSTPORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]/]*)):(\d{1,5})")
 
 
-def host_port(ctx: Ctx, node: Node, path: str) -> Any:
+def host_port(ctx: Ctx, node: Node, path: str) -> tuple[str, int] | Bad:
     """'HOST:PORT', '[::1]:PORT' or ':PORT' (all interfaces) -> (host, port)."""
     text = string(ctx, node, path)
     if text is BAD:
@@ -104,7 +104,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
-def duration(ctx: Ctx, node: Node, path: str) -> Any:
+def duration(ctx: Ctx, node: Node, path: str) -> float | Bad:
     """'500ms', '2s', '1.5m', or a bare number of seconds -> seconds (float, > 0)."""
     value = ctx.value(node)
     if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
@@ -120,10 +120,10 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
-def size(low: int, high: int, bounds: str) -> Parser:
+def size(low: int, high: int, bounds: str) -> ParserOf[int]:
     """Bytes: an integer, or a number with B, KiB, MiB or GiB (binary units only)."""
 
-    def parse(ctx: Ctx, node: Node, path: str) -> Any:
+    def parse(ctx: Ctx, node: Node, path: str) -> int | Bad:
         value = ctx.value(node)
         if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
             value = int(float(m[1]) * _SIZE_UNITS[m[2]])
@@ -137,14 +137,14 @@ def size(low: int, high: int, bounds: str) -> Parser:
     return parse
 
 
-def percent(ctx: Ctx, node: Node, path: str) -> Any:
+def percent(ctx: Ctx, node: Node, path: str) -> int | Bad:
     if type(value := ctx.value(node)) is not int or not 0 <= value <= 100:
         return ctx.error(path, node, f"must be an integer 0..100, got {got(node)}")
     return value
 
 
-def int_at_least(low: int) -> Parser:
-    def parse(ctx: Ctx, node: Node, path: str) -> Any:
+def int_at_least(low: int) -> ParserOf[int]:
+    def parse(ctx: Ctx, node: Node, path: str) -> int | Bad:
         if type(value := ctx.value(node)) is not int or value < low:
             return ctx.error(path, node, f"must be an integer >= {low}, got {got(node)}")
         return value
@@ -152,14 +152,14 @@ def int_at_least(low: int) -> Parser:
     return parse
 
 
-def _number(ctx: Ctx, node: Node, path: str) -> Any:
+def _number(ctx: Ctx, node: Node, path: str) -> float | Bad:
     value = ctx.value(node)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         return BAD
     return float(value)
 
 
-def rate(ctx: Ctx, node: Node, path: str) -> Any:
+def rate(ctx: Ctx, node: Node, path: str) -> float | Bad:
     """A fraction strictly between 0 and 1 (0.02 is 2%)."""
     if (value := _number(ctx, node, path)) is BAD or not 0 < value < 1:
         return ctx.error(
@@ -168,13 +168,13 @@ def rate(ctx: Ctx, node: Node, path: str) -> Any:
     return value
 
 
-def positive(ctx: Ctx, node: Node, path: str) -> Any:
+def positive(ctx: Ctx, node: Node, path: str) -> float | Bad:
     if (value := _number(ctx, node, path)) is BAD or not 0 < value < float("inf"):
         return ctx.error(path, node, f"must be a number greater than 0, got {got(node)}")
     return value
 
 
-def webhook(ctx: Ctx, node: Node, path: str) -> Any:
+def webhook(ctx: Ctx, node: Node, path: str) -> str | Bad:
     """An http:// or https:// URL with a host (a path and query are fine)."""
     if (url := string(ctx, node, path)) is BAD:
         return BAD
@@ -191,12 +191,12 @@ def webhook(ctx: Ctx, node: Node, path: str) -> Any:
 # ------------------------------------------------------------------------------ versions
 
 
-def endpoints(ctx: Ctx, node: Node, path: str) -> Any:
+def endpoints(ctx: Ctx, node: Node, path: str) -> list[Endpoint] | Bad:
     what = "http://HOST:PORT URLs"
     return parse_list(ctx, node, path, _endpoint, what, lambda e: f"endpoint {e.key}")
 
 
-def _endpoint(ctx: Ctx, node: Node, path: str) -> Any:
+def _endpoint(ctx: Ctx, node: Node, path: str) -> Endpoint | Bad:
     url = string(ctx, node, path)
     if url is BAD:
         return BAD
@@ -234,7 +234,7 @@ STICKY_KINDS = ("header", "cookie", "query")  # plus "ip", which has no name
 _QUERY_NAME = re.compile(r"[^\s&=#]+")
 
 
-def sticky_key(ctx: Ctx, node: Node, path: str) -> Any:
+def sticky_key(ctx: Ctx, node: Node, path: str) -> tuple[str, str] | Bad:
     """'header:NAME' | 'cookie:NAME' | 'query:NAME' | 'ip' -> (kind, name)."""
     if (text := string(ctx, node, path)) is BAD:
         return BAD
@@ -247,11 +247,11 @@ def sticky_key(ctx: Ctx, node: Node, path: str) -> Any:
     return ctx.error(path, node, f"must be {like}, got {got(node)}")
 
 
-def pairs(lower: bool) -> Parser:
+def pairs(lower: bool) -> ParserOf[tuple[tuple[str, str], ...]]:
     """A mapping of header or cookie names to exact values -> ((name, value), ...)."""
 
-    def parse(ctx: Ctx, node: Node, path: str) -> Any:
-        out = []
+    def parse(ctx: Ctx, node: Node, path: str) -> tuple[tuple[str, str], ...] | Bad:
+        out: list[tuple[str, str]] = []
         for name, knode, vnode in ctx.entries(node, path) or ():
             if not TOKEN.fullmatch(name):
                 ctx.error(join(path, name), knode, f"names must match {TOKEN.pattern}")
@@ -264,38 +264,38 @@ def pairs(lower: bool) -> Parser:
     return parse
 
 
-def cohort_ref(ctx: Ctx, node: Node, path: str) -> Any:
+def cohort_ref(ctx: Ctx, node: Node, path: str) -> str | Bad:
     if (name := string(ctx, node, path)) is not BAD:
         ctx.cohort_refs.append((path, node, name))  # checked in the loader, once cohorts are known
     return name
 
 
-def path_prefix(ctx: Ctx, node: Node, path: str) -> Any:
+def path_prefix(ctx: Ctx, node: Node, path: str) -> str | Bad:
     prefix = string(ctx, node, path)
     if prefix is not BAD and not prefix.startswith("/"):
         return ctx.error(path, node, f"must start with '/', got {got(node)}")
     return prefix
 
 
-def methods(ctx: Ctx, node: Node, path: str) -> Any:
+def methods(ctx: Ctx, node: Node, path: str) -> tuple[str, ...] | Bad:
     """'POST' or [GET, HEAD] -> ('POST',) / ('GET', 'HEAD')."""
-    if isinstance(node, SequenceNode):
-        found = parse_list(ctx, node, path, _method, "HTTP methods")
-    else:
-        found = [_method(ctx, node, path)]
-    return BAD if found is BAD or BAD in found else tuple(m.upper() for m in found)
+    if not isinstance(node, SequenceNode):
+        method = _method(ctx, node, path)
+        return method if method is BAD else (method.upper(),)
+    found = parse_list(ctx, node, path, _method, "HTTP methods")  # the valid ones
+    return found if found is BAD else tuple(m.upper() for m in found)
 
 
 _method = named(TOKEN, "an HTTP method")
 
 
-def cohort_keys(ctx: Ctx, node: Node, path: str) -> Any:
+def cohort_keys(ctx: Ctx, node: Node, path: str) -> list[str] | Bad:
     if isinstance(node, SequenceNode) and not node.value:
         return []  # an empty inline list is fine: the file may hold the keys
     return parse_list(ctx, node, path, string, "keys")
 
 
-def cohort_file(ctx: Ctx, node: Node, path: str) -> Any:
+def cohort_file(ctx: Ctx, node: Node, path: str) -> tuple[str, frozenset[str]] | Bad:
     """(absolute path, keys): one key a line; blank lines and '#' lines are skipped."""
     if (resolved := file_path(ctx, node, path)) is BAD:
         return BAD
@@ -320,7 +320,7 @@ def cohort_file(ctx: Ctx, node: Node, path: str) -> Any:
 _ROLE = re.compile(r"[a-z][a-z0-9_-]*")
 
 
-def role_names(ctx: Ctx, node: Node, path: str) -> Any:
+def role_names(ctx: Ctx, node: Node, path: str) -> list[str] | Bad:
     if isinstance(node, SequenceNode) and not node.value:
         return []  # no role beyond viewer
     return parse_list(ctx, node, path, role_name, "role names")
@@ -329,11 +329,11 @@ def role_names(ctx: Ctx, node: Node, path: str) -> Any:
 role_name = named(_ROLE, "a role name")
 
 
-def ring_cohorts(ctx: Ctx, node: Node, path: str) -> Any:
+def ring_cohorts(ctx: Ctx, node: Node, path: str) -> list[str] | Bad:
     return parse_list(ctx, node, path, cohort_ref, "cohort names", key=lambda name: name)
 
 
-def approve_role(ctx: Ctx, node: Node, path: str) -> Any:
+def approve_role(ctx: Ctx, node: Node, path: str) -> str | Bad:
     if (role := role_name(ctx, node, path)) is not BAD:
         ctx.approve_refs.append((path, node, role))  # checked against admin.tokens later
     return role
@@ -342,7 +342,7 @@ def approve_role(ctx: Ctx, node: Node, path: str) -> Any:
 # ---------------------------------------------------------------------------- comparison
 
 
-def header_names(ctx: Ctx, node: Node, path: str) -> Any:
+def header_names(ctx: Ctx, node: Node, path: str) -> list[str] | Bad:
     """A non-empty list of header names -> lower-case names (duplicates kept)."""
     if isinstance(node, SequenceNode) and not node.value:
         default = ", ".join(COMPARED_BY_DEFAULT)
@@ -352,7 +352,7 @@ def header_names(ctx: Ctx, node: Node, path: str) -> Any:
     return found if found is BAD else [name.lower() for name in found]
 
 
-def ignored_headers(ctx: Ctx, node: Node, path: str) -> Any:
+def ignored_headers(ctx: Ctx, node: Node, path: str) -> frozenset[str] | Bad:
     if isinstance(node, SequenceNode) and not node.value:
         return frozenset()  # nothing ignored
     found = header_names(ctx, node, path)
@@ -366,7 +366,7 @@ _JSON_SEGMENT = r"(?:[A-Za-z0-9_$-]+|\*)"
 _JSON_PATH = re.compile(rf"{_JSON_SEGMENT}(?:\.{_JSON_SEGMENT})*")
 
 
-def json_paths(ctx: Ctx, node: Node, path: str) -> Any:
+def json_paths(ctx: Ctx, node: Node, path: str) -> tuple[str, ...] | Bad:
     """Dotted paths into a JSON body; `*` is any key or array element ('items.*.id')."""
     if isinstance(node, SequenceNode) and not node.value:
         return ()  # nothing ignored
@@ -374,7 +374,7 @@ def json_paths(ctx: Ctx, node: Node, path: str) -> Any:
     return found if found is BAD else tuple(dict.fromkeys(found))
 
 
-def _json_path(ctx: Ctx, node: Node, path: str) -> Any:
+def _json_path(ctx: Ctx, node: Node, path: str) -> str | Bad:
     text = string(ctx, node, path)
     if text is not BAD and not _JSON_PATH.fullmatch(text):
         what = "a dotted path of field names ([A-Za-z0-9_$-]+) or * (any key or element)"

@@ -24,12 +24,13 @@ Rules:
 from __future__ import annotations
 
 import difflib
+import enum
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -166,8 +167,17 @@ def _trail_path(trail: list[str], shown: int = 8) -> str:
 
 # -------------------------------------------------------------------------- walker
 
-Parser = Callable[["Ctx", Node, str], Any]  # (ctx, node, key path) -> value or BAD
-BAD: Any = object()  # "invalid, and the problem is already recorded"
+
+class Bad(enum.Enum):
+    """The type of `BAD`: a parser of T values returns `T | Bad`."""
+
+    BAD = "bad"
+
+
+BAD: Final = Bad.BAD  # "invalid, and the problem is already recorded"
+T = TypeVar("T")
+ParserOf = Callable[["Ctx", Node, str], "T | Bad"]  # (ctx, node, key path) -> a T or BAD
+Parser = Callable[["Ctx", Node, str], object]  # a parser of any value, as in a key table
 NULL_TAG, STR_TAG = "tag:yaml.org,2002:null", "tag:yaml.org,2002:str"
 
 
@@ -194,7 +204,7 @@ def got(node: Node) -> str:
 _SHOWN = 80
 
 
-def did_you_mean(word: str, choices: Any) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -222,7 +232,7 @@ class Ctx:
         self.environ: Mapping[str, str] = os.environ
         self._constructor = yaml.constructor.SafeConstructor()
 
-    def error(self, path: str, node: Node | None, message: str) -> Any:
+    def error(self, path: str, node: Node | None, message: str) -> Bad:
         self.problems.append(Problem(path, message, line_of(node) if node is not None else None))
         return BAD
 
@@ -260,7 +270,10 @@ class Ctx:
 def parse_fields(
     ctx: Ctx, node: Node, path: str, table: Mapping[str, Parser], required: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Parse a mapping whose keys are those of `table`; return the valid values by key."""
+    """Parse a mapping whose keys are those of `table`; return the valid values by key.
+
+    The values' types are the table's parsers' own: the result is keyword arguments.
+    """
     entries = ctx.entries(node, path)
     if entries is None:
         return {}
@@ -277,13 +290,18 @@ def parse_fields(
 
 
 def parse_list(
-    ctx: Ctx, node: Node, path: str, item: Parser, what: str, key: Callable | None = None
-) -> Any:
+    ctx: Ctx,
+    node: Node,
+    path: str,
+    item: ParserOf[T],
+    what: str,
+    key: Callable[[T], Hashable] | None = None,
+) -> list[T] | Bad:
     """A non-empty list of `item`s (the valid ones); `key(value)` says what must be unique."""
     if not isinstance(node, SequenceNode) or not node.value:
         return ctx.error(path, node, f"must be a non-empty list of {what}, got {got(node)}")
-    out: list[Any] = []
-    first: dict[Any, int] = {}
+    out: list[T] = []
+    first: dict[Hashable, int] = {}
     for i, sub in enumerate(node.value):
         if (value := item(ctx, sub, f"{path}[{i}]")) is BAD:
             continue
