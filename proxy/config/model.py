@@ -2,7 +2,8 @@
 
 Rules:
 - Nothing here parses: this module imports no YAML and nothing of the walker or
-  the parsers, so the rest of the program can read a `Config` without them.
+  the parsers; besides the standard library, only `proxy.guard` (`Policy`) and
+  `proxy.headers` (the hop-by-hop names).
 - Durations are seconds (float) once loaded; sizes are bytes (int).
 - Paths (`Config.path`, `Config.state_file`, `Routing.cohort_files`) are
   absolute: relative ones were resolved against the config file's folder.

@@ -4,10 +4,8 @@ Rules:
 - Every mapping is parsed through a table of key -> parser (the `*_FIELDS` tables
   at the bottom, walked by `walker.parse_fields`): a new key is one entry, a new
   section is one parser here and one entry in `loader.SECTIONS`.
-- Unknown keys are errors, and so are missing required ones (`versions.*.endpoints`,
-  `routing.rules[*].{name, match, to}`, `routing.sticky.key`,
-  `admin.tokens[*].{name, token_env}`, `rollout.steps`, a step's `weight` unless
-  it is a ring step).
+- Unknown keys are errors, and so are missing required ones (each parser passes
+  its own to `parse_fields`, e.g. a version's `endpoints`).
 - Admin tokens come from environment variables named in the file (read at load
   time), never from the file itself; "viewer" is implied for every token. A token
   whose environment variable is unset is disabled, with a warning; two tokens
