@@ -1099,7 +1099,7 @@ def test_a_config_file_over_4_mib_is_rejected(tmp_path: Path) -> None:
 def test_a_cohort_file_over_its_cap_or_not_a_regular_file_is_rejected(
     tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(config, "MAX_COHORT_BYTES", 1000)
+    monkeypatch.setattr(config.values, "MAX_COHORT_BYTES", 1000)  # where cohort_file reads it
     (tmp_path / "big.txt").write_text("k\n" * 600)
     os.mkfifo(tmp_path / "pipe.txt")  # would block a reload for good if it were opened
     for name, why in (("big.txt", "larger than the 1000 byte limit"),
