@@ -10,6 +10,13 @@ Rules:
   SIGKILL after 10 s) by its own PID at teardown.
 - Blocking calls are not allowed in tests: the upstreams share the test's loop.
   Subprocess clients (curl, the CLI) run through asyncio.
+- Tests take their helpers from tests/ only: this module, tests/live.py and
+  tests/support.py. tests/support.py holds what the benchmarks use too (ports,
+  FaultyUpstream, ProxyProcess, Load, measure); bench/ imports it from there,
+  never the other way round. A test whose subject is a bench tool imports that
+  tool's module and nothing else from bench/: test_guard_compare.py
+  (bench/guard_compare.py), test_guard_simulation.py (bench/guard_sim.py),
+  test_soak.py (bench/soak.py).
 """
 
 from __future__ import annotations
@@ -30,11 +37,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.detection import FaultyUpstream, ProxyProcess
-from bench.procs import free_ports
+from .support import LOOPBACK, FaultyUpstream, ProxyProcess, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"
 MiB = 1024 * 1024
 
 
@@ -579,7 +584,7 @@ def versions_config(blue: list[str] | str, green: list[str] | str, **extra: Any)
 class Proxy(ProxyProcess):
     """One `python -m proxy run` subprocess on free ports, with admin helpers.
 
-    Config rendering and the process's life are `bench.detection.ProxyProcess`'s.
+    Config rendering and the process's life are `tests.support.ProxyProcess`'s.
     """
 
     def __init__(self, workdir: Path, config_path: Path) -> None:

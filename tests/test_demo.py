@@ -21,8 +21,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.procs import free_ports
 from proxy import demo
+
+from .support import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARE_LINE = re.compile(

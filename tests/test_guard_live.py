@@ -3,7 +3,7 @@ lifetime, the webhook, on_breach pause and alert (PRODUCT.md §6, §7, §8, §13
 
 Detection figures for 5 runs come from `python -m bench.detection`; here one run
 of each case is a regression test. The users are a seeded random sequence and
-green's 50 % faults are spread evenly (bench.detection.FaultyUpstream without an
+green's 50 % faults are spread evenly (tests.support.FaultyUpstream without an
 rng), so a run is reproducible up to scheduling jitter.
 """
 
@@ -20,7 +20,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bench.detection import FaultyUpstream, Result, measure
 from proxy.admin.auth import Caller, Denied, identify
 from proxy.config import Token
 
@@ -37,6 +36,7 @@ from .live import (
     versions_seen,
     wait_latched,
 )
+from .support import FaultyUpstream, Result, measure
 
 FAST_GUARD = {  # trips within a fraction of a second at weight 50 and 100 % faults
     "window": "10s",

@@ -16,12 +16,12 @@ import time
 import aiohttp
 import pytest
 
-from bench.detection import KEY_HEADER, VERSION_HEADER
 from proxy.controller import TICK
 from proxy.workers import Ledger
 
 from .conftest import LOOPBACK, ROOT, Metrics, Proxy, ProxyFactory, eventually, versions_config
 from .live import admin, background_load, guard_config, run_cli, status, wait_latched
+from .support import KEY_HEADER, VERSION_HEADER
 from .test_persistence import StateFolder, state_config
 
 WORKERS_ENV = dict(os.environ, TURNOUT_WORKERS="2", PYTHONUNBUFFERED="1")
