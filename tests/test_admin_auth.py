@@ -15,6 +15,9 @@ from proxy.admin.auth import Caller, Denied, identify, loopback_host, loopback_o
 from proxy.config import Token
 from proxy.safetext import escape
 
+pytestmark = pytest.mark.unit
+
+
 # ------------------------------------------------------------------ Host and Origin
 
 

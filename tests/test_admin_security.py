@@ -24,6 +24,8 @@ from proxy.safetext import escape
 from .conftest import Proxy, ProxyFactory, eventually, versions_config
 from .live import audit_lines, run_cli, state_doc, write_with_tokens
 
+pytestmark = pytest.mark.live
+
 JSON = {"Content-Type": "application/json"}
 
 

@@ -25,6 +25,8 @@ from proxy.config import (
 )
 from proxy.guard import Policy
 
+pytestmark = pytest.mark.unit
+
 MINIMAL = """\
 stable: blue
 canary: green

@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .test_config import _nested
+
+pytestmark = pytest.mark.live
 
 
 def test_turnout_check_prints_every_problem_and_exits_2(tmp_path):

@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from proxy import demo
 
 from .support import free_ports
+
+pytestmark = pytest.mark.live
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARE_LINE = re.compile(

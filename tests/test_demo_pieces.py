@@ -4,11 +4,14 @@ as a subprocess in test_demo.py."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from proxy import demo
 
 from .test_demo import ROOT, SHARE_LINE
+
+pytestmark = pytest.mark.unit
 
 
 def test_ports_default_and_override() -> None:

@@ -34,6 +34,8 @@ from .live import (
 )
 from .support import FaultyUpstream, Result, measure
 
+pytestmark = pytest.mark.live
+
 FAST_GUARD = {  # trips within a fraction of a second at weight 50 and 100 % faults
     "window": "10s",
     "min_requests": 20,

@@ -3,7 +3,11 @@ turn, each copy numbered, read back by a successor. The fleet is in test_workers
 
 from __future__ import annotations
 
+import pytest
+
 from proxy.workers import Ledger
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_ledger_keeps_the_newest_whole_copy(tmp_path):

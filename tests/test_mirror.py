@@ -42,6 +42,8 @@ from .conftest import (
 from .live import admin, background_load, run_cli, state_doc, wait_latched
 from .support import FaultyUpstream
 
+pytestmark = pytest.mark.live
+
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
               "transfer-encoding", "upgrade"}  # fmt: skip
 PROMPT = 0.5  # seconds: a primary answer slower than this waited for something

@@ -17,6 +17,8 @@ from proxy.routing import bucket
 
 from .conftest import AppUpstream, Proxy, ProxyFactory, eventually, versions_config
 
+pytestmark = pytest.mark.live
+
 GROUP = "checkout"
 
 

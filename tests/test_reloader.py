@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import yaml
 
 from proxy import reload as reload_module
@@ -15,6 +16,8 @@ from proxy.reload import Reloader
 from proxy.runtime import Runtime
 
 from .test_reload import config
+
+pytestmark = pytest.mark.unit
 
 
 def _runtime(tmp_path: Path, text: str) -> tuple[Path, Reloader]:

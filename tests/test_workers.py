@@ -23,6 +23,8 @@ from .live import admin, background_load, guard_config, run_cli, status, wait_la
 from .support import KEY_HEADER, VERSION_HEADER
 from .test_persistence import StateFolder, state_config
 
+pytestmark = pytest.mark.live
+
 WORKERS_ENV = dict(os.environ, TURNOUT_WORKERS="2", PYTHONUNBUFFERED="1")
 
 
