@@ -1,16 +1,18 @@
 # Turnout: developer entry points.
 #
-#   make demo    create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
-#   make test    create .venv if needed, then run the whole test suite
-#   make fuzz    differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
-#   make build   compile the forwarding path again (after editing one of its modules)
-#   make lint    ruff check + ruff format --check + mypy over all of proxy/
-#   make bench   Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
-#   make soak    fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
-#                (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
-#   make guard   the guard's simulations: its calibration, then the comparison with
-#                Flagger, Argo Rollouts and Kayenta on identical traffic (a few minutes)
-#   make clean   remove caches and build output; `make distclean` also removes .venv
+#   make demo       create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
+#   make test       create .venv if needed, then run the whole test suite
+#   make test-unit  only the unit tests: in-process, no subprocess, socket or network
+#   make test-live  only the live tests: real loopback sockets and processes
+#   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
+#   make build      compile the forwarding path again (after editing one of its modules)
+#   make lint       ruff check + ruff format --check + mypy over all of proxy/
+#   make bench      Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
+#   make soak       fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
+#                   (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
+#   make guard      the guard's simulations: its calibration, then the comparison with
+#                   Flagger, Argo Rollouts and Kayenta on identical traffic (a few minutes)
+#   make clean      remove caches and build output; `make distclean` also removes .venv
 #
 # .venv is (re)installed, which also compiles the forwarding path with mypyc (setup.py),
 # when pyproject.toml, setup.py or one of the modules setup.py compiles is newer than
@@ -24,7 +26,7 @@ STAMP  := $(VENV)/.installed
 COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test fuzz lint bench soak guard clean distclean
+.PHONY: help venv build demo test test-unit test-live fuzz lint bench soak guard clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
@@ -46,6 +48,12 @@ test: venv
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
 	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
 	  tests/test_framing.py tests/test_limits.py tests/test_hostile.py
+
+test-unit: venv
+	$(BIN)/pytest -q -m unit
+
+test-live: venv
+	$(BIN)/pytest -q -m live
 
 # `make test` runs tests/test_fuzz.py with 300 examples; this runs FUZZ_EXAMPLES per test
 # on each build, collecting every disagreement (survey mode) instead of stopping at the

@@ -25,19 +25,6 @@ class BenchError(Exception):
     """A failure with a message meant for the operator (no traceback needed)."""
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1: bind each to port 0, read the
-    number, and close them only once all are chosen (so none is picked twice)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def tail(path: Path, lines: int = 15) -> str:
     """The last lines of a log file, indented, for error messages."""
     try:

@@ -55,12 +55,12 @@ from bench.procs import (  # noqa: E402
     BenchError,
     Processes,
     check_alive,
-    free_ports,
     tail,
     wait_for_http_200,
     wait_for_port,
 )
 from bench.upstream import make_body  # noqa: E402
+from tests.support import free_ports  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

@@ -63,8 +63,14 @@ import aiohttp
 if not __package__:  # run as a script: python bench/soak.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.detection import KEY_HEADER, VERSION_HEADER, FaultyUpstream, ProxyProcess  # noqa: E402
-from bench.procs import BenchError, Processes, free_ports, tail  # noqa: E402
+from bench.procs import BenchError, Processes, tail  # noqa: E402
+from tests.support import (  # noqa: E402
+    KEY_HEADER,
+    VERSION_HEADER,
+    FaultyUpstream,
+    ProxyProcess,
+    free_ports,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"

@@ -10,6 +10,20 @@ Rules:
   SIGKILL after 10 s) by its own PID at teardown.
 - Blocking calls are not allowed in tests: the upstreams share the test's loop.
   Subprocess clients (curl, the CLI) run through asyncio.
+- Tests take their helpers from tests/ only: this module, tests/live.py and
+  tests/support.py. tests/support.py holds what the benchmarks use too (ports,
+  FaultyUpstream, ProxyProcess, Load, measure); bench/ imports it from there,
+  never the other way round. A test whose subject is a bench tool imports that
+  tool's module and nothing else from bench/: test_guard_compare.py
+  (bench/guard_compare.py), test_guard_simulation.py (bench/guard_sim.py),
+  test_soak.py (bench/soak.py).
+- Every test is marked exactly one of `unit` (in-process: no subprocess, no
+  listening socket, no network) and `live` (real loopback sockets and/or
+  processes). A module says which with `pytestmark = pytest.mark.unit` (or
+  `.live`) after its imports; one whose tests of both kinds share fixtures
+  (test_packaging.py) marks each test instead. pytest_collection_modifyitems
+  below stops the run when a collected test has neither mark or both, so
+  `pytest -m unit` and `pytest -m live` together are always the whole suite.
 """
 
 from __future__ import annotations
@@ -30,11 +44,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.detection import FaultyUpstream, ProxyProcess
-from bench.procs import free_ports
+from .support import LOOPBACK, FaultyUpstream, ProxyProcess, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"
 MiB = 1024 * 1024
 
 
@@ -50,6 +62,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"compiled modules are older than their sources ({', '.join(native.stale())}):"
             " run `make build` first",
             returncode=2,
+        )
+
+
+KINDS = ("unit", "live")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Stop the run when a collected test is not marked exactly one of KINDS (before
+    `-m` deselects anything, so the check covers every collected test)."""
+    wrong = []
+    for item in items:
+        kinds = sorted({mark.name for mark in item.iter_markers() if mark.name in KINDS})
+        if len(kinds) != 1:
+            wrong.append(f"  {item.nodeid}: {' and '.join(kinds) or 'neither'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) must be marked exactly one of `unit` and `live`"
+            " (module level: pytestmark = pytest.mark.unit or pytest.mark.live;"
+            " see tests/conftest.py):\n" + "\n".join(wrong)
         )
 
 
@@ -579,7 +611,7 @@ def versions_config(blue: list[str] | str, green: list[str] | str, **extra: Any)
 class Proxy(ProxyProcess):
     """One `python -m proxy run` subprocess on free ports, with admin helpers.
 
-    Config rendering and the process's life are `bench.detection.ProxyProcess`'s.
+    Config rendering and the process's life are `tests.support.ProxyProcess`'s.
     """
 
     def __init__(self, workdir: Path, config_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Helpers shared by the live release tests (test_guard_live.py, test_release.py).
 
-Everything talks to 127.0.0.1 only. Load is `bench.detection.Load`: scheduled on
+Everything talks to 127.0.0.1 only. Load is `tests.support.Load`: scheduled on
 a clock and bounded in time and count.
 """
 
@@ -19,9 +19,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from bench.detection import KEY_HEADER, VERSION_HEADER, FaultyUpstream, Load
-
 from .conftest import LOOPBACK, ROOT, Proxy, eventually, free_port
+from .support import KEY_HEADER, VERSION_HEADER, FaultyUpstream, Load
 
 
 def guard_config(

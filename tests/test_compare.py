@@ -10,6 +10,8 @@ import pytest
 from proxy.compare import Captured, Outcome, compare, compared_headers, excerpt, json_diff
 from proxy.config import Compare
 
+pytestmark = pytest.mark.unit
+
 JSON = (("content-type", "application/json"),)
 
 

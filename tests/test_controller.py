@@ -6,11 +6,15 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from proxy import rollout
 from proxy.config import parse
 from proxy.controller import Controller
 from proxy.runtime import Runtime
 from proxy.state import load
+
+pytestmark = pytest.mark.unit
 
 CONFIG = """
 state_file: state.json

@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import yaml
+import pytest
 
-from bench.procs import free_ports
 from proxy import demo
+
+from .support import free_ports
+
+pytestmark = pytest.mark.live
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARE_LINE = re.compile(
@@ -202,27 +205,7 @@ def test_bad_port_override_is_rejected() -> None:
     assert "TURNOUT_DEMO_PORTS must be four ports" in result.stderr
 
 
-# ------------------------------------------------------------------------- pieces
-
-
-def test_ports_default_and_override() -> None:
-    assert demo.ports_from_env({}) == demo.Ports(8080, 9901, 9001, 9002)
-    override = {"TURNOUT_DEMO_PORTS": "18080, 19901,19001,19002"}
-    assert demo.ports_from_env(override) == demo.Ports(18080, 19901, 19001, 19002)
-
-
-def test_builtin_config_matches_config_demo_yaml() -> None:
-    """The copy used when the source tree is absent (an installed wheel) must not drift."""
-    in_repo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    assert in_repo == demo.BUILTIN_CONFIG
-
-
-def test_share_line_shape() -> None:
-    window = demo.Tally(by_version={"blue": 91, "green": 9}, requests=100, errors=0)
-    line = demo.share_line(12, 10, window, ("blue", "green"))
-    m = SHARE_LINE.match(line)
-    assert m, line
-    assert m.groups() == ("12", "10", "91", "9", "100", "0")
+# ------------------------------------------------------------------- its upstream
 
 
 async def test_upstream_names_itself_and_injects_faults() -> None:

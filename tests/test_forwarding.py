@@ -31,6 +31,8 @@ from .conftest import (
     versions_config,
 )
 
+pytestmark = pytest.mark.live
+
 RSS_LIMIT = 100 * MiB
 
 

@@ -18,6 +18,8 @@ from proxy.framing import (
     response_framing,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def block(*lines: bytes) -> bytes:
     return b"".join(b"\r\n" + line for line in lines) + b"\r\n"

@@ -85,7 +85,7 @@ FUZZ = settings.get_profile("turnout-fuzz")
 # pytest-timeout's default (120 s) is far too short for a long run
 TEST_TIMEOUT = 120 + EXAMPLES * 0.1
 
-pytestmark = [pytest.mark.fuzz]
+pytestmark = [pytest.mark.live, pytest.mark.fuzz]
 
 RESPONSE_RULE_HEADER = b"X-Fuzz-Response"  # routes a request to the scripted upstream
 UPSTREAM_OK = b"ok"

@@ -27,6 +27,8 @@ from proxy.guard import (
     verdict,
 )
 
+pytestmark = pytest.mark.unit
+
 # --- Window ---------------------------------------------------------------------------
 
 

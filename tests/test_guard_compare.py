@@ -32,6 +32,8 @@ from bench.guard_compare import (
 )
 from proxy.guard import BREACH, Policy, Stats, verdict
 
+pytestmark = pytest.mark.unit
+
 RUNS = 60
 SEED = 7
 

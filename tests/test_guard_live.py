@@ -3,7 +3,7 @@ lifetime, the webhook, on_breach pause and alert (PRODUCT.md §6, §7, §8, §13
 
 Detection figures for 5 runs come from `python -m bench.detection`; here one run
 of each case is a regression test. The users are a seeded random sequence and
-green's 50 % faults are spread evenly (bench.detection.FaultyUpstream without an
+green's 50 % faults are spread evenly (tests.support.FaultyUpstream without an
 rng), so a run is reproducible up to scheduling jitter.
 """
 
@@ -13,16 +13,11 @@ import asyncio
 import random
 import signal
 import time
-import types
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-
-from bench.detection import FaultyUpstream, Result, measure
-from proxy.admin.auth import Caller, Denied, identify
-from proxy.config import Token
 
 from .conftest import LOOPBACK, Proxy, ProxyFactory, eventually
 from .live import (
@@ -37,6 +32,9 @@ from .live import (
     versions_seen,
     wait_latched,
 )
+from .support import FaultyUpstream, Result, measure
+
+pytestmark = pytest.mark.live
 
 FAST_GUARD = {  # trips within a fraction of a second at weight 50 and 100 % faults
     "window": "10s",
@@ -486,36 +484,6 @@ async def test_on_breach_alert_only_reports(pair, proxies: ProxyFactory, client)
 
 
 # ---------------------------------------------------------------- loopback only
-
-
-def _request(peer: str | None, authorization: str | None = None):
-    headers = {"Authorization": authorization} if authorization else {}
-    return types.SimpleNamespace(remote=peer, headers=headers)
-
-
-@pytest.mark.parametrize(
-    "peer", ["10.1.2.3", "192.168.0.10", "2001:db8::1", "::ffff:10.0.0.1", None, "garbage"]
-)
-def test_without_tokens_a_non_loopback_peer_is_refused(peer):
-    with pytest.raises(Denied) as err:
-        identify(_request(peer), ())
-    assert err.value.status == 403
-
-
-@pytest.mark.parametrize("peer", ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"])
-def test_without_tokens_a_loopback_peer_may_do_everything(peer):
-    caller = identify(_request(peer), ())
-    assert caller == Caller("local", frozenset({"viewer"}), everything=True)
-
-
-def test_with_tokens_the_peer_address_does_not_matter():
-    token = Token("ci", "ENV", frozenset({"viewer", "engineer"}), "s3cret")
-    for peer in ("127.0.0.1", "10.1.2.3"):
-        with pytest.raises(Denied) as err:
-            identify(_request(peer), (token,))
-        assert err.value.status == 401
-        caller = identify(_request(peer, "Bearer s3cret"), (token,))
-        assert caller.name == "ci" and not caller.everything
 
 
 @pytest.mark.timeout(20)

@@ -14,6 +14,8 @@ import pytest
 
 from bench.guard_sim import AB_MIN_CANARY_RPS, DURATION, poisson, simulate
 
+pytestmark = pytest.mark.unit
+
 RUNS = 1000
 
 

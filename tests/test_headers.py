@@ -15,6 +15,8 @@ from proxy.headers import (
     upstream_request,
 )
 
+pytestmark = pytest.mark.unit
+
 WANTED = frozenset({b"x-user-id", b"cookie"})
 SCANNER = request_scanner(tuple(sorted(WANTED)))
 

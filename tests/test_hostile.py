@@ -40,7 +40,7 @@ import pytest_asyncio
 
 from .conftest import LOOPBACK, Proxy, eventually, versions_config
 
-pytestmark = [pytest.mark.hostile, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.live, pytest.mark.hostile, pytest.mark.asyncio(loop_scope="module")]
 
 MAX_HEADER = 4096
 MAX_BODY = 4096

@@ -26,6 +26,8 @@ from .conftest import (
     versions_config,
 )
 
+pytestmark = pytest.mark.live
+
 SMUGGLE = (
     b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n2a\r\nGET /smuggled HTTP/1.1\r\nHost: internal\r\n"

@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import AppUpstream, ProxyFactory, versions_config
 
+pytestmark = pytest.mark.live
+
 LOCUSTFILE = Path(__file__).resolve().parent.parent / "bench" / "locustfile.py"
 
 

@@ -8,7 +8,7 @@ something was *not* copied also checks the `sent` counter, which the proxy
 bumps before the primary's response can reach the client.
 
 Everything listens on 127.0.0.1; every wait is bounded (conftest.eventually,
-RawClient timeouts, bench.detection.Load's hard request count).
+RawClient timeouts, tests.support.Load's hard request count).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bench.detection import FaultyUpstream
 from proxy.routing import bucket
 
 from .conftest import (
@@ -41,6 +40,9 @@ from .conftest import (
     versions_config,
 )
 from .live import admin, background_load, run_cli, state_doc, wait_latched
+from .support import FaultyUpstream
+
+pytestmark = pytest.mark.live
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
               "transfer-encoding", "upgrade"}  # fmt: skip

@@ -1,7 +1,8 @@
 """Packaging and shipping: Dockerfile, pyproject, Makefile, .ci/run, example configs, Kubernetes.
 
 These read files and run `python -m proxy check`; nothing here builds an image or
-needs a network.
+needs a network. The tests share their fixtures, so each carries its own marker:
+`live` where it runs `python -m proxy`, `unit` where it only reads files.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def only(stage: list[tuple[str, str]], word: str) -> str:
     return found[-1]
 
 
+@pytest.mark.unit
 def test_dockerfile_parser_handles_continuations_comments_and_json() -> None:
     text = 'FROM x\n# c\nRUN a \\\n  # inner\n  && b\nCMD ["run", "-c", "/f"]\n'
     assert dockerfile_instructions(text) == [
@@ -99,6 +101,7 @@ def test_dockerfile_parser_handles_continuations_comments_and_json() -> None:
     assert exec_form("a b") == ["/bin/sh", "-c", "a b"]
 
 
+@pytest.mark.unit
 def test_base_image_is_slim_python_3_11_or_newer(image: list[tuple[str, str]]) -> None:
     base = only(image, "FROM").split()[0]  # drop `AS name`
     m = re.fullmatch(r"(?:docker\.io/)?(?:library/)?python:(\d+)\.(\d+)(?:\.\d+)?-slim\S*", base)
@@ -106,6 +109,7 @@ def test_base_image_is_slim_python_3_11_or_newer(image: list[tuple[str, str]]) -
     assert (int(m[1]), int(m[2])) >= (3, 11)
 
 
+@pytest.mark.unit
 def test_runs_as_a_non_root_user(image: list[tuple[str, str]]) -> None:
     words = [w for w, _ in image]
     entry = words.index("ENTRYPOINT")
@@ -117,21 +121,25 @@ def test_runs_as_a_non_root_user(image: list[tuple[str, str]]) -> None:
     assert "USER" not in words[entry:], "USER changes after ENTRYPOINT"
 
 
+@pytest.mark.unit
 def test_effective_command_runs_the_bundled_config(image: list[tuple[str, str]]) -> None:
     command = exec_form(only(image, "ENTRYPOINT")) + exec_form(only(image, "CMD"))
     assert command == ["turnout", "run", "-c", CONFIG_IN_IMAGE], shlex.join(command)
 
 
+@pytest.mark.unit
 def test_exposes_proxy_and_admin_ports(image: list[tuple[str, str]]) -> None:
     ports = {p.split("/")[0] for w, args in image if w == "EXPOSE" for p in args.split()}
     assert {"8080", "9901"} <= ports
 
 
+@pytest.mark.unit
 def test_healthcheck_asks_the_admin_healthz(image: list[tuple[str, str]]) -> None:
     check = only(image, "HEALTHCHECK")
     assert "127.0.0.1:9901/healthz" in check and "urllib" in check
 
 
+@pytest.mark.live
 def test_bundled_config_passes_check_as_laid_out_in_the_image(
     image: list[tuple[str, str]], tmp_path: Path
 ) -> None:
@@ -157,6 +165,7 @@ def test_bundled_config_passes_check_as_laid_out_in_the_image(
     assert_checks(tmp_path / Path(CONFIG_IN_IMAGE).name)
 
 
+@pytest.mark.unit
 def test_image_installs_the_package_built_in_its_own_stage(image: list[tuple[str, str]]) -> None:
     """A first stage (with a C compiler) builds the compiled wheel; the image installs it."""
     stages = dockerfile_instructions((ROOT / "Dockerfile").read_text())
@@ -171,6 +180,7 @@ def test_image_installs_the_package_built_in_its_own_stage(image: list[tuple[str
     assert any(w == "RUN" and "pip install --no-cache-dir" in args for w, args in image)
 
 
+@pytest.mark.unit
 def test_dockerignore_keeps_what_the_image_needs() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     rules = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
@@ -190,6 +200,7 @@ def test_dockerignore_keeps_what_the_image_needs() -> None:
 # ------------------------------------------------------------------------- pyproject
 
 
+@pytest.mark.unit
 def test_pyproject_declares_the_turnout_distribution() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == "turnout"
@@ -201,6 +212,7 @@ def test_pyproject_declares_the_turnout_distribution() -> None:
     assert "test" in extras and "bench" in extras
 
 
+@pytest.mark.live
 def test_python_m_proxy_help_works() -> None:
     result = turnout("--help")
     assert result.returncode == 0, result.stderr
@@ -211,6 +223,7 @@ def test_python_m_proxy_help_works() -> None:
 # ------------------------------------------------------------------- Makefile and CI
 
 
+@pytest.mark.unit
 def test_makefile_has_the_documented_targets() -> None:
     text = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([A-Za-z][\w.-]*)\s*:(?!=)", text, re.M))
@@ -219,6 +232,7 @@ def test_makefile_has_the_documented_targets() -> None:
     assert re.search(r"^test:.*\bvenv\b", text, re.M), "make test must create the venv"
 
 
+@pytest.mark.unit
 def test_ci_runs_make_test() -> None:
     ci = ROOT / ".ci" / "run"
     assert os.access(ci, os.X_OK), ".ci/run must be executable"
@@ -236,16 +250,19 @@ def test_ci_runs_make_test() -> None:
 CONFIGS = sorted(p for ext in ("*.yaml", "*.yml") for p in (ROOT / "config").rglob(ext))
 
 
+@pytest.mark.unit
 def test_there_are_example_configs() -> None:
     names = {p.name for p in CONFIGS}
     assert {"turnout.yaml", "demo.yaml"} <= names
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_example_config_passes_check(path: Path) -> None:
     assert_checks(path)
 
 
+@pytest.mark.unit
 def test_example_config_keeps_the_admin_api_on_loopback() -> None:
     doc = yaml.safe_load((ROOT / "config" / "turnout.yaml").read_text())
     assert doc["admin"]["listen"].startswith("127.0.0.1:")
@@ -278,6 +295,7 @@ def sidecar() -> tuple[dict, dict]:
     return template, found[0]
 
 
+@pytest.mark.live
 def test_configmap_turnout_yaml_passes_check(tmp_path: Path) -> None:
     (configmap,) = [cm for cm in kind("ConfigMap") if "turnout.yaml" in cm["data"]]
     path = tmp_path / "turnout.yaml"
@@ -289,6 +307,7 @@ def test_configmap_turnout_yaml_passes_check(tmp_path: Path) -> None:
         assert all(url.startswith("http://127.0.0.1:") for url in version["endpoints"])
 
 
+@pytest.mark.unit
 def test_sidecar_mounts_the_configmap_folder_and_is_probed() -> None:
     template, container = sidecar()
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -304,6 +323,7 @@ def test_sidecar_mounts_the_configmap_folder_and_is_probed() -> None:
         assert ports.get(port, port) == 9901
 
 
+@pytest.mark.unit
 def test_pod_runs_as_non_root_and_is_scraped() -> None:
     template, container = sidecar()
     pod_security = template["spec"].get("securityContext", {})
@@ -316,6 +336,7 @@ def test_pod_runs_as_non_root_and_is_scraped() -> None:
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+@pytest.mark.unit
 def test_service_sends_port_80_to_the_proxy() -> None:
     _, container = sidecar()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -13,10 +13,13 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import Proxy, ProxyFactory, eventually, versions_config
 from .live import admin, status, versions_seen
+
+pytestmark = pytest.mark.live
 
 
 class StateFolder:

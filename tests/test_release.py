@@ -27,6 +27,8 @@ from .live import (
     write_with_tokens,
 )
 
+pytestmark = pytest.mark.live
+
 # A guard that judges a healthy canary healthy after a few requests: a step needs
 # `min_requests` canary requests and evidence that the canary is under its budget; at
 # 20% that takes 17 error-free canary requests (~2 s at weight 5 and 200 req/s), at

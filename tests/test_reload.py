@@ -11,15 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
-from proxy import reload as reload_module
 from proxy.config import load
-from proxy.reload import Reloader
 from proxy.routing import bucket
-from proxy.runtime import Runtime
 
 from .conftest import AppUpstream, Proxy, ProxyFactory, eventually, versions_config
+
+pytestmark = pytest.mark.live
 
 GROUP = "checkout"
 
@@ -342,59 +340,6 @@ async def test_a_deeply_nested_config_is_rejected_and_later_edits_still_apply(
     doc = await wait_generation(proxy, 2)
     assert doc["config"]["last_error"] is None and doc["weight"]["configured"] == 30
     assert "RecursionError" not in proxy.log() and "Traceback" not in proxy.log()
-
-
-def _runtime(tmp_path: Path, text: str) -> tuple[Path, Reloader]:
-    path = tmp_path / "turnout.yaml"
-    path.write_text(text)
-    return path, Reloader(Runtime(load(str(path))))
-
-
-def _valid(weight: int) -> str:
-    return yaml.safe_dump(config("http://127.0.0.1:9", "http://127.0.0.1:10", weight))
-
-
-async def test_a_write_landing_right_after_a_rejected_load_is_applied(tmp_path: Path, monkeypatch):
-    """The race: a rejected load, then a valid write before the reloader notes what it saw."""
-    path, reloader = _runtime(tmp_path, _valid(0))
-    path.write_text(_valid(0).replace("weight: 0", "weight: 150"))
-    real_load = reload_module.load
-
-    def load_then_a_write_lands(p: str):
-        try:
-            return real_load(p)
-        finally:
-            path.write_text(_valid(50))  # after the bad bytes were parsed
-
-    monkeypatch.setattr(reload_module, "load", load_then_a_write_lands)
-    await reloader.check("test")
-    assert "routing.weight" in (reloader.runtime.last_error or "")
-    monkeypatch.setattr(reload_module, "load", real_load)
-    assert await asyncio.to_thread(reloader.changed)  # the new bytes were never parsed
-    await reloader.check("test")
-    assert reloader.runtime.snapshot.generation == 2
-    assert reloader.runtime.config.routing.weight == 50
-    await reloader.check("test")  # and nothing changed since: no new generation
-    assert reloader.runtime.snapshot.generation == 2
-
-
-async def test_a_failure_of_any_kind_while_reloading_keeps_the_old_config(
-    tmp_path: Path, monkeypatch
-):
-    path, reloader = _runtime(tmp_path, _valid(0))
-    path.write_text(_valid(20))
-
-    def broken(p: str):
-        raise MemoryError("simulated")
-
-    monkeypatch.setattr(reload_module, "load", broken)
-    await reloader.check("test")  # never raises
-    rt = reloader.runtime
-    assert rt.snapshot.generation == 1 and "MemoryError" in (rt.last_error or "")
-    assert rt.recorder.reloads["failure"] == 1
-    monkeypatch.setattr(reload_module, "load", load)
-    ok, error = await reloader.reload_now("test")
-    assert ok and error is None and rt.config.routing.weight == 20 and rt.last_error is None
 
 
 @pytest.mark.timeout(90)

@@ -20,6 +20,8 @@ from proxy.rollout import (
     advance,
 )
 
+pytestmark = pytest.mark.unit
+
 MIN = 50  # min_requests
 PLAIN = RolloutConfig((Step(1), Step(10), Step(50), Step(100)), interval=60.0)
 GATED = RolloutConfig((Step(1), Step(10), Step(50, approve="product"), Step(100)), interval=60.0)

@@ -11,6 +11,8 @@ import pytest
 from proxy.config import parse
 from proxy.routing import COOKIE_NAME, RequestView, Table, bucket, decide
 
+pytestmark = pytest.mark.unit
+
 BASE = """
 stable: blue
 canary: green

@@ -23,6 +23,8 @@ from .conftest import (
     versions_config,
 )
 
+pytestmark = pytest.mark.live
+
 GROUP = "checkout"
 
 

@@ -18,6 +18,8 @@ import pytest
 from proxy.guard import Policy
 from proxy.sequential import Cumulative, Outcomes, Promotion, Rate, Relative
 
+pytestmark = pytest.mark.unit
+
 
 def poisson(rng: random.Random, mean: float) -> int:
     """Knuth's method: fine for the small means a tick has here."""

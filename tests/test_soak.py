@@ -14,6 +14,8 @@ import pytest
 
 from bench import soak
 
+pytestmark = pytest.mark.live
+
 
 @pytest.mark.parametrize("name", [n for n in soak.SCENARIOS if n != "readonly"])
 async def test_soak_scenario(name: str, tmp_path: Path) -> None:

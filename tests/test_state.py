@@ -13,6 +13,8 @@ from proxy import rollout, state
 from proxy.config import RolloutConfig, Step
 from proxy.state import Latch, State, StateError
 
+pytestmark = pytest.mark.unit
+
 LATCHED = State(
     latch=Latch(
         active=True,

@@ -16,13 +16,14 @@ import time
 import aiohttp
 import pytest
 
-from bench.detection import KEY_HEADER, VERSION_HEADER
 from proxy.controller import TICK
-from proxy.workers import Ledger
 
 from .conftest import LOOPBACK, ROOT, Metrics, Proxy, ProxyFactory, eventually, versions_config
 from .live import admin, background_load, guard_config, run_cli, status, wait_latched
+from .support import KEY_HEADER, VERSION_HEADER
 from .test_persistence import StateFolder, state_config
+
+pytestmark = pytest.mark.live
 
 WORKERS_ENV = dict(os.environ, TURNOUT_WORKERS="2", PYTHONUNBUFFERED="1")
 
@@ -427,16 +428,3 @@ async def test_a_corrupt_state_file_is_logged_once_per_worker(proxies, blue, gre
     # Many ticks later (the leader pushes every tick), still one line per worker start.
     await asyncio.sleep(10 * TICK)
     assert proxy.log().count("not valid JSON") == 2
-
-
-def test_the_ledger_keeps_the_newest_whole_copy(tmp_path):
-    first = Ledger(str(tmp_path))
-    assert first.read("counts") is None
-    for i in range(3):  # copies 1, 2, 3 in slots 1, 0, 1
-        assert first.write("counts", {"i": i})
-    assert first.read("counts") == {"i": 2}
-    successor = Ledger(str(tmp_path))  # a new leader numbers on: copy 4, in slot 0
-    assert successor.write("counts", {"i": 3}) and successor.read("counts") == {"i": 3}
-    cut = tmp_path / "counts.0"
-    cut.write_bytes(cut.read_bytes()[:9])  # cut short by a kill in the middle of a write
-    assert Ledger(str(tmp_path)).read("counts") == {"i": 2}  # one step older, never wrong
