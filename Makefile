@@ -6,7 +6,7 @@
 #   make test-live  only the live tests: real loopback sockets and processes
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
 #   make build      compile the forwarding path again (after editing one of its modules)
-#   make lint       ruff check + ruff format --check + mypy over all of proxy/
+#   make lint       ruff check + ruff format --check + mypy over all of proxy/ + the layers contract
 #   make bench      Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
 #   make soak       fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                   (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
@@ -73,6 +73,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: venv
 	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.leg import sized_response
 from proxy.framing import FramingError, response_framing
 from proxy.headers import (
     HeaderError,
@@ -14,6 +13,7 @@ from proxy.headers import (
     scan_response,
     upstream_request,
 )
+from proxy.leg import sized_response
 
 pytestmark = pytest.mark.unit
 

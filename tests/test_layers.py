@@ -38,7 +38,9 @@ def test_every_module_of_the_package_sits_in_one_layer_of_the_contract():
     contract = _contract()
     layers = [[m.strip() for m in line.split("|")] for line in contract["layers"]]
     graph = grimp.build_graph("proxy")
-    unlisted = sorted(m for m in graph.modules if m not in PACKAGES and _layer_of(m, layers) is None)
+    unlisted = sorted(
+        m for m in graph.modules if m not in PACKAGES and _layer_of(m, layers) is None
+    )
     assert unlisted == []
     listed = [m for layer in layers for m in layer]
     assert len(listed) == len(set(listed)), "a module is listed twice"
