@@ -1,18 +1,12 @@
-"""Client side: one asyncio Protocol per client connection, read with proxy.framing.
+"""Client side: one asyncio Protocol per client connection.
 
 Rules:
-- Every request head is judged whole, in the strict grammar, before anything of
-  it is acted on (proxy.framing): one framing authority, no second parser that
-  could read the same bytes differently. Its body is read exactly as its
-  framing says; the next request starts right after it.
+- Requests are read by the connection's reading half (proxy.http.reading:
+  the strict framing, the limits on heads, the reduction of targets).
 - Requests are answered in order. While one exchange is in flight, pipelined
   requests queue behind it and reading from the client pauses.
-- A malformed request gets 400 (or 405, 413, 431, 501, 505) and the connection
-  closes; nothing of it reaches an upstream. Head bytes are counted as they
-  arrive: a head past `max_header_bytes` is refused before it is complete.
-- The request target never chooses a destination: absolute-form targets are
-  reduced to their path.
-- The snapshot is read once per request, at the end of its head.
+- A refused request is answered (after the exchange in flight, if any) and
+  the connection closes, lingering so the answer is not lost to a reset.
 - Reading is paused for several independent reasons (a bit each): upstream
   back-pressure, queued pipelined requests, buffering while connecting.
 - Timeouts (checked by the server's sweep, see `overdue`): a head must arrive
@@ -24,50 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from ..answers import error_response
-from ..forward import ClientSide, Exchange, MirrorTap
-from ..framing import (
-    CHUNKED,
-    LENGTH,
-    NONE,
-    REQUEST_HEAD,
-    ChunkedReader,
-    FramingError,
-    bare_lf_end,
-    head_fault,
-)
-from ..headers import HeaderError, RequestHead, scan_request, upstream_request
-from ..routing import RequestView, decide
-from ..shared import Shared, Snapshot
-from .outbox import abort, close, flush, send
+from ..forward import Exchange, MirrorTap
+from ..framing import FramingError
+from ..headers import HeaderError
+from ..shared import Shared
+from .outbox import abort, close, linger, send
+from .reading import BODY_CHUNKED, BODY_LENGTH, HEAD, STOPPED, Reject, RequestReader
 
 if TYPE_CHECKING:
     from ..config import Limits
 
 PAUSE_PIPELINE = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUSE_CONNECT
 LINGER = 2.0  # seconds a closed connection's late bytes are read and dropped
-MAX_EMPTY_LINES = 8  # blank lines tolerated before a request line (RFC 9112 §2.2)
-
-# What the connection is reading.
-HEAD = 0
-BODY_LENGTH = 1
-BODY_CHUNKED = 2
-TUNNEL = 3
-STOPPED = 4  # a request was refused: nothing more is read
 
 
-class _Reject(Exception):
-    def __init__(self, status: int, cause: str) -> None:
-        super().__init__(cause)
-        self.status = status
-        self.cause = cause
-        self.head_only = False  # it answers a HEAD request: no body (RFC 9110 §9.3.2)
-
-
-class ClientConnection(ClientSide):
+class ClientConnection(RequestReader):
     """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
     the loop only calls the methods, and a class with no Python base compiles to a
     native class (see proxy/native.py). It is the `ClientSide` its exchanges talk to.
@@ -77,34 +45,26 @@ class ClientConnection(ClientSide):
     """
 
     __slots__ = (
-        "shared", "tap", "registry", "transport", "peer", "peer_bytes", "buf", "phase", "left",
-        "chunks", "current", "queue", "paused", "tunnel", "closed", "idle_since", "reject",
-        "last", "eof", "head_since", "progress", "seen", "seen_at", "write_paused",
+        "registry", "transport", "current", "queue", "paused", "tunnel", "closed",
+        "idle_since", "reject", "eof", "progress", "seen", "seen_at", "write_paused",
     )  # fmt: skip
 
     def __init__(
         self, shared: Shared, tap: MirrorTap | None, registry: set[ClientConnection]
     ) -> None:
-        self.shared = shared
-        self.tap = tap
+        super().__init__(shared, tap)
         self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.peer = ""
-        self.peer_bytes = b""
-        self.buf = bytearray()  # a request head still being received, over several reads
-        self.phase = HEAD
-        self.left = 0  # BODY_LENGTH: body bytes still to come
-        self.chunks: ChunkedReader | None = None
         self.current: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
+        # Pipelined requests waiting their turn: a list, made only when one waits
+        # (an empty deque costs more than half a kilobyte on every connection).
+        self.queue: list[Exchange] | None = None
         self.paused = 0
         self.tunnel: Exchange | None = None
         self.closed = False
         self.idle_since = time.monotonic()
-        self.reject: _Reject | None = None
-        self.last: Exchange | None = None  # the exchange whose request is being read
+        self.reject: Reject | None = None
         self.eof = False  # the client half-closed its side
-        self.head_since = 0.0  # monotonic time the head being received began; 0: none
         self.progress = 0  # reads so far
         self.seen = 0  # `progress` at the last sweep that saw it change
         self.seen_at = 0.0
@@ -135,137 +95,12 @@ class ClientConnection(ClientSide):
             return  # a refused request: nothing after it is read
         try:
             self.consume(data)
-        except _Reject as r:
+        except Reject as r:
             self.stop(r)
         except FramingError as fe:
-            self.stop(_Reject(fe.status, fe.cause))
+            self.stop(Reject(fe.status, fe.cause))
         except HeaderError as he:
-            self.stop(_Reject(400, str(he)))
-
-    def consume(self, data: bytes) -> None:
-        """Read requests from `data`, in order, each exactly as its framing says."""
-        while data:
-            phase = self.phase
-            if phase == HEAD:
-                rest = self.read_head(data)
-                if rest is None:
-                    return
-                data = rest
-            elif phase == BODY_LENGTH:
-                left = self.left
-                piece = data if len(data) <= left else data[:left]
-                self.left = left - len(piece)
-                ex = self.last
-                if ex is not None:
-                    ex.request_body(piece)
-                if self.left:
-                    return
-                data = data[len(piece) :]
-                self.message_done()
-            elif phase == BODY_CHUNKED:
-                pieces: list[bytes] = []
-                rest = self.chunks.feed(data, pieces)  # type: ignore[union-attr]
-                ex = self.last
-                for piece in pieces:
-                    if ex is not None:
-                        ex.request_body(piece)
-                if rest is None:
-                    return
-                data = rest
-                self.message_done()
-            elif phase == TUNNEL:
-                if self.tunnel is not None:
-                    self.tunnel.tunnel_from_client(data)
-                return
-            else:
-                return
-
-    def read_head(self, data: bytes) -> bytes | None:
-        """Gather one request head and start its exchange; the bytes after the head,
-        or None when it is not complete yet.
-
-        A head in one read is taken from it as it is; one that spans reads is
-        gathered in a bytearray (appending is linear, where joining bytes read by
-        read would be quadratic for a head trickled a byte at a time).
-        """
-        limit = self.shared.snapshot.max_header_bytes
-        pending = self.buf
-        if pending:
-            old = len(pending)
-            pending += data
-            end = pending.find(b"\r\n\r\n", max(0, old - 3))
-            if end == -1 or end + 4 > limit:
-                self.unfinished(pending, old, end)
-                return None
-            buf = bytes(pending)
-            self.buf = bytearray()
-        else:
-            buf = data
-            if buf[:1] == b"\r" or buf[:1] == b"\n":
-                buf = _skip_empty_lines(buf)
-                if not buf:
-                    return None
-            end = buf.find(b"\r\n\r\n")
-            if end == -1 or end + 4 > limit:
-                self.unfinished(buf, 0, end)
-                self.buf = bytearray(buf)
-                return None
-        self.head_since = 0.0
-        self.begin(buf[: end + 2])
-        return buf[end + 4 :]
-
-    def unfinished(self, buf: bytes | bytearray, old: int, end: int) -> None:
-        """A head not complete yet: refuse it at once if it can never be good."""
-        if end != -1 or len(buf) > self.shared.snapshot.max_header_bytes:
-            raise _Reject(431, "request line and headers exceed max_header_bytes")
-        if bare_lf_end(buf, old):
-            raise _Reject(400, "malformed request: bare LF line ends")
-        if not self.head_since:
-            self.head_since = time.monotonic()
-
-    def begin(self, head: bytes) -> None:
-        """Judge a whole head, make its exchange, and set up the reading of its body."""
-        m = REQUEST_HEAD.fullmatch(head)
-        if m is None:
-            raise _Reject(400, f"malformed request: {head_fault(head)}")
-        method, target, major, minor, lines = m.groups()
-        if major != b"1" or minor not in (b"0", b"1"):
-            raise _Reject(505, "HTTP version not supported")
-        http11 = minor == b"1"
-        ex = self.new_exchange(method, target, lines + b"\r\n", http11)
-        framing = ex.head.framing
-        self.last = ex
-        if self.current is None:
-            self.current = ex
-            ex.start()
-        else:
-            self.queue.append(ex)
-            self.pause_reading(PAUSE_PIPELINE)
-        mode = framing.mode
-        if mode == LENGTH:
-            self.phase = BODY_LENGTH
-            self.left = framing.length
-        elif mode == CHUNKED:
-            self.phase = BODY_CHUNKED
-            self.chunks = ChunkedReader(400, ex.snap.max_body_bytes)
-        else:
-            self.message_done()
-            if ex.upgrade:
-                self.phase = TUNNEL
-                self.upgrade_bytes(b"")
-
-    def message_done(self) -> None:
-        self.phase = HEAD
-        self.chunks = None
-        ex = self.last
-        self.last = None
-        if ex is not None:
-            ex.request_complete()
-
-    def stop(self, reject: _Reject) -> None:
-        self.phase = STOPPED
-        self.buf = bytearray()
-        self.bad_request(reject)
+            self.stop(Reject(400, str(he)))
 
     def eof_received(self) -> bool | None:
         if self.phase == STOPPED and self.current is None:
@@ -274,7 +109,7 @@ class ClientConnection(ClientSide):
             self.tunnel.client_lost()  # a tunnel ends when either side ends it
             return None
         if self.phase in (BODY_LENGTH, BODY_CHUNKED):
-            self.stop(_Reject(400, "the client closed the connection mid-request"))
+            self.stop(Reject(400, "the client closed the connection mid-request"))
             return None
         # A half-closed client may still be waiting for its answer.
         self.eof = True
@@ -287,9 +122,9 @@ class ClientConnection(ClientSide):
             self.current.client_lost()
         if self.tunnel is not None:
             self.tunnel.client_lost()
-        for ex in self.queue:
+        queue, self.queue = self.queue, None
+        for ex in queue or ():
             ex.cancel()
-        self.queue.clear()
 
     def pause_writing(self) -> None:
         self.write_paused = time.monotonic()
@@ -317,51 +152,21 @@ class ClientConnection(ClientSide):
     def peer_address(self) -> str:
         return self.peer
 
+    def tunnel_bytes(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_from_client(data)
+
     # -- exchanges --------------------------------------------------------------------
 
-    def new_exchange(self, method: bytes, target: bytes, block: bytes, http11: bool) -> Exchange:
-        if method == b"CONNECT":
-            raise _Reject(405, "CONNECT is not supported")
-        if target[:1] != b"/":
-            target = _origin_form(method, target)
-        snap = self.shared.snapshot
-        head = scan_request(block, snap.table.scanner, snap.table.wanted, http11)
-        if http11 and head.host is None:
-            raise _Reject(400, "missing Host header")
-        framing = head.framing
-        keep_alive = framing.keep_alive(http11)
-        upgrade = http11 and head.upgrade is not None and b"upgrade" in framing.options
-        if upgrade and framing.mode != NONE:
-            raise _Reject(400, "an upgrade request with a body")
-        return self.exchange_for(snap, method, target, head, http11, keep_alive, upgrade)
-
-    def exchange_for(
-        self,
-        snap: Snapshot,
-        method: bytes,
-        target: bytes,
-        head: RequestHead,
-        http11: bool,
-        keep_alive: bool,
-        upgrade: bool,
-    ) -> Exchange:
-        decision = snap.table.quick(head.routing)
-        if decision is None:
-            path, _, query = target.partition(b"?")
-            view = RequestView(
-                method.decode("latin-1"),
-                path.decode("latin-1"),
-                query.decode("latin-1"),
-                head.routing,
-                self.peer,
-            )
-            decision = decide(view, snap.table)
-        head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
-        keep_alive = keep_alive and not self.shared.draining
-        return Exchange(
-            self, self.shared, self.tap, snap, decision, method, target, head_bytes, head,
-            keep_alive, http11, upgrade,
-        )  # fmt: skip
+    def admit(self, ex: Exchange) -> None:
+        if self.current is None:
+            self.current = ex
+            ex.start()
+            return
+        if self.queue is None:
+            self.queue = []
+        self.queue.append(ex)
+        self.pause_reading(PAUSE_PIPELINE)
 
     def exchange_done(self, ex: Exchange) -> None:
         if ex is not self.current or self.tunnel is not None:
@@ -372,7 +177,7 @@ class ClientConnection(ClientSide):
             return
         self.idle_since = time.monotonic()
         if self.queue:
-            nxt = self.queue.popleft()
+            nxt = self.queue.pop(0)
             self.current = nxt
             if not self.queue and self.reject is None:
                 self.resume_reading(PAUSE_PIPELINE)
@@ -383,7 +188,7 @@ class ClientConnection(ClientSide):
     def upgrade_bytes(self, rest: bytes) -> None:
         ex = self.current
         if ex is None or not ex.upgrade:
-            self.stop(_Reject(400, "unexpected protocol upgrade"))
+            self.stop(Reject(400, "unexpected protocol upgrade"))
             return
         if rest:
             ex.tunnel_from_client(rest)
@@ -393,7 +198,7 @@ class ClientConnection(ClientSide):
     def start_tunnel(self, ex: Exchange) -> None:
         self.tunnel = ex
 
-    def bad_request(self, reject: _Reject) -> None:
+    def bad_request(self, reject: Reject) -> None:
         """Answer a request that cannot be parsed or forwarded, then close."""
         ex, self.last = self.last, None
         if ex is not None and not ex.request_whole():
@@ -408,7 +213,7 @@ class ClientConnection(ClientSide):
             self.reject = reject  # answer once the exchange in flight is over
             self.pause_reading(PAUSE_PIPELINE)
             return
-        self.queue.clear()
+        self.queue = None
         self.shared.recorder.rejected(reject.status)
         expose = self.shared.snapshot.expose_version
         answer = error_response(reject.status, None, reject.cause, expose, reject.head_only)
@@ -442,13 +247,13 @@ class ClientConnection(ClientSide):
         phase = self.phase
         if phase == HEAD:
             if self.head_since and now - self.head_since > limits.client_header_timeout:
-                self.stop(_Reject(408, "request head not received within client_header_timeout"))
+                self.stop(Reject(408, "request head not received within client_header_timeout"))
                 return
         elif phase in (BODY_LENGTH, BODY_CHUNKED):
             if self.paused:
                 self.seen_at = now  # the proxy holds the client back: not its delay
             elif now - self.seen_at > limits.client_body_timeout:
-                self.stop(_Reject(408, "request body stalled past client_body_timeout"))
+                self.stop(Reject(408, "request body stalled past client_body_timeout"))
                 return
         ex = self.current
         if ex is not None:
@@ -474,37 +279,8 @@ class ClientConnection(ClientSide):
         if self.eof or not transport.can_write_eof():
             close(transport)
             return
-        flush()
-        transport.write_eof()
-        if self.paused:
-            self.paused = 0
-            transport.resume_reading()
-        asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self.paused = 0
+        linger(transport, LINGER)
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
-
-
-def _skip_empty_lines(buf: bytes) -> bytes:
-    """Drop the empty lines a client may send before a request line (RFC 9112 §2.2),
-    at most MAX_EMPTY_LINES of them, each a whole CRLF."""
-    rest = buf.lstrip(b"\r\n")
-    skipped = len(buf) - len(rest)
-    if skipped > 2 * MAX_EMPTY_LINES or buf.count(b"\r\n", 0, skipped) * 2 != skipped:
-        raise _Reject(400, "malformed request: empty lines before the request line")
-    return rest
-
-
-def _origin_form(method: bytes, target: bytes) -> bytes:
-    """Reduce an absolute-form target to its path; the named host is ignored."""
-    low = target[:8].lower()
-    if low.startswith(b"http://") or low.startswith(b"https://"):
-        rest = target.split(b"//", 1)[1]
-        slash = rest.find(b"/")
-        query = rest.find(b"?")
-        if slash == -1 or (query != -1 and query < slash):
-            return b"/" + (rest[query:] if query != -1 else b"")
-        return rest[slash:]
-    if target == b"*" and method == b"OPTIONS":
-        return target
-    raise _Reject(400, "invalid request target")

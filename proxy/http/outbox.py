@@ -70,3 +70,12 @@ def abort(transport: asyncio.BaseTransport) -> None:
     """Abort now; what was queued before still goes out first, as it would have."""
     flush()
     transport.abort()  # type: ignore[attr-defined]
+
+
+def linger(transport: asyncio.Transport, seconds: float) -> None:
+    """Half-close after what was queued for it, keep reading (and dropping) what the
+    peer still sends, and close at the latest `seconds` from now."""
+    flush()
+    transport.write_eof()
+    transport.resume_reading()
+    asyncio.get_running_loop().call_later(seconds, transport.close)
