@@ -75,6 +75,9 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# 256, 64 and 1 connections, 5 interleaved rounds; then the memory per connection
+BENCH_ARGS ?= --connections 256,64,1 --rounds 5
+
 bench: venv
 	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -84,7 +87,8 @@ bench: venv
 	         "install them (sudo apt-get install nginx-light wrk) for the full comparison"; \
 	  fi; \
 	fi
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.memory
 
 soak: venv
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)

@@ -37,6 +37,8 @@ class Row:
     x_turnout: float | None = None  # against plain Turnout (the cost of a feature)
     p99_x_turnout: float | None = None  # p99 against plain Turnout's
     added_p50_ms: float | None = None
+    user_us: float | None = None  # median user CPU µs per request of the target's processes
+    sys_us: float | None = None
 
 
 def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) -> list[Row]:
@@ -53,6 +55,10 @@ def summarize(runs: list[WrkRun], targets: list[str], connections: list[int]) ->
                 row.p50_ms = statistics.median(r.p50_ms for r in good if r.p50_ms is not None)
                 row.p99_ms = statistics.median(r.p99_ms for r in good if r.p99_ms is not None)
                 row.max_ms = max((r.max_ms for r in good if r.max_ms is not None), default=None)
+                users = [r.user_us for r in good if r.user_us is not None]
+                kernel = [r.sys_us for r in good if r.sys_us is not None]
+                row.user_us = statistics.median(users) if users else None
+                row.sys_us = statistics.median(kernel) if kernel else None
             rows[name, c] = row
     for (name, c), row in rows.items():
         ref = "nginx-workers" if name.endswith("-workers") else "nginx"
@@ -78,6 +84,12 @@ def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _cpu(r: Row) -> str:
+    if r.user_us is None or r.sys_us is None:
+        return "—"
+    return f"{r.user_us:.1f} + {r.sys_us:.1f}"
+
+
 def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
     head = (
         f"## Turnout benchmark — {meta['cpu_count']} cores (os.cpu_count()), "
@@ -94,8 +106,9 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
         f"{meta['platform']}",
         "",
         "| target | conns | req/s (median) | req/s min–max | p50 ms | p99 ms | max ms | × nginx "
-        "| × nginx-stock | × turnout | p99 × turnout | added p50 vs direct (ms) | ok runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| × nginx-stock | × turnout | p99 × turnout | added p50 vs direct (ms) "
+        "| CPU µs/req user + kernel | ok runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = "—" if r.rps_min is None else f"{r.rps_min:,.0f}–{r.rps_max:,.0f}"
@@ -105,7 +118,7 @@ def markdown(rows: list[Row], meta: dict[str, object], notes: list[str]) -> str:
             f"| {_num(r.x_nginx, '.2f')} "
             f"| {_num(r.x_stock, '.2f')} | {_num(r.x_turnout, '.3f')} "
             f"| {_num(r.p99_x_turnout, '.3f')} "
-            f"| {_num(r.added_p50_ms, '+.3f')} | {r.ok_runs}/{r.total_runs} |"
+            f"| {_num(r.added_p50_ms, '+.3f')} | {_cpu(r)} | {r.ok_runs}/{r.total_runs} |"
         )
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]

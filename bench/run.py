@@ -158,9 +158,12 @@ def scenario_extra(b: Bench, extra: dict[str, object]) -> dict[str, object]:
     return {}
 
 
-def turnout_target(name: str, extra: dict[str, object], workers: bool = False) -> Target:
+def turnout_target(
+    name: str, extra: dict[str, object], workers: bool = False, pure: bool = False
+) -> Target:
     """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in;
-    `workers`: with `--workers` processes (else one)."""
+    `workers`: with `--workers` processes (else one); `pure`: the pure Python build
+    (TURNOUT_PURE=1: the sources run, not the compiled modules)."""
 
     def start(b: Bench) -> str:
         port, admin = free_ports(2)
@@ -175,6 +178,8 @@ def turnout_target(name: str, extra: dict[str, object], workers: bool = False) -
         if workers:
             argv += ["--workers", str(b.args.workers)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if pure:
+            env["TURNOUT_PURE"] = "1"
         proc, log = b.procs.start(name, argv, cwd=REPO, env=env)
         b.watched[name] = (proc, log)
         wait_for_http_200(proc, admin, "/readyz", log, name, b.args.ready_timeout)
@@ -231,6 +236,7 @@ TARGETS: dict[str, Target] = {
     "nginx-stock": nginx_target("nginx-stock", keepalive=False),  # NGINX's proxy defaults
     # one process per core each (--workers): how both are deployed on a whole machine
     "turnout-workers": turnout_target("turnout-workers", {}, workers=True),
+    "turnout-pure": turnout_target("turnout-pure", {}, pure=True),  # TURNOUT_PURE=1
     "nginx-workers": nginx_target("nginx-workers", keepalive=True, workers=True),
 }
 
@@ -240,6 +246,7 @@ TARGET_PRESETS: dict[str, list[str]] = {
         "direct",
         "turnout",
         "turnout-guard",
+        "turnout-pure",
         "nginx",
         "nginx-stock",
         "turnout-workers",
@@ -340,6 +347,33 @@ def probe(url: str, routed: bool, users: int = 200) -> str:
 # ---------------------------------------------------------------- the session
 
 
+def cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(user, kernel) clock ticks of `pid` and every live process below it."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        ticks[child] = (int(fields[11]), int(fields[12]))  # utime, stime
+    if pid not in ticks:
+        return None
+    user = kernel = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        u, k = ticks.get(p, (0, 0))
+        user, kernel = user + u, kernel + k
+        todo.extend(children.get(p, ()))
+    return user, kernel
+
+
 class Session:
     def __init__(self, args: argparse.Namespace, wrk_bin: str, b: Bench) -> None:
         self.args, self.wrk, self.b = args, wrk_bin, b
@@ -381,12 +415,21 @@ class Session:
         check_alive(self.b.upstream_proc, self.b.upstream_log, "the upstream")  # type: ignore[arg-type]
         for what, proc, log in self.b.upstream_extra:
             check_alive(proc, log, what)
+        pid = None
         if name in self.b.watched:
             proc, log = self.b.watched[name]
             if proc.poll() is not None:
                 run.error = f"{name} is no longer running (status {proc.poll()}); log:\n{tail(log)}"
                 return run
-        return wrk.execute(self.wrk, self.urls[name], run, self.args.users)
+            pid = proc.pid
+        before = cpu_ticks(pid) if pid else None
+        run = wrk.execute(self.wrk, self.urls[name], run, self.args.users)
+        after = cpu_ticks(pid) if pid else None
+        if before and after and run.ok and run.requests:
+            tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+            run.user_us = (after[0] - before[0]) * tick_us / run.requests
+            run.sys_us = (after[1] - before[1]) * tick_us / run.requests
+        return run
 
     def warm_up(self) -> None:
         if self.args.warmup <= 0:

@@ -44,6 +44,8 @@ class WrkRun:
     socket_errors: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     output: str = ""
+    user_us: float | None = None  # the target's user CPU per request (its process tree)
+    sys_us: float | None = None  # and its kernel CPU per request
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
