@@ -7,7 +7,8 @@
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
 #   make build      compile the forwarding path again (after editing one of its modules)
 #   make lint       ruff check + ruff format --check + mypy over all of proxy/ + the layers contract
-#   make bench      Turnout vs NGINX with wrk (installs nginx and wrk with apt-get when root)
+#   make bench      Turnout vs NGINX with wrk at 256, 64 and 1 connections, then memory per connection
+#                   (installs nginx and wrk with apt-get when root)
 #   make soak       fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                   (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
 #   make guard      the guard's simulations: its calibration, then the comparison with
