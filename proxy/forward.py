@@ -126,6 +126,7 @@ class Forwarding(UpstreamLeg):
     mirror_cfg: Mirror | None = None  # this request is to be copied to the canary
     shadow_body: list[bytes] | None = None  # the request body, teed for the copy
     shadow_bytes = 0
+    paused_client = False  # this exchange paused its client's reading (upstream or buffer)
 
     def __init__(
         self,
@@ -228,6 +229,7 @@ class Forwarding(UpstreamLeg):
     def upstream_paused(self, paused: bool) -> None:
         """The upstream's send buffer filled (or drained): pause (resume) the client."""
         if paused:
+            self.paused_client = True
             self.client.pause_reading(PAUSE_UPSTREAM)
         else:
             self.client.resume_reading(PAUSE_UPSTREAM)
@@ -256,6 +258,7 @@ class Forwarding(UpstreamLeg):
                 self.req = request_to(self.req, BUFFERING)
                 self.dial(None)
             if self.req != STREAMING:
+                self.paused_client = True
                 self.client.pause_reading(PAUSE_CONNECT)
 
     def tee(self, data: bytes) -> None:
@@ -540,6 +543,10 @@ class Exchange(Forwarding):
         if self.shadow is not None:  # the primary failed: nothing to compare the copy with
             self.shadow.primary_done(False)
             self.shadow = None
+        if self.paused_client:
+            # what paused the client ends with the exchange (a drain reported later
+            # reaches no exchange): the next request must be read
+            self.client.resume_reading(PAUSE_UPSTREAM | PAUSE_CONNECT)
         elapsed = time.perf_counter() - self.t0
         self.shared.recorder.finished(self.decision.label, status, elapsed, error)
         self.client.exchange_done(self)

@@ -276,7 +276,7 @@ class ClientConnection(RequestReader):
         self.closed = True
         self.phase = STOPPED
         transport = self.transport
-        if self.eof or not transport.can_write_eof():
+        if self.eof or transport.is_closing() or not transport.can_write_eof():
             close(transport)
             return
         self.paused = 0

@@ -18,7 +18,8 @@ Rules:
 - A write larger than LARGE goes straight out (after a flush), so flow control
   (`pause_writing`) acts at once on big bodies.
 - A write to a transport that was closed in the meantime is dropped, as the
-  transport would have refused it.
+  transport would have refused it; a write a transport refuses is dropped and
+  the rest of the queue still goes out.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def flush() -> None:
             transport, data = _queue[i]
             i += 1
             if not transport.is_closing():
-                transport.write(data)
+                try:
+                    transport.write(data)
+                except (RuntimeError, OSError):
+                    # This transport refused (written after write_eof, ...): its own
+                    # bytes are lost, never the other connections' queued behind it.
+                    continue
     finally:
         _queue.clear()
         _flushing = False

@@ -191,6 +191,11 @@ class RequestReader(ClientSide):
         framing = ex.head.framing
         self.last = ex
         self.admit(ex)
+        if self.phase == STOPPED:
+            # Refused as it started (413 for its length, no endpoint, ...): the
+            # connection is closing; nothing after this head is read as a request.
+            self.last = None
+            return
         mode = framing.mode
         if mode == LENGTH:
             self.phase = BODY_LENGTH

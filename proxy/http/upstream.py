@@ -106,7 +106,7 @@ class UpstreamConnection:
 
     __slots__ = (
         "pool", "transport", "exchange", "closed", "idle_since", "head_buf", "want_head",
-        "mode", "left", "chunks", "spoiled", "progress", "head_request", "tunnel",
+        "mode", "left", "chunks", "spoiled", "progress", "head_request", "tunnel", "held",
     )  # fmt: skip
 
     def __init__(self, pool: Pool) -> None:
@@ -124,6 +124,7 @@ class UpstreamConnection:
         self.progress = 0  # reads so far; the server's sweep watches it for stalls
         self.head_request = False  # the request in flight is a HEAD: no body follows
         self.tunnel = False  # the upstream switched protocols: bytes pass through as they are
+        self.held = False  # reading paused for a client that stopped reading
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -269,11 +270,13 @@ class UpstreamConnection:
 
     def pause_reading(self) -> None:
         """The client stopped reading: stop reading the upstream (TCP pushes back)."""
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.held:
+            self.held = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.held:
+            self.held = False
             self.transport.resume_reading()
 
     def send(self, data: bytes) -> None:
@@ -358,6 +361,7 @@ class Pool:
         if not conn.reusable() or self.retired or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
+        conn.resume_reading()  # paused for the last client: an idle one must be read
         conn.reset()
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
