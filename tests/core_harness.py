@@ -168,7 +168,29 @@ class FakeTransport(asyncio.Transport):
         return self.peer if name == "peername" else default
 
 
-class FakeUpstream:
+class _Peer:
+    """What a fake peer does to the proxy's side of its connection."""
+
+    h: Harness
+    conn: Any  # the proxy's Protocol: an UpstreamConnection or a ClientConnection
+    transport: FakeTransport
+
+    async def pause_writing(self) -> None:
+        """The peer stops reading: the proxy's send buffer to it is full."""
+        self.conn.pause_writing()
+        await self.h.settle()
+
+    async def resume_writing(self) -> None:
+        self.conn.resume_writing()
+        await self.h.settle()
+
+    async def drain(self) -> None:
+        """The peer reads what was buffered for it (see FakeTransport.limit)."""
+        self.transport.drain()
+        await self.h.settle()
+
+
+class FakeUpstream(_Peer):
     """One upstream connection of the proxy's, with the test as its server."""
 
     def __init__(self, harness: Harness, pool: Pool) -> None:
@@ -197,20 +219,6 @@ class FakeUpstream:
         self.transport.closing = True
         self.transport.lost = True
         self.conn.connection_lost(None)
-        await self.h.settle()
-
-    async def pause_writing(self) -> None:
-        """The upstream stops reading: the proxy's send buffer to it is full."""
-        self.conn.pause_writing()
-        await self.h.settle()
-
-    async def resume_writing(self) -> None:
-        self.conn.resume_writing()
-        await self.h.settle()
-
-    async def drain(self) -> None:
-        """The upstream reads what was buffered for it (see FakeTransport.limit)."""
-        self.transport.drain()
         await self.h.settle()
 
 
@@ -245,7 +253,7 @@ class FakeDialer:
         return [up for up in self.made if up.endpoint == endpoint]
 
 
-class FakeClient:
+class FakeClient(_Peer):
     """One client connection of the proxy's, with the test as the client."""
 
     def __init__(self, harness: Harness, peer: tuple[str, int]) -> None:
@@ -267,20 +275,6 @@ class FakeClient:
     async def send(self, data: bytes) -> None:
         """The client sends `data` (one read of the proxy's)."""
         self.conn.data_received(data)
-        await self.h.settle()
-
-    async def pause_writing(self) -> None:
-        """The client stops reading: the proxy's send buffer to it is full."""
-        self.conn.pause_writing()
-        await self.h.settle()
-
-    async def resume_writing(self) -> None:
-        self.conn.resume_writing()
-        await self.h.settle()
-
-    async def drain(self) -> None:
-        """The client reads what was buffered for it (see FakeTransport.limit)."""
-        self.transport.drain()
         await self.h.settle()
 
 
