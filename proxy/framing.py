@@ -23,43 +23,44 @@ carrying the status to answer (requests) and a short cause.
 from __future__ import annotations
 
 import re
+from typing import Final
 
-TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+TOKEN: Final = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 # One header line as it follows the previous line's CRLF (values are trimmed later).
-_FIELD = rb"\r\n" + TOKEN + rb":[\t -~\x80-\xff]*"
+_FIELD: Final = rb"\r\n" + TOKEN + rb":[\t -~\x80-\xff]*"
 
 # A request head: request line and header lines, without the blank line's CRLF.
-REQUEST_HEAD = re.compile(
+REQUEST_HEAD: Final = re.compile(
     rb"(" + TOKEN + rb") ([!-~]+) HTTP/([0-9])\.([0-9])((?:" + _FIELD + rb")*)\r\n"
 )
 # A response head likewise; a missing reason phrase (and its SP) is tolerated.
-RESPONSE_HEAD = re.compile(
+RESPONSE_HEAD: Final = re.compile(
     rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t -~\x80-\xff]*)?((?:" + _FIELD + rb")*)\r\n"
 )
-_FRAMING_LINE = re.compile(
+_FRAMING_LINE: Final = re.compile(
     rb"\r\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*?)[ \t]*(?=\r\n)", re.I
 )
-_CODINGS = re.compile(TOKEN + rb"(?:[ \t]*,[ \t]*" + TOKEN + rb")*")
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_CHUNK_EXT = rb"(?:;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + _QUOTED + rb"))?)*"
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})" + _CHUNK_EXT)
-_FIELD_RE = re.compile(TOKEN + rb":[\t -~\x80-\xff]*")
+_CODINGS: Final = re.compile(TOKEN + rb"(?:[ \t]*,[ \t]*" + TOKEN + rb")*")
+_QUOTED: Final = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_EXT: Final = rb"(?:;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + _QUOTED + rb"))?)*"
+_CHUNK_SIZE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})" + _CHUNK_EXT)
+_FIELD_RE: Final = re.compile(TOKEN + rb":[\t -~\x80-\xff]*")
 
-MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-MAX_TRAILERS = 16384  # all trailer lines of one body
+MAX_CHUNK_LINE: Final = 4096  # a chunk-size line with its extensions
+MAX_TRAILERS: Final = 16384  # all trailer lines of one body
 
 # Body framing.
-NONE = 0
-LENGTH = 1
-CHUNKED = 2
-UNTIL_CLOSE = 3
+NONE: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
 
 # ChunkedReader states.
-_IN_SIZE = 0
-_IN_DATA = 1
-_IN_DATA_END = 2
-_IN_TRAILER = 3
-_IN_DONE = 4
+_IN_SIZE: Final = 0
+_IN_DATA: Final = 1
+_IN_DATA_END: Final = 2
+_IN_TRAILER: Final = 3
+_IN_DONE: Final = 4
 
 
 class FramingError(ValueError):
@@ -89,8 +90,8 @@ class Framing:
         return http11 or b"keep-alive" in options
 
 
-_NO_OPTIONS: frozenset[bytes] = frozenset()
-PLAIN = Framing(NONE, 0, _NO_OPTIONS)
+_NO_OPTIONS: Final[frozenset[bytes]] = frozenset()
+PLAIN: Final = Framing(NONE, 0, _NO_OPTIONS)
 
 
 def framing_lines(block: bytes) -> tuple[list[bytes], list[bytes], frozenset[bytes]]:

@@ -17,19 +17,20 @@ Pure functions; no I/O.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .framing import CHUNKED, LENGTH, PLAIN, Framing, judge_request
 
 # Hop-by-hop (RFC 9110 §7.6.1, and the proxy credentials): removed in both directions.
-HOP_BY_HOP_NAMES = (
+HOP_BY_HOP_NAMES: Final = (
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 )  # fmt: skip
-HOP_BY_HOP = frozenset(HOP_BY_HOP_NAMES)
-_HOP_ALT = b"|".join(HOP_BY_HOP_NAMES)
+HOP_BY_HOP: Final = frozenset(HOP_BY_HOP_NAMES)
+_HOP_ALT: Final = b"|".join(HOP_BY_HOP_NAMES)
 
-_RESP_HOP = re.compile(rb"\r\n(?:" + _HOP_ALT + rb"|x-turnout-version)[ \t]*:[^\r]*", re.I)
-_LINE = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*?)[ \t]*(?=\r\n)")
+_RESP_HOP: Final = re.compile(rb"\r\n(?:" + _HOP_ALT + rb"|x-turnout-version)[ \t]*:[^\r]*", re.I)
+_LINE: Final = re.compile(rb"\r\n([^:\r]+):[ \t]*([^\r]*?)[ \t]*(?=\r\n)")
 
 
 class HeaderError(ValueError):
@@ -84,9 +85,14 @@ class RequestHead:
 
 
 # Request lines the proxy removes or rewrites: finding one sends a head to the slow path.
-_REWRITTEN = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-turnout-shadow")
-_REQ_NAMES = (b"host", b"content-length", b"expect", *HOP_BY_HOP_NAMES, *_REWRITTEN)
-_SLOW = frozenset(_REQ_NAMES[2:])
+_REWRITTEN: Final = (
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-turnout-shadow",
+)
+_REQ_NAMES: Final = (b"host", b"content-length", b"expect", *HOP_BY_HOP_NAMES, *_REWRITTEN)
+_SLOW: Final = frozenset(_REQ_NAMES[2:])
 
 
 def request_scanner(wanted: tuple[bytes, ...]) -> re.Pattern[bytes]:
@@ -154,11 +160,11 @@ def scan_request(
     return head
 
 
-_NOTHING: list[bytes] = []  # never appended to: a line found makes a new list
-_NO_OPTIONS: frozenset[bytes] = frozenset()
+_NOTHING: Final[list[bytes]] = []  # never appended to: a line found makes a new list
+_NO_OPTIONS: Final[frozenset[bytes]] = frozenset()
 
 
-_XFF = re.compile(rb"\r\nx-forwarded-for[ \t]*:[ \t]*([^\r]*)", re.I)
+_XFF: Final = re.compile(rb"\r\nx-forwarded-for[ \t]*:[ \t]*([^\r]*)", re.I)
 
 
 def _scan_special(head: RequestHead, low: bytes, options: frozenset[bytes]) -> None:
@@ -208,7 +214,7 @@ class ResponseHead:
         self.block = block  # "\r\nName: value" lines, ending with "\r\n"
 
 
-_RESP_SCAN = re.compile(
+_RESP_SCAN: Final = re.compile(
     rb"\r\n(" + _HOP_ALT + rb"|x-turnout-version|content-length)[ \t]*:[ \t]*([^\r]*)", re.I
 )
 

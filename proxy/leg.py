@@ -186,7 +186,7 @@ class UpstreamLeg(ResponseSink, Deadline):
 # Upstreams send the same few response heads over and over (most often only the
 # Date line changes, once a second): what sized_response made of a head seen
 # lately is kept, so a repeated head costs one dictionary lookup.
-_SIZED: dict[bytes, tuple[int, int, ResponseHead] | None] = {}
+_SIZED: Final[dict[bytes, tuple[int, int, ResponseHead] | None]] = {}
 SIZED_HEADS_MAX: Final = 256  # distinct heads remembered; then the memory starts afresh
 
 

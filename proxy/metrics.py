@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
+from typing import Final
 
 from .guard import LATENCY_BUCKETS, UPPER_MS, quantile_ms
 
 # Durations are counted in the guard's fine histogram (UPPER_MS: 1, 1.5, 2, 2.5, 3,
 # 4, 5, 6, 8 per decade), so the guard reads the same counts the metrics export and
 # the hot path records each request once (exposition.py exports coarser bounds).
-_FINE_S = tuple(ms / 1000.0 for ms in UPPER_MS)
+_FINE_S: Final = tuple(ms / 1000.0 for ms in UPPER_MS)
 
 
 class Histogram:

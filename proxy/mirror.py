@@ -30,7 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .compare import Captured, compare
 from .config import Mirror
@@ -42,7 +42,7 @@ from .leg import UpstreamLeg
 from .routing import COOKIE_NAME, Decision, RequestView, bucket, parse_cookies
 from .shared import Shared
 
-MAX_MISMATCHES = 50  # kept for /status and /events
+MAX_MISMATCHES: Final = 50  # kept for /status and /events
 
 
 class Mirroring(MirrorTap):
@@ -144,7 +144,7 @@ def sampling_key(ex: Forwarding, decision: Decision) -> str | None:
     return key
 
 
-_CHUNKED_LINE = b"Transfer-Encoding: chunked\r\n"  # the last line upstream_request adds
+_CHUNKED_LINE: Final = b"Transfer-Encoding: chunked\r\n"  # the last line upstream_request adds
 
 
 def shadow_request(ex: Forwarding, body: bytes) -> bytes:

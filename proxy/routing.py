@@ -19,6 +19,7 @@ from __future__ import annotations
 import random as _random
 import secrets
 from collections.abc import Callable
+from typing import Final
 from urllib.parse import unquote
 
 import mmh3
@@ -26,7 +27,7 @@ import mmh3
 from .config import Config, Rule
 from .headers import request_scanner
 
-COOKIE_NAME = "turnout_id"
+COOKIE_NAME: Final = "turnout_id"
 
 
 def bucket(group: str, key: str) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..answers import error_response
 from ..forward import Exchange, MirrorTap
@@ -31,8 +31,10 @@ from .reading import BODY_CHUNKED, BODY_LENGTH, HEAD, STOPPED, Reject, RequestRe
 if TYPE_CHECKING:
     from ..config import Limits
 
-PAUSE_PIPELINE = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUSE_CONNECT
-LINGER = 2.0  # seconds a closed connection's late bytes are read and dropped
+_monotonic: Final = time.monotonic  # bound once: a static, not a lookup per call
+
+PAUSE_PIPELINE: Final = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUSE_CONNECT
+LINGER: Final = 2.0  # seconds a closed connection's late bytes are read and dropped
 
 
 class ClientConnection(RequestReader):
@@ -62,7 +64,7 @@ class ClientConnection(RequestReader):
         self.paused = 0
         self.tunnel: Exchange | None = None
         self.closed = False
-        self.idle_since = time.monotonic()
+        self.idle_since = _monotonic()
         self.reject: Reject | None = None
         self.eof = False  # the client half-closed its side
         self.progress = 0  # reads so far
@@ -127,7 +129,7 @@ class ClientConnection(RequestReader):
             ex.cancel()
 
     def pause_writing(self) -> None:
-        self.write_paused = time.monotonic()
+        self.write_paused = _monotonic()
         ex = self.tunnel or self.current
         if ex is not None:
             ex.client_paused(True)
@@ -175,7 +177,7 @@ class ClientConnection(RequestReader):
         if ex.close_client or self.closed or self.shared.draining or self.eof:
             self.close()
             return
-        self.idle_since = time.monotonic()
+        self.idle_since = _monotonic()
         if self.queue:
             nxt = self.queue.pop(0)
             self.current = nxt

@@ -25,11 +25,23 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
-LARGE = 64 * 1024  # bytes; larger writes are not held
+LARGE: Final = 64 * 1024  # bytes; larger writes are not held
 
-_queue: list[tuple[asyncio.WriteTransport, bytes]] = []
-_flushing = False
+
+class _Queue:
+    """The writes of this turn: two lists side by side (no tuple made per write)."""
+
+    __slots__ = ("transports", "data", "flushing")
+
+    def __init__(self) -> None:
+        self.transports: list[asyncio.WriteTransport] = []
+        self.data: list[bytes] = []
+        self.flushing = False  # a flush is under way: it takes what is queued meanwhile
+
+
+_Q: Final = _Queue()
 
 
 def send(transport: asyncio.WriteTransport, data: bytes) -> None:
@@ -38,21 +50,24 @@ def send(transport: asyncio.WriteTransport, data: bytes) -> None:
         flush()
         transport.write(data)
         return
-    if not _queue:
+    q = _Q
+    if not q.data:
         asyncio.get_running_loop().call_soon(flush)
-    _queue.append((transport, data))
+    q.transports.append(transport)
+    q.data.append(data)
 
 
 def flush() -> None:
     """Make every queued write now, in order."""
-    global _flushing
-    if _flushing or not _queue:
+    q = _Q
+    if q.flushing or not q.data:
         return  # a flush already under way takes what is queued meanwhile too
-    _flushing = True
+    q.flushing = True
+    transports, pieces = q.transports, q.data
     try:
         i = 0
-        while i < len(_queue):
-            transport, data = _queue[i]
+        while i < len(pieces):
+            transport, data = transports[i], pieces[i]
             i += 1
             if not transport.is_closing():
                 try:
@@ -62,8 +77,9 @@ def flush() -> None:
                     # bytes are lost, never the other connections' queued behind it.
                     continue
     finally:
-        _queue.clear()
-        _flushing = False
+        transports.clear()
+        pieces.clear()
+        q.flushing = False
 
 
 def close(transport: asyncio.BaseTransport) -> None:

@@ -20,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import time
+from typing import Final
 
 from ..forward import ClientSide, Exchange, MirrorTap
 from ..framing import (
@@ -35,14 +36,14 @@ from ..headers import RequestHead, scan_request, upstream_request
 from ..routing import RequestView, decide
 from ..shared import Shared, Snapshot
 
-MAX_EMPTY_LINES = 8  # blank lines tolerated before a request line (RFC 9112 §2.2)
+MAX_EMPTY_LINES: Final = 8  # blank lines tolerated before a request line (RFC 9112 §2.2)
 
 # What the connection is reading.
-HEAD = 0
-BODY_LENGTH = 1
-BODY_CHUNKED = 2
-TUNNEL = 3
-STOPPED = 4  # a request was refused: nothing more is read
+HEAD: Final = 0
+BODY_LENGTH: Final = 1
+BODY_CHUNKED: Final = 2
+TUNNEL: Final = 3
+STOPPED: Final = 4  # a request was refused: nothing more is read
 
 
 class Reject(Exception):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
 from ..config import Config, Endpoint
 from ..framing import (
@@ -37,14 +37,16 @@ from ..framing import (
 )
 from .outbox import abort, send
 
+_monotonic: Final = time.monotonic  # bound once: a static, not a lookup per call
+
 # An endpoint that refused is skipped for a back-off that doubles with each refusal
 # in a row, from BACKOFF_FIRST to BACKOFF_MAX seconds; the first request after it
 # dials again (the probe), and one success ends the back-off. Short on purpose: a
 # restart of a second should cost about a second of refusals, not a cool-down of 5.
-BACKOFF_FIRST = 0.05
-BACKOFF_MAX = 0.25
-MAX_IDLE = 512  # idle connections kept per endpoint
-MAX_HEAD = 64 * 1024  # an upstream response head larger than this is a protocol error
+BACKOFF_FIRST: Final = 0.05
+BACKOFF_MAX: Final = 0.25
+MAX_IDLE: Final = 512  # idle connections kept per endpoint
+MAX_HEAD: Final = 64 * 1024  # an upstream response head larger than this is a protocol error
 
 
 class ResponseSink(Protocol):
@@ -363,7 +365,7 @@ class Pool:
             return
         conn.resume_reading()  # paused for the last client: an idle one must be read
         conn.reset()
-        conn.idle_since = time.monotonic()
+        conn.idle_since = _monotonic()
         self.idle.append(conn)
 
     async def connect(self, timeout: float) -> UpstreamConnection:
@@ -375,7 +377,7 @@ class Pool:
     def refused(self) -> None:
         self.refusals += 1
         backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self.refusals - 1, 10))
-        self.down_until = time.monotonic() + backoff
+        self.down_until = _monotonic() + backoff
 
     def sweep(self, idle_before: float) -> None:
         """Close idle connections unused since `idle_before` (monotonic seconds)."""
@@ -411,10 +413,10 @@ class VersionPools:
         n = len(pools)
         if n == 1:
             p = pools[0]
-            if p is exclude or (p.down_until and p.down_until > time.monotonic()):
+            if p is exclude or (p.down_until and p.down_until > _monotonic()):
                 return None
             return p
-        now = time.monotonic()
+        now = _monotonic()
         for _ in range(n):
             p = pools[self.next % n]
             self.next += 1
@@ -444,7 +446,7 @@ class Upstreams:
                 pool.retire()
 
     def sweep(self, idle_timeout: float) -> None:
-        before = time.monotonic() - idle_timeout
+        before = _monotonic() - idle_timeout
         for pool in self.by_endpoint.values():
             pool.sweep(before)
 
