@@ -48,7 +48,8 @@ test: venv
 	$(BIN)/pytest -q
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
 	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
-	  tests/test_framing.py tests/test_limits.py tests/test_hostile.py
+	  tests/test_framing.py tests/test_limits.py tests/test_hostile.py tests/test_core.py \
+	  tests/test_phases.py
 
 test-unit: venv
 	$(BIN)/pytest -q -m unit
