@@ -23,6 +23,12 @@ from __future__ import annotations
 import json
 from typing import Final
 
+# The body framings are proxy.framing's: the same four ways a body can end, towards
+# the client as from the upstream.
+from .framing import CHUNKED, LENGTH, NONE, UNTIL_CLOSE
+
+__all__ = ["CHUNKED", "LENGTH", "NONE", "UNTIL_CLOSE", "client_framing", "error_response"]
+
 REASONS: Final = {
     400: b"Bad Request",
     405: b"Method Not Allowed",
@@ -38,11 +44,6 @@ REASONS: Final = {
 
 NO_BODY_STATUS: Final = frozenset({204, 304})
 
-# How a response body is framed towards the client.
-LENGTH: Final = 0
-CHUNKED: Final = 1
-UNTIL_CLOSE: Final = 2
-NONE: Final = 3
 
 _UPGRADE: Final = b"Connection: upgrade\r\n"
 _CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"

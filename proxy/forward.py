@@ -196,6 +196,11 @@ class Forwarding(UpstreamLeg):
     def request_whole(self) -> bool:
         return self.req == BUFFERED or self.req == SENT
 
+    def drop_request(self) -> None:
+        """The exchange ended: a request not sent whole never will be."""
+        if self.req != SENT and self.req != SWITCHED:
+            self.req = request_to(self.req, DROPPED)
+
     # -- the leg's hooks -----------------------------------------------------------------
 
     def over(self) -> bool:
@@ -535,13 +540,11 @@ class Exchange(Forwarding):
         """Never started (queued behind a request that failed): end without a count."""
         if self.resp < ENDED:
             self.resp = response_to(self.resp, CANCELLED)
-            if self.req != SENT and self.req != SWITCHED:
-                self.req = request_to(self.req, DROPPED)
+            self.drop_request()
 
     def end(self, phase: int, status: int, error: str | None) -> None:
         self.resp = response_to(self.resp, phase)
-        if self.req != SENT and self.req != SWITCHED:
-            self.req = request_to(self.req, DROPPED)
+        self.drop_request()
         if self.shadow is not None:  # the primary failed: nothing to compare the copy with
             self.shadow.primary_done(False)
             self.shadow = None
