@@ -329,3 +329,33 @@ async def test_a_chunked_response_cut_short_is_never_completed_for_the_client(
         return m.get("turnout_requests_total", version="blue", code="502") == 1
 
     await eventually(counted)
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_pipelined_after_a_413_for_its_length_never_reaches_the_upstream(
+    proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream
+):
+    log = Logging()
+    up = await upstreams.raw("blue", log)
+    proxy = await proxies.start(versions_config(up.url, green.url, limits={"max_body_bytes": 1024}))
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(
+            b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n"
+            + b"b" * 2048
+            + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        status, closed = await status_and_close(c)
+    finally:
+        await c.close()
+    assert status == 413 and closed
+    # The next user's request on another connection is the first the upstream sees.
+    c = await RawClient.connect(proxy.port)
+    try:
+        await c.send(request("GET", "/user"))
+        assert (await c.response()).status == 200
+    finally:
+        await c.close()
+    received = log.total()
+    assert b"/after" not in received and b"/big" not in received
+    assert received.startswith(b"GET /user HTTP/1.1\r\n") and received.count(b"GET ") == 1
