@@ -95,11 +95,71 @@ _REQ_NAMES: Final = (b"host", b"content-length", b"expect", *HOP_BY_HOP_NAMES, *
 _SLOW: Final = frozenset(_REQ_NAMES[2:])
 
 
-def request_scanner(wanted: tuple[bytes, ...]) -> re.Pattern[bytes]:
-    """One regex that finds, in a header block, every line the proxy must look at."""
-    names = sorted(set(_REQ_NAMES) | set(wanted), key=len, reverse=True)
-    alt = b"|".join(re.escape(n) for n in names)
-    return re.compile(rb"\r\n(" + alt + rb")[ \t]*:[ \t]*([^\r]*)", re.I)
+# What a line the scanner found is, as bits (the names routing reads may be any).
+_WANTED: Final = 1  # routing reads it
+_HOST: Final = 2
+_LENGTH: Final = 4  # Content-Length
+_SPECIAL: Final = 8  # hop-by-hop, forwarding or Expect: the slow path
+_CODING: Final = 16  # Transfer-Encoding
+_CONNECTION: Final = 32
+_COOKIE: Final = 64
+SPELLINGS_MAX: Final = 256  # spellings of names remembered; then the memory starts afresh
+
+
+def _alternation(names: list[bytes]) -> bytes:
+    """A regex alternation of `names`, factored by their first bytes (a trie), so a
+    line is tried against the few names sharing its first letter, not against all."""
+    if b"" in names:
+        rest = [n for n in names if n]
+        return b"(?:" + _alternation(rest) + b")?" if rest else b""
+    first: dict[bytes, list[bytes]] = {}
+    for n in names:
+        first.setdefault(n[:1].lower(), []).append(n[1:])
+    alts = [re.escape(c) + _alternation(sorted(tails)) for c, tails in sorted(first.items())]
+    return alts[0] if len(alts) == 1 else b"(?:" + b"|".join(alts) + b")"
+
+
+class Scanner:
+    """Finds, in a header block, every line the proxy must look at, and says what
+    each is: one regex (names matched case-insensitively), and what each spelling
+    of a name seen lately stands for, so a repeated one costs a dictionary lookup."""
+
+    __slots__ = ("pattern", "wanted", "spellings")
+
+    def __init__(self, wanted: frozenset[bytes]) -> None:
+        self.wanted = wanted  # lower-case names routing reads
+        names = sorted(set(_REQ_NAMES) | wanted)
+        self.pattern = re.compile(
+            rb"\r\n(" + _alternation(names) + rb")[ \t]*+:[ \t]*+([^\r]*+)", re.I
+        )
+        self.spellings: dict[bytes, tuple[int, str]] = {}  # name as sent -> (bits, key)
+
+    def learn(self, name: bytes) -> tuple[int, str]:
+        """What a name found by the pattern is: its bits and its lower-case text."""
+        low = name.lower()
+        bits = _WANTED if low in self.wanted else 0
+        if low == b"host":
+            bits |= _HOST
+        elif low == b"content-length":
+            bits |= _LENGTH
+        elif low in _SLOW:
+            bits |= _SPECIAL
+            if low == b"transfer-encoding":
+                bits |= _CODING
+            elif low == b"connection":
+                bits |= _CONNECTION
+        if low == b"cookie":
+            bits |= _COOKIE
+        found = (bits, low.decode("latin-1"))
+        if len(self.spellings) >= SPELLINGS_MAX:
+            self.spellings.clear()
+        self.spellings[name] = found
+        return found
+
+
+def request_scanner(wanted: tuple[bytes, ...]) -> Scanner:
+    """The scanner of header blocks for a routing table reading `wanted` (lower-case)."""
+    return Scanner(frozenset(wanted))
 
 
 def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -109,14 +169,12 @@ def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"\r\n" + b"\r\n".join(map(b": ".join, headers)) + b"\r\n"
 
 
-def scan_request(
-    block: bytes, scanner: re.Pattern[bytes], wanted: frozenset[bytes], http11: bool = True
-) -> RequestHead:
+def scan_request(block: bytes, scanner: Scanner, http11: bool = True) -> RequestHead:
     """Classify the client's headers: framing, routing inputs, the block to forward.
 
     `block` is "\\r\\nName: value" lines ending "\\r\\n" in the strict grammar
-    (proxy.framing.REQUEST_HEAD); `scanner` comes from `request_scanner(wanted)`;
-    `wanted` holds the lower-case names routing reads. The one scan also collects
+    (proxy.framing.REQUEST_HEAD); `scanner` comes from `request_scanner(wanted)`,
+    `wanted` being the lower-case names routing reads. The one scan also collects
     every framing line, and proxy.framing.judge_request decides the body's length
     from them (raising FramingError for a request that must not be forwarded).
     """
@@ -126,26 +184,27 @@ def scan_request(
     lengths: list[bytes] = _NOTHING
     codings: list[bytes] = _NOTHING
     options: frozenset[bytes] = _NO_OPTIONS
-    for name, value in scanner.findall(block):
-        name = name.lower()
+    spellings = scanner.spellings
+    for name, value in scanner.pattern.findall(block):
+        found = spellings.get(name)
+        bits, key = found if found is not None else scanner.learn(name)
         value = value.rstrip()
-        if name in wanted:
-            key = name.decode("latin-1")
-            if name == b"cookie" and key in routing:  # several Cookie lines: one list
+        if bits & _WANTED:
+            if bits & _COOKIE and key in routing:  # several Cookie lines: one list
                 routing[key] += "; " + value.decode("latin-1")
             elif key not in routing:
                 routing[key] = value.decode("latin-1")
-        if name == b"host":
+        if bits & _HOST:
             if head.host is not None:
                 raise HeaderError("duplicate Host header")
             head.host = value
-        elif name == b"content-length":
+        elif bits & _LENGTH:
             lengths = [*lengths, value]
-        elif name in _SLOW:
+        elif bits & _SPECIAL:
             slow = True
-            if name == b"transfer-encoding":
+            if bits & _CODING:
                 codings = [*codings, value]
-            elif name == b"connection":
+            elif bits & _CONNECTION:
                 options = options | _tokens(value)
     if lengths or codings or options:
         framing = judge_request(lengths, codings, options, http11)

@@ -27,7 +27,7 @@ def relayed(block):
 
 
 def scan(headers):
-    return scan_request(header_block(headers), SCANNER, WANTED)
+    return scan_request(header_block(headers), SCANNER)
 
 
 def test_plain_request_keeps_every_header_and_adds_forwarding():

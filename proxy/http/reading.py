@@ -224,7 +224,7 @@ class RequestReader(ClientSide):
         if target[:1] != b"/":
             target = _origin_form(method, target)
         snap = self.shared.snapshot
-        head = scan_request(block, snap.table.scanner, snap.table.wanted, http11)
+        head = scan_request(block, snap.table.scanner, http11)
         if http11 and head.host is None:
             raise Reject(400, "missing Host header")
         framing = head.framing
