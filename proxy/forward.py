@@ -350,9 +350,16 @@ class Exchange(Forwarding):
         self.resp = response_to(self.resp, HEAD_HELD)
 
     def client_head(
-        self, status: int, status_line: bytes, rh: ResponseHead, keep_alive: bool, upgrading: bool
+        self,
+        status: int,
+        status_line: bytes,
+        rh: ResponseHead,
+        keep_alive: bool,
+        upgrading: bool,
+        body: bytes = b"",
     ) -> bytes:
-        """The response head for the client; sets the framing of the body to follow."""
+        """The response head for the client, followed by `body` (a whole response's, in
+        the same bytes); sets the framing of the body to follow."""
         self.status = status
         self.resp_keep_alive = keep_alive
         close = self.close_client or not self.keep_alive or self.client.closing()
@@ -370,7 +377,7 @@ class Exchange(Forwarding):
                 b"Set-Cookie: turnout_id=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000\r\n"
                 % decision.set_cookie.encode()
             )
-        return b"".join((status_line, rh.block, lines, b"\r\n"))
+        return b"".join((status_line, rh.block, lines, b"\r\n", body))
 
     def whole_response(self, data: bytes, end: int) -> bool:
         """Relay a complete, plainly formed response read in one piece, in one call."""
@@ -384,8 +391,9 @@ class Exchange(Forwarding):
         if self.shadow is not None:
             self.shadow.primary_head(status, data[sle : end + 2])
             self.shadow.primary_body(data[end + 4 :])
-        head = self.client_head(status, data[:sle], rh, not rh.close, False)
-        self.client.send(head + data[end + 4 :] if rh.content_length else head)
+        self.client.send(
+            self.client_head(status, data[:sle], rh, not rh.close, False, data[end + 4 :])
+        )
         self.release()
         return True
 

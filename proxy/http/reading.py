@@ -167,7 +167,7 @@ class RequestReader(ClientSide):
                 self.buf = bytearray(buf)
                 return None
         self.head_since = 0.0
-        self.begin(buf[: end + 2])
+        self.begin(buf, end + 2)
         return buf[end + 4 :]
 
     def unfinished(self, buf: bytes | bytearray, old: int, end: int) -> None:
@@ -179,16 +179,18 @@ class RequestReader(ClientSide):
         if not self.head_since:
             self.head_since = time.monotonic()
 
-    def begin(self, head: bytes) -> None:
-        """Judge a whole head, make its exchange, and set up the reading of its body."""
-        m = REQUEST_HEAD.fullmatch(head)
+    def begin(self, buf: bytes, end: int) -> None:
+        """Judge the whole head `buf[:end]` (its last line's CRLF included, not the
+        blank line), make its exchange, and set up the reading of its body."""
+        m = REQUEST_HEAD.fullmatch(buf, 0, end)
         if m is None:
-            raise Reject(400, f"malformed request: {head_fault(head)}")
-        method, target, major, minor, lines = m.groups()
+            raise Reject(400, f"malformed request: {head_fault(buf[:end])}")
+        method, target, major, minor = m.group(1, 2, 3, 4)
         if major != b"1" or minor not in (b"0", b"1"):
             raise Reject(505, "HTTP version not supported")
         http11 = minor == b"1"
-        ex = self.new_exchange(method, target, lines + b"\r\n", http11)
+        # the header lines as one block, each line ending CRLF, cut from the bytes read
+        ex = self.new_exchange(method, target, buf[m.start(5) : end], http11)
         framing = ex.head.framing
         self.last = ex
         self.admit(ex)
