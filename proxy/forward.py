@@ -49,7 +49,9 @@ from .phases import (
 from .routing import Decision
 from .shared import Shared, Snapshot
 
-_clock: Final = time.perf_counter  # bound once: a static, not a lookup per call
+# The data plane's one clock (monotonic seconds): deadlines, durations and idle
+# times alike, so one reading at an exchange's end serves all three.
+_clock: Final = time.monotonic  # bound once: a static, not a lookup per call
 
 CONNECT_BUFFER: Final = 256 * 1024
 
@@ -83,7 +85,9 @@ class ClientSide(Protocol):
 
     def start_tunnel(self, ex: Exchange) -> None: ...
 
-    def exchange_done(self, ex: Exchange) -> None: ...
+    def exchange_done(self, ex: Exchange, now: float) -> None:
+        """`ex` is over, at `now` (time.monotonic() seconds)."""
+        ...
 
     def peer_address(self) -> str: ...
 
@@ -431,9 +435,10 @@ class Exchange(Forwarding):
         """The response went out whole: return the upstream connection and finish."""
         conn = self.detach()
         whole = self.req == SENT
+        now = _clock()
         if conn is not None:
             if whole and self.resp_keep_alive and not self.upgrade and self.pool is not None:
-                self.pool.give(conn)
+                self.pool.give(conn, now)
             else:
                 conn.close()
         if not whole:
@@ -441,7 +446,7 @@ class Exchange(Forwarding):
         if self.shadow is not None:
             self.shadow.primary_done(True)
             self.shadow = None
-        self.end(COMPLETE, self.status, None)
+        self.end(COMPLETE, self.status, None, now)
 
     # -- upgrade tunnel -----------------------------------------------------------------
 
@@ -550,7 +555,8 @@ class Exchange(Forwarding):
             self.resp = response_to(self.resp, CANCELLED)
             self.drop_request()
 
-    def end(self, phase: int, status: int, error: str | None) -> None:
+    def end(self, phase: int, status: int, error: str | None, now: float = 0.0) -> None:
+        """`now`: the clock's reading if the caller has just taken one."""
         self.resp = response_to(self.resp, phase)
         self.drop_request()
         if self.shadow is not None:  # the primary failed: nothing to compare the copy with
@@ -560,6 +566,7 @@ class Exchange(Forwarding):
             # what paused the client ends with the exchange (a drain reported later
             # reaches no exchange): the next request must be read
             self.client.resume_reading(PAUSE_UPSTREAM | PAUSE_CONNECT)
-        elapsed = _clock() - self.t0
-        self.shared.recorder.finished(self.decision.label, status, elapsed, error)
-        self.client.exchange_done(self)
+        if not now:
+            now = _clock()
+        self.shared.recorder.finished(self.decision.label, status, now - self.t0, error)
+        self.client.exchange_done(self, now)

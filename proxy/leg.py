@@ -44,7 +44,7 @@ class UpstreamLeg(ResponseSink, Deadline):
     pool: Pool | None = None
     tried: Pool | None = None  # the endpoint whose dial failed (one retry elsewhere)
     reused = False  # the connection came from the pool
-    deadline = 0.0  # perf_counter() seconds; 0.0: not waiting
+    deadline = 0.0  # time.monotonic() seconds; 0.0: not waiting
 
     def __init__(
         self,

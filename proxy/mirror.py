@@ -217,7 +217,7 @@ class ShadowExchange(UpstreamLeg, Shadow):
         self.version = snap.canary
         self.target = primary.target
         self.data = shadow_request(primary, body)  # kept for one resend (see rewind)
-        self.t0 = time.perf_counter()
+        self.t0 = time.monotonic()  # the data plane's clock (proxy.forward)
         if cfg.compare is not None:
             limit = cfg.compare.max_body_bytes
             self.mine, self.primary = _Capture(limit), _Capture(limit)
@@ -327,7 +327,7 @@ class ShadowExchange(UpstreamLeg, Shadow):
         self.stop_waiting()
         self.owner.done(self)
         rec = self.shared.recorder
-        rec.shadow_finished(self.version, status, time.perf_counter() - self.t0, error)
+        rec.shadow_finished(self.version, status, time.monotonic() - self.t0, error)
         if error is not None:
             rec.mirrored("failed")
             self.mine = self.primary = None  # an answer cut short is not compared

@@ -211,7 +211,7 @@ class Server:
             awaiting = self.shared.awaiting
             if not awaiting:
                 continue
-            now = time.perf_counter()
+            now = time.monotonic()
             late = [ex for ex in awaiting if 0 < ex.overdue_at() <= now]
             for ex in late:
                 awaiting.pop(ex, None)

@@ -53,7 +53,7 @@ class Deadline(Protocol):
     """Something waiting with a deadline: a response head, or a shadow copy's whole life."""
 
     def overdue_at(self) -> float:
-        """perf_counter() seconds by which it must be over; 0.0: no deadline now."""
+        """time.monotonic() seconds by which it must be over; 0.0: no deadline now."""
         ...
 
     def timed_out(self) -> None: ...

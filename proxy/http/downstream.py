@@ -170,14 +170,14 @@ class ClientConnection(RequestReader):
         self.queue.append(ex)
         self.pause_reading(PAUSE_PIPELINE)
 
-    def exchange_done(self, ex: Exchange) -> None:
+    def exchange_done(self, ex: Exchange, now: float) -> None:
         if ex is not self.current or self.tunnel is not None:
             return
         self.current = None
         if ex.close_client or self.closed or self.shared.draining or self.eof:
             self.close()
             return
-        self.idle_since = _monotonic()
+        self.idle_since = now
         if self.queue:
             nxt = self.queue.pop(0)
             self.current = nxt

@@ -358,14 +358,16 @@ class Pool:
                 return conn
         return None
 
-    def give(self, conn: UpstreamConnection) -> None:
+    def give(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        """Keep `conn` for the next exchange (or close it); `now`: the clock's reading
+        if the caller has just taken one."""
         conn.exchange = None
         if not conn.reusable() or self.retired or len(self.idle) >= MAX_IDLE:
             conn.close()
             return
         conn.resume_reading()  # paused for the last client: an idle one must be read
         conn.reset()
-        conn.idle_since = _monotonic()
+        conn.idle_since = now or _monotonic()
         self.idle.append(conn)
 
     async def connect(self, timeout: float) -> UpstreamConnection:
