@@ -201,3 +201,34 @@ def test_framing_lines_are_found_whatever_their_case(headers, length, chunked):
 def test_framing_lines_in_any_case_still_conflict():
     with pytest.raises(FramingError):
         scan([(b"Host", b"a"), (b"Transfer-Encoding", b"chunked"), (b"transfer-ENCODING", b"x")])
+
+
+def test_the_scanner_finds_every_name_it_looks_for_in_any_spelling_and_only_those():
+    scanner = request_scanner((b"x-user-id", b"x-tenant"))
+    names = sorted(scanner.wanted | {b"host", b"content-length", b"expect", b"te", b"trailer",
+                                     b"transfer-encoding", b"x-forwarded-for"})  # fmt: skip
+    for n in names:
+        for spelled in {n, n.upper(), n.title(), n[:1].upper() + n[1:]}:
+            block = b"\r\n" + spelled + b": v\r\n"
+            assert scanner.pattern.findall(block) == [(spelled, b"v")]
+    # prefixes and extensions of names it looks for are other headers
+    for other in (b"t", b"tex", b"hos", b"hosts", b"x-user", b"x-user-idx", b"content-len"):
+        assert scanner.pattern.findall(b"\r\n" + other + b": v\r\n") == []
+
+
+def test_a_name_is_judged_the_same_however_it_is_spelled_and_the_memory_is_bounded():
+    from proxy.headers import SPELLINGS_MAX
+
+    scanner = request_scanner((b"x-user-id",))
+    with pytest.raises(HeaderError):  # two Host lines, spelled differently
+        scan_request(b"\r\nHost: a\r\nHOST: b\r\n", scanner)
+    head = scan_request(b"\r\nx-USER-id: alice\r\ncontent-LENGTH: 3\r\n", scanner)
+    assert head.routing == {"x-user-id": "alice"} and head.content_length == 3
+    assert set(scanner.spellings) == {b"Host", b"HOST", b"x-USER-id", b"content-LENGTH"}
+    # an attacker sending ever new spellings only makes the memory start afresh
+    for i in range(3 * SPELLINGS_MAX):
+        spelled = bytes(c ^ 0x20 if (i >> k) & 1 else c for k, c in enumerate(b"connection"))
+        scan_request(b"\r\n" + spelled + b": close\r\nHost: a\r\n", scanner)
+        assert len(scanner.spellings) <= SPELLINGS_MAX
+    head = scan_request(b"\r\nCoNNection: close\r\nHost: a\r\n", scanner)
+    assert head.special and head.framing.options == frozenset({b"close"})
