@@ -31,22 +31,35 @@ class Histogram:
         self.count = 0
 
 
-class Recorder:
-    """Per-version counters for the proxy; cheap enough for every request."""
+class Tally:
+    """What one version's exchanges came to: the hot path's counters, kept apart per
+    version so that counting one is lookups by a string and by an int."""
+
+    __slots__ = ("reasons", "codes", "hist", "failures")
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}
-        self.durations: dict[str, Histogram] = {}
+        self.reasons: dict[str, int] = {}  # routing reason -> exchanges
+        self.codes: dict[int, int] = {}  # status -> exchanges
+        self.hist = Histogram()
+        self.failures = 0  # answers >= 500 and failed exchanges (the guard's errors)
+
+
+class Recorder:
+    """Per-version counters for the proxy; cheap enough for every request.
+
+    `requests`, `decisions`, `durations` and `failures` are flat views of the
+    per-version tallies, made when read (at a scrape or a controller tick).
+    """
+
+    def __init__(self) -> None:
+        self.tallies: dict[str, Tally] = {}  # version ("none": refused before routing)
         self.upstream_errors: dict[tuple[str, str], int] = {}
-        # per version: answers >= 500 and failed exchanges (the guard's errors)
-        self.failures: dict[str, int] = {}
         # shadow copies (dark launch): outcomes per version, like the live ones
         self.shadow_requests: dict[str, int] = {}
         self.shadow_failures: dict[str, int] = {}
         self.shadow_durations: dict[str, Histogram] = {}
         self.mirror = {"sent": 0, "dropped": 0, "failed": 0}
         self.comparisons = {"match": 0, "mismatch": 0}
-        self.decisions: dict[tuple[str, str], int] = {}
         # Exchanges in progress per version, counted when asked (at scrape time)
         # rather than kept up to date on every request.
         self.in_flight: Callable[[], dict[str, int]] = dict
@@ -69,15 +82,15 @@ class Recorder:
 
         `label` is the routing decision's (version, reason).
         """
-        d = self.decisions
-        d[label] = d.get(label, 0) + 1
-        version = label[0]
-        key = (version, status)
-        r = self.requests
-        r[key] = r.get(key, 0) + 1
-        h = self.durations.get(version)
-        if h is None:
-            h = self.durations[version] = Histogram()
+        version, reason = label
+        t = self.tallies.get(version)
+        if t is None:
+            t = self.tallies[version] = Tally()
+        r = t.reasons
+        r[reason] = r.get(reason, 0) + 1
+        c = t.codes
+        c[status] = c.get(status, 0) + 1
+        h = t.hist
         h.counts[bisect_left(_FINE_S, seconds)] += 1
         h.total += seconds
         h.count += 1
@@ -85,16 +98,42 @@ class Recorder:
             ek = (version, error)
             e = self.upstream_errors
             e[ek] = e.get(ek, 0) + 1
-            f = self.failures
-            f[version] = f.get(version, 0) + 1
+            t.failures += 1
         elif status >= 500:
-            f = self.failures
-            f[version] = f.get(version, 0) + 1
+            t.failures += 1
 
     def rejected(self, status: int) -> None:
         """A request refused before routing (400, 431): no version served it."""
-        key = ("none", status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        c = self.tally("none").codes
+        c[status] = c.get(status, 0) + 1
+
+    def tally(self, version: str) -> Tally:
+        t = self.tallies.get(version)
+        if t is None:
+            t = self.tallies[version] = Tally()
+        return t
+
+    # -- flat views ---------------------------------------------------------------
+
+    @property
+    def requests(self) -> dict[tuple[str, int], int]:
+        """(version, status) -> exchanges."""
+        return {(v, code): n for v, t in self.tallies.items() for code, n in t.codes.items()}
+
+    @property
+    def decisions(self) -> dict[tuple[str, str], int]:
+        """(version, routing reason) -> exchanges."""
+        return {(v, why): n for v, t in self.tallies.items() for why, n in t.reasons.items()}
+
+    @property
+    def durations(self) -> dict[str, Histogram]:
+        """version -> the histogram of its exchanges' durations (versions timed)."""
+        return {v: t.hist for v, t in self.tallies.items() if t.hist.count}
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """version -> its guard errors (versions with any)."""
+        return {v: t.failures for v, t in self.tallies.items() if t.failures}
 
     # -- control plane ------------------------------------------------------------
 
@@ -150,15 +189,17 @@ class Recorder:
 
     def p99_ms(self, version: str) -> float | None:
         """The 99th percentile since start (interpolated within its bucket)."""
-        h = self.durations.get(version)
-        return None if h is None or not h.count else quantile_ms(tuple(h.counts), 0.99)
+        t = self.tallies.get(version)
+        if t is None or not t.hist.count:
+            return None
+        return quantile_ms(tuple(t.hist.counts), 0.99)
 
     def totals(self, version: str) -> tuple[int, int, list[int]]:
         """Cumulative requests, guard errors and latency counts of one version."""
-        requests = sum(n for (v, _), n in self.requests.items() if v == version)
-        h = self.durations.get(version)
-        latency = list(h.counts) if h is not None else [0] * LATENCY_BUCKETS
-        return requests, self.failures.get(version, 0), latency
+        t = self.tallies.get(version)
+        if t is None:
+            return 0, 0, [0] * LATENCY_BUCKETS
+        return sum(t.codes.values()), t.failures, list(t.hist.counts)
 
     # -- several workers (see workers.py) -------------------------------------------
 
@@ -183,22 +224,28 @@ class Recorder:
 
     def add_counts(self, doc: dict) -> None:
         """Add another worker's `counts()` to these (its in-flight gauge is not added)."""
-        for field in ("requests", "decisions", "upstream_errors"):
-            table = getattr(self, field)
-            for a, b, n in doc.get(field, ()):
-                key = (a, int(b)) if field == "requests" else (a, b)
-                table[key] = table.get(key, 0) + n
+        for version, code, n in doc.get("requests", ()):
+            codes = self.tally(version).codes
+            codes[int(code)] = codes.get(int(code), 0) + n
+        for version, reason, n in doc.get("decisions", ()):
+            reasons = self.tally(version).reasons
+            reasons[reason] = reasons.get(reason, 0) + n
+        for version, kind, n in doc.get("upstream_errors", ()):
+            key = (version, kind)
+            self.upstream_errors[key] = self.upstream_errors.get(key, 0) + n
+        for version, n in doc.get("failures", {}).items():
+            self.tally(version).failures += n
         for field in ("durations", "shadow_durations"):
-            hists = getattr(self, field)
             for version, (counts, total, count) in doc.get(field, {}).items():
-                h = hists.get(version)
-                if h is None:
-                    h = hists[version] = Histogram()
+                if field == "durations":
+                    h = self.tally(version).hist
+                else:
+                    h = self.shadow_durations.get(version) or Histogram()
+                    self.shadow_durations[version] = h
                 h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
                 h.total += total
                 h.count += count
-        for field in ("failures", "shadow_requests", "shadow_failures", "mirror", "comparisons",
-                      "reloads"):  # fmt: skip
+        for field in ("shadow_requests", "shadow_failures", "mirror", "comparisons", "reloads"):
             counts = getattr(self, field)
             for name, n in doc.get(field, {}).items():
                 counts[name] = counts.get(name, 0) + n
