@@ -17,6 +17,7 @@ Pure functions; no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final
 
 from .framing import CHUNKED, LENGTH, PLAIN, Framing, judge_request
@@ -157,7 +158,7 @@ class Scanner:
         return found
 
 
-def request_scanner(wanted: tuple[bytes, ...]) -> Scanner:
+def request_scanner(wanted: Iterable[bytes]) -> Scanner:
     """The scanner of header blocks for a routing table reading `wanted` (lower-case)."""
     return Scanner(frozenset(wanted))
 

@@ -30,6 +30,12 @@ class Histogram:
         self.total = 0.0
         self.count = 0
 
+    def add(self, counts: list[int], total: float, count: int) -> None:
+        """Add another histogram's figures (another worker's) to these."""
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += total
+        self.count += count
+
 
 class Tally:
     """What one version's exchanges came to: the hot path's counters, kept apart per
@@ -83,7 +89,7 @@ class Recorder:
         `label` is the routing decision's (version, reason).
         """
         version, reason = label
-        t = self.tallies.get(version)
+        t = self.tallies.get(version)  # self.tally(version), without the call
         if t is None:
             t = self.tallies[version] = Tally()
         r = t.reasons
@@ -235,16 +241,10 @@ class Recorder:
             self.upstream_errors[key] = self.upstream_errors.get(key, 0) + n
         for version, n in doc.get("failures", {}).items():
             self.tally(version).failures += n
-        for field in ("durations", "shadow_durations"):
-            for version, (counts, total, count) in doc.get(field, {}).items():
-                if field == "durations":
-                    h = self.tally(version).hist
-                else:
-                    h = self.shadow_durations.get(version) or Histogram()
-                    self.shadow_durations[version] = h
-                h.counts = [a + b for a, b in zip(h.counts, counts, strict=True)]
-                h.total += total
-                h.count += count
+        for version, (counts, total, count) in doc.get("durations", {}).items():
+            self.tally(version).hist.add(counts, total, count)
+        for version, (counts, total, count) in doc.get("shadow_durations", {}).items():
+            self.shadow_durations.setdefault(version, Histogram()).add(counts, total, count)
         for field in ("shadow_requests", "shadow_failures", "mirror", "comparisons", "reloads"):
             counts = getattr(self, field)
             for name, n in doc.get(field, {}).items():

@@ -156,8 +156,7 @@ class Table:
             wanted.add(self.key_name)
         if self.needs_cookies:
             wanted.add("cookie")
-        self.wanted = frozenset(w.encode("latin-1") for w in wanted)
-        self.scanner = request_scanner(tuple(sorted(self.wanted)))
+        self.scanner = request_scanner(w.encode("latin-1") for w in wanted)
         self.rollback = Decision(stable, "rollback")
         self.random_decisions = (Decision(stable, "random"), Decision(canary, "random"))
         self.anonymous_decision = Decision(stable, "anonymous")

@@ -66,6 +66,24 @@ async def status_and_close(c: RawClient) -> tuple[int, bool]:
     return r.status, await c.closed_by_peer()
 
 
+async def refused_then_next(port: int, data: bytes, next_request: bytes) -> tuple[int, bool, int]:
+    """Send `data` on one connection, then `next_request` on another: the first
+    answer's status, whether the proxy closed that connection, the second's status."""
+    c = await RawClient.connect(port)
+    try:
+        await c.send(data)
+        status, closed = await status_and_close(c)
+    finally:
+        await c.close()
+    c = await RawClient.connect(port)
+    try:
+        await c.send(next_request)
+        next_status = (await c.response()).status
+    finally:
+        await c.close()
+    return status, closed, next_status
+
+
 @pytest.mark.timeout(30)
 async def test_the_te_te_desync_request_is_refused_before_the_upstream(
     proxies: ProxyFactory, upstreams: Upstreams, green: AppUpstream
@@ -73,20 +91,11 @@ async def test_the_te_te_desync_request_is_refused_before_the_upstream(
     log = Logging()
     up = await upstreams.raw("blue", log)
     proxy = await proxies.start(versions_config(up.url, green.url))
-    c = await RawClient.connect(proxy.port)
-    try:
-        await c.send(SMUGGLE)
-        status, closed = await status_and_close(c)
-    finally:
-        await c.close()
+    user = request("GET", "/user", headers=[("Authorization", "Bearer secret")])
+    status, closed, user_status = await refused_then_next(proxy.port, SMUGGLE, user)
     assert status == 400 and closed
     # A user's request on another connection goes through alone.
-    c = await RawClient.connect(proxy.port)
-    try:
-        await c.send(request("GET", "/user", headers=[("Authorization", "Bearer secret")]))
-        assert (await c.response()).status == 200
-    finally:
-        await c.close()
+    assert user_status == 200
     received = log.total()
     assert b"/a" not in received and b"smuggled" not in received
     assert received.count(b"GET /user HTTP/1.1\r\n") == 1
@@ -338,24 +347,15 @@ async def test_a_request_pipelined_after_a_413_for_its_length_never_reaches_the_
     log = Logging()
     up = await upstreams.raw("blue", log)
     proxy = await proxies.start(versions_config(up.url, green.url, limits={"max_body_bytes": 1024}))
-    c = await RawClient.connect(proxy.port)
-    try:
-        await c.send(
-            b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n"
-            + b"b" * 2048
-            + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
-        )
-        status, closed = await status_and_close(c)
-    finally:
-        await c.close()
+    big = (
+        b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n"
+        + b"b" * 2048
+        + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    status, closed, user_status = await refused_then_next(proxy.port, big, request("GET", "/user"))
     assert status == 413 and closed
     # The next user's request on another connection is the first the upstream sees.
-    c = await RawClient.connect(proxy.port)
-    try:
-        await c.send(request("GET", "/user"))
-        assert (await c.response()).status == 200
-    finally:
-        await c.close()
+    assert user_status == 200
     received = log.total()
     assert b"/after" not in received and b"/big" not in received
     assert received.startswith(b"GET /user HTTP/1.1\r\n") and received.count(b"GET ") == 1
