@@ -1,7 +1,8 @@
 # Turnout: developer entry points.
 #
 #   make demo       create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
-#   make test       create .venv if needed, then run the whole test suite
+#   make test       create .venv if needed, then run the whole test suite (installs the
+#                   servers the fleet tests run, prometheus and redis-server, when root)
 #   make test-unit  only the unit tests: in-process, no subprocess, socket or network
 #   make test-live  only the live tests: real loopback sockets and processes
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
@@ -27,7 +28,7 @@ STAMP  := $(VENV)/.installed
 COMPILED := $(shell sed -n 's/^ *"\(proxy\/.*\.py\)",$$/\1/p' setup.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build demo test test-unit test-live fuzz lint bench soak guard clean distclean
+.PHONY: help venv build demo test test-tools test-unit test-live fuzz lint bench soak guard clean distclean
 
 help:
 	@sed -n 's/^#   make /make /p' $(MAKEFILE_LIST)
@@ -44,7 +45,25 @@ $(STAMP): pyproject.toml setup.py $(COMPILED)
 demo: venv
 	$(BIN)/turnout demo
 
-test: venv
+# The fleet tests (tests/test_fleet.py) run a real Prometheus and a real Redis: Debian's.
+TEST_TOOLS := prometheus redis-server
+
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do \
+	  command -v $$t >/dev/null 2>&1 || [ -x /usr/bin/$$t ] || missing="$$missing $$t"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "test-tools: installing$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -q --no-install-recommends $$missing </dev/null; \
+	  else \
+	    echo "test-tools:$$missing missing and this is not root:" \
+	         "sudo apt-get install$$missing (the fleet tests need them)"; \
+	  fi; \
+	fi
+
+test: venv test-tools
 	$(BIN)/pytest -q
 	@echo "the forwarding tests again, on the pure Python sources (TURNOUT_PURE=1):"
 	TURNOUT_PURE=1 $(BIN)/pytest -q tests/test_forwarding.py tests/test_headers.py tests/test_mirror.py \
@@ -54,7 +73,7 @@ test: venv
 test-unit: venv
 	$(BIN)/pytest -q -m unit
 
-test-live: venv
+test-live: venv test-tools
 	$(BIN)/pytest -q -m live
 
 # `make test` runs tests/test_fuzz.py with 300 examples; this runs FUZZ_EXAMPLES per test

@@ -1,10 +1,16 @@
 """The release controller: guard verdicts, the rollback latch, rollout steps, admin actions.
 
 Rules:
-- Every `TICK` seconds: judge the canary from the guard windows (a pure
-  verdict), act on a breach per `on_breach`, then feed the verdict to the
-  rollout state machine. Decisions are pure (guard.verdict, rollout.advance);
-  this module only applies them: recompile routing, persist, notify.
+- Every `TICK` seconds: judge the canary from what the guard's source says of
+  the window (sources.py: this process's windows, or the fleet's counts in
+  Prometheus) with a pure verdict, act on a breach per `on_breach`, then feed
+  the verdict to the rollout state machine. A source that cannot answer gives
+  an inconclusive verdict, on which a rollout does not step. With the
+  Prometheus source the window's tests are the fleet's; the cumulative tests
+  (sequential.py), which count this process's outcomes, still gate the steps
+  but never breach, so that every replica reaches the same verdict. Decisions
+  are pure (guard.verdict, rollout.advance); this module only applies them:
+  recompile routing, persist, notify.
 - A rollback is in force *before* it is written down: routing flips to stable
   in memory first, then the state file is written atomically, then the event
   is logged and the webhook is called in the background (bounded retries,
@@ -43,12 +49,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import rollout, state
+from . import rollout, sources, state
 from .config import Config
 from .guard import (
     BREACH,
     INCONCLUSIVE,
     UPPER_MS,
+    FleetCounts,
     Policy,
     Stats,
     Verdict,
@@ -123,6 +130,8 @@ class Controller:
         self.last_tick: Tick | None = None  # what the rollout was last judged on
         self.task: asyncio.Task | None = None
         self.make_windows(runtime.config)
+        self.source = self.make_source(runtime.config)  # where the guard reads its window
+        self.closing: asyncio.Task | None = None  # a replaced source, closing
 
     # -- start ---------------------------------------------------------------------------
 
@@ -197,8 +206,11 @@ class Controller:
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
+        if not self.follower:
+            self.source.start()
 
     async def stop(self) -> None:
+        await self.source.close()
         if self.task is not None:
             self.task.cancel()
             try:
@@ -323,6 +335,41 @@ class Controller:
         cfg = self.runtime.config
         return self.windows[cfg.canary].stats(now), self.windows[cfg.stable].stats(now)
 
+    def source_settings(self, cfg: Config) -> tuple[FleetCounts | None, float]:
+        guard = cfg.guard
+        fleet = guard.prometheus if guard is not None and guard.source == "prometheus" else None
+        return fleet, self.window_length
+
+    def make_source(self, cfg: Config) -> sources.Source:
+        self.source_key = self.source_settings(cfg)
+        return sources.make(*self.source_key, lambda: self.windows)
+
+    def renew_source(self, cfg: Config) -> None:
+        """After a reload: a new source if its settings or the window changed."""
+        old = self.source
+        self.source = self.make_source(cfg)
+        if self.task is None or self.follower:
+            return  # not running (yet): `start` starts it
+        self.source.start()
+        self.closing = asyncio.get_running_loop().create_task(old.close())
+
+    def judge_source(self, now: float, policy: Policy, cum: Cumulative) -> Verdict:
+        """The verdict on what the source says of the window, with the slow speed's."""
+        cfg = self.runtime.config
+        source = self.source
+        self.runtime.recorder.guard_source_up = int(source.up())
+        pair = source.stats(now, cfg.canary, cfg.stable)
+        if pair is None:
+            return Verdict(INCONCLUSIVE, (), {"source": source.doc(), "tests": {},
+                                              "cumulative": cum.doc()})  # fmt: skip
+        v = verdict(pair[0], pair[1], policy)
+        if source.kind != "local":
+            # The fleet's verdict only: this process's cumulative counts are shown and
+            # gate the steps, but a breach is the fleet's window's to find.
+            return Verdict(v.state, v.reasons, v.evidence | {"source": source.doc(),
+                                                             "cumulative": cum.doc()})  # fmt: skip
+        return self.judge(v, cum)
+
     def tick(self, now: float, wall: float) -> None:
         rt = self.runtime
         cfg = rt.config
@@ -331,12 +378,14 @@ class Controller:
         healthy = True
         cum = None if gate is None else self.gather(self.feed(now, gate.max_p99_ms), gate)
         if policy is not None and cum is not None:
-            canary, stable = self.stats(now)
-            v = self.judge(verdict(canary, stable, policy), cum)
+            v = self.judge_source(now, policy, cum)
             self.last_verdict = v
             # A canary too quiet for the window is judged by its cumulative evidence:
-            # inconclusive there, and shown under its limits here, lets a step advance.
-            healthy = v.state == "healthy" or (v.state == INCONCLUSIVE and cum.promotable)
+            # inconclusive there, and shown under its limits here, lets a step advance
+            # (not when the source could not answer: that is no evidence of health).
+            healthy = v.state == "healthy" or (
+                v.state == INCONCLUSIVE and cum.promotable and self.source.up()
+            )
             if v.state == "breach" and not rt.latch.active:
                 self.breach(v, wall)
                 if v.evidence.get("speed") == "cumulative":
@@ -494,6 +543,7 @@ class Controller:
             rt.latch = Latch()
             self.windows = {}
             self.make_windows(rt.config)  # judge the canary afresh
+            self.source.restart(time.time())
             self.event("resume", actor=actor, cleared=was.reason)
             log.warning("rollback latch cleared by %s", actor)
             if rt.progress is not None:
@@ -558,6 +608,8 @@ class Controller:
     def reloaded(self, old: Config, new: Config) -> None:
         """A new config is in force: windows, release and rollout follow it."""
         self.make_windows(new)
+        if self.source_key != self.source_settings(new):
+            self.renew_source(new)
         if _release(old) != _release(new):
             self.new_release(new, _release(old))
         elif new.rollout is None:
@@ -581,6 +633,7 @@ class Controller:
         self.windows = {}
         self.cumulative = None
         self.make_windows(cfg)
+        self.source.restart(time.time())
         rt.progress = (
             rollout.start(cfg.rollout, time.time(), self.canary_requests) if cfg.rollout else None
         )

@@ -23,13 +23,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .guard import UPPER_MS
+from .guard import EXPORTED_MS, UPPER_MS
 from .metrics import Histogram, Recorder
 
 # The Prometheus bounds (s); each is one of the fine edges the Recorder counts in.
-BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+BUCKETS = tuple(ms / 1000.0 for ms in EXPORTED_MS)
 _EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")  # PRODUCT.md §8
 
@@ -119,6 +117,8 @@ _SCALARS = (
      "rollback_active"),
     (CounterMetricFamily, "turnout_rollbacks", "Rollbacks (guard or manual)", "rollbacks"),
     (GaugeMetricFamily, "turnout_rollout_step", "Current rollout step (0-based)", "rollout_step"),
+    (GaugeMetricFamily, "turnout_guard_source_up",
+     "1 while the guard's source of counts answers (local or Prometheus)", "guard_source_up"),
     (CounterMetricFamily, "turnout_guard_breaches",
      "Guard breaches reported without a rollback (on_breach pause or alert)", "breaches"),
     (CounterMetricFamily, "turnout_state_write_failures",

@@ -37,8 +37,30 @@ _NO_LATENCY: tuple[int, ...] = ()
 _ZEROS = (0, 0, 0, 0)
 P99_SLOW_SHARE = 0.01  # p99 > T  <=>  more than 1% of requests are slower than T
 
+# The bounds (ms) of the exported duration histogram (`turnout_request_duration_seconds`),
+# each one of the edges above. A guard that reads a Prometheus server sees only these, so
+# its `max_p99_ms` must be one of them for the count of slower requests to be exact.
+EXPORTED_MS: tuple[float, ...] = (
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+)  # fmt: skip
+
 HEALTHY, BREACH, INCONCLUSIVE = "healthy", "breach", "inconclusive"
 ON_BREACH = ("rollback", "pause", "alert")
+SOURCES = ("local", "prometheus")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCounts:
+    """`guard.prometheus`: where the fleet's counts are read (see proxy/sources.py)."""
+
+    url: str  # the Prometheus server, e.g. http://prometheus:9090
+    job: str = "turnout"  # the scrape job of the replicas
+    query_interval: float = 5.0  # seconds between queries
+    timeout: float = 2.0  # seconds a query may take before the source counts as down
+
+    def __post_init__(self) -> None:
+        if not self.query_interval > 0 or not self.timeout > 0:
+            raise ValueError("query_interval and timeout must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +79,20 @@ class Policy:
     relative_min_difference: float = 0.002  # ... and >= 0.2 points above it
     sequential_alpha: float = 1e-3  # a false breach of the cumulative tests, per step
     promotion_alpha: float = 0.05  # evidence "under its limits" for a canary at its limits
+    source: str = "local"  # local: this process's counts; prometheus: the fleet's
+    prometheus: FleetCounts | None = None
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "prometheus":
+            if self.prometheus is None:
+                raise ValueError("source prometheus needs the prometheus settings")
+            if self.max_p99_ms is not None and self.max_p99_ms not in EXPORTED_MS:
+                raise ValueError(
+                    f"with source prometheus, max_p99_ms must be a bound of the exported "
+                    f"histogram {EXPORTED_MS}, got {self.max_p99_ms}"
+                )
         if not self.window > 0:
             raise ValueError(f"window must be > 0, got {self.window}")
         if self.min_requests < 1:
@@ -353,7 +387,8 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
 
 # --- the verdict ---------------------------------------------------------------------
 
-_NOT_EVIDENCE = ("webhook", "on_breach")  # the policy's other fields go into the evidence
+# the policy's other fields go into the evidence
+_NOT_EVIDENCE = ("webhook", "on_breach", "source", "prometheus")
 
 
 @dataclass(frozen=True, slots=True)

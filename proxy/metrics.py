@@ -78,6 +78,7 @@ class Recorder:
         self.rollout_step = 0
         self.breaches = 0
         self.state_write_failures = 0  # state file writes that failed (the leader writes)
+        self.guard_source_up = 1  # 0 while the guard's source cannot answer (sources.py)
 
     # -- hot path -----------------------------------------------------------------
 
@@ -256,6 +257,6 @@ class Recorder:
         rec.add_counts(self.counts())
         for gauge in ("canary_weight", "generation", "decision_labels", "rollback_active",
                       "rollbacks", "rollout_step", "breaches", "state_write_failures",
-                      "in_flight"):  # fmt: skip
+                      "guard_source_up", "in_flight"):  # fmt: skip
             setattr(rec, gauge, getattr(self, gauge))
         return rec

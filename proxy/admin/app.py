@@ -178,11 +178,13 @@ def _guard(server: Proxy) -> dict | None:
     if server.runtime.config.guard is None:
         return None
     v = server.controller.last_verdict
+    source = server.controller.source.doc()
     if v is None:
-        return {"state": "inconclusive", "reasons": [], "evidence": None, "summary": None}
+        return {"state": "inconclusive", "reasons": [], "evidence": None, "summary": None,
+                "source": source}  # fmt: skip
     summary = (v.evidence.get("cumulative") or {}).get("summary")
     return {"state": v.state, "reasons": list(v.reasons), "evidence": v.evidence,
-            "summary": summary}  # fmt: skip
+            "summary": summary, "source": source}  # fmt: skip
 
 
 def explain(server: Proxy, query: web.Request) -> dict:

@@ -182,4 +182,5 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "guard": _as("guard", parse=parsers.guard),
     "rollout": _as("rollout", parse=parsers.rollout),
     "mirror": _as("mirror", parse=parsers.mirror),
+    "state": _as("state", parse=parsers.state_backend),
 }

@@ -118,6 +118,16 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class StateBackend:
+    """`state:` where the latch, the rollout's progress, events and audit live."""
+
+    backend: str = "file"  # file: `state_file`, this process (and its workers) only
+    redis_url: str = "redis://127.0.0.1:6379/0"  # backend redis: the fleet's shared state
+    key_prefix: str = "turnout:"
+    lease: float = 3.0  # seconds: a dead rollout leader is replaced within about this
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     weight: int  # 0..100, never below the previous step's
     approve: str | None = None  # the role whose `promote` enters this step
@@ -180,6 +190,7 @@ class Config:
     guard: Policy | None = None  # None: no automatic verdict
     rollout: RolloutConfig | None = None  # None: routing.weight is the weight
     mirror: Mirror | None = None  # None: no shadow traffic
+    state: StateBackend = StateBackend()
     # file -> digest of the bytes parsed (see walker.digest); compare=False: two loads of
     # the same settings are the same config whatever bytes they came from
     sources: Mapping[str, str] = field(

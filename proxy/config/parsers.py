@@ -27,7 +27,7 @@ from types import MappingProxyType
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from ..guard import Policy
+from ..guard import EXPORTED_MS, FleetCounts, Policy
 from .model import (
     NEVER_COMPARED,
     NEVER_COMPARED_PREFIX,
@@ -40,6 +40,7 @@ from .model import (
     RolloutConfig,
     Routing,
     Rule,
+    StateBackend,
     Step,
     Sticky,
     Token,
@@ -56,6 +57,7 @@ from .values import (
     endpoints,
     header_names,
     host_port,
+    http_url,
     ignored_headers,
     int_at_least,
     json_paths,
@@ -71,7 +73,6 @@ from .values import (
     size,
     sticky_key,
     string,
-    webhook,
 )
 from .walker import BAD, Bad, Ctx, Parser, child, got, join, parse_fields, parse_list
 
@@ -90,6 +91,33 @@ def admin(ctx: Ctx, node: Node, path: str) -> Admin:
         return Admin(tokens=tokens)
     host, port = fields["listen"]
     return Admin(host, port, tokens)
+
+
+def state_backend(ctx: Ctx, node: Node, path: str) -> StateBackend:
+    fields = parse_fields(ctx, node, path, STATE_FIELDS)
+    shared = fields.get("redis", {})
+    if "redis" in fields and fields.get("backend") != "redis":
+        ctx.warn(
+            join(path, "redis"), child(node, "redis") or node, "is unused unless backend is redis"
+        )
+    return StateBackend(fields.get("backend", "file"), **shared)
+
+
+def redis_settings(ctx: Ctx, node: Node, path: str) -> dict[str, object]:
+    fields = parse_fields(ctx, node, path, REDIS_FIELDS)
+    if "url" in fields:
+        fields["redis_url"] = fields.pop("url")
+    return fields
+
+
+def redis_url(ctx: Ctx, node: Node, path: str) -> str | Bad:
+    """redis://HOST[:PORT][/DB], rediss:// (TLS) or unix:///PATH."""
+    if (url := string(ctx, node, path)) is BAD:
+        return BAD
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+        return ctx.error(path, node, f"must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    return url
 
 
 def limits(ctx: Ctx, node: Node, path: str) -> Limits:
@@ -195,10 +223,35 @@ def _token(ctx: Ctx, node: Node, path: str) -> Token | Bad:
 
 def guard(ctx: Ctx, node: Node, path: str) -> Policy | Bad:
     fields = parse_fields(ctx, node, path, GUARD_FIELDS)
+    if fields.get("source") == "prometheus":
+        if "prometheus" not in fields:
+            if child(node, "prometheus") is None:  # else its own errors are reported
+                ctx.error(join(path, "prometheus"), node, "is required with source prometheus")
+            return BAD
+        p99 = fields.get("max_p99_ms")
+        if p99 is not None and p99 not in EXPORTED_MS:
+            bounds = ", ".join(f"{ms:g}" for ms in EXPORTED_MS)
+            why = (f"must be a bound of the exported histogram with source prometheus "
+                   f"(Prometheus sees only those): one of {bounds}; got {p99:g}")  # fmt: skip
+            return ctx.error(join(path, "max_p99_ms"), child(node, "max_p99_ms"), why)
+    elif "prometheus" in fields:
+        where = join(path, "prometheus")
+        ctx.warn(where, child(node, "prometheus") or node, "is unused unless source is prometheus")
+        del fields["prometheus"]
     try:
         return Policy(**fields)
     except (TypeError, ValueError) as e:  # the table's checks should have caught it
         return ctx.error(path, node, f"invalid guard policy: {e}")
+
+
+def fleet_counts(ctx: Ctx, node: Node, path: str) -> FleetCounts | Bad:
+    fields = parse_fields(ctx, node, path, PROMETHEUS_FIELDS, ("url",))
+    if "url" not in fields:
+        return BAD
+    try:
+        return FleetCounts(**fields)
+    except ValueError as e:
+        return ctx.error(path, node, str(e))
 
 
 # ------------------------------------------------------------------------------- rollout
@@ -298,7 +351,24 @@ GUARD_FIELDS: dict[str, Parser] = {
     "max_p99_ms": positive,
     "relative_to_stable": boolean,
     "on_breach": choice("rollback", "pause", "alert"),
-    "webhook": webhook,
+    "webhook": http_url,
+    "source": choice("local", "prometheus"),
+    "prometheus": fleet_counts,
+}
+STATE_FIELDS: dict[str, Parser] = {
+    "backend": choice("file", "redis"),
+    "redis": redis_settings,
+}
+REDIS_FIELDS: dict[str, Parser] = {
+    "url": redis_url,
+    "key_prefix": named(re.compile(r"[A-Za-z0-9_.:{}/-]{1,200}"), "a key prefix"),
+    "lease": duration,
+}
+PROMETHEUS_FIELDS: dict[str, Parser] = {
+    "url": http_url,
+    "job": named(re.compile(r"[A-Za-z0-9_.:-]{1,128}"), "a scrape job name"),
+    "query_interval": duration,
+    "timeout": duration,
 }
 ROLLOUT_FIELDS: dict[str, Parser] = {"interval": duration, "steps": _steps}
 STEP_FIELDS: dict[str, Parser] = {

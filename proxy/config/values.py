@@ -174,7 +174,7 @@ def positive(ctx: Ctx, node: Node, path: str) -> float | Bad:
     return value
 
 
-def webhook(ctx: Ctx, node: Node, path: str) -> str | Bad:
+def http_url(ctx: Ctx, node: Node, path: str) -> str | Bad:
     """An http:// or https:// URL with a host (a path and query are fine)."""
     if (url := string(ctx, node, path)) is BAD:
         return BAD
