@@ -238,10 +238,12 @@ def render_status(doc: dict) -> str:
         each = " · ".join(f"{m['index']}: pid {m['pid']}, {m['requests']} requests"
                           for m in workers["members"])  # fmt: skip
         lines.append(f"workers: {workers['count']} ({each})")
+    lines.append(_state_line(doc.get("state") or {}))
     guard = doc.get("guard")
     if guard:
         lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"
-                                                    if guard["reasons"] else ""))  # fmt: skip
+                                                    if guard["reasons"] else "")
+                     + _source_words(guard.get("source") or {}))  # fmt: skip
         if guard.get("summary"):
             lines.append(f"  {escape(guard['summary'])}")
     lines.append(f"{'version':<12}{'requests':>10}{'errors':>8}{'err%':>8}{'p99 ms':>9}")
@@ -251,6 +253,35 @@ def render_status(doc: dict) -> str:
             f"{name:<12}{v['requests']:>10}{v['errors']:>8}{100 * v['error_rate']:>7.2f}%{p99:>9}"
         )
     return "\n".join(lines)
+
+
+def _state_line(st: dict) -> str:
+    """Where the release state lives and whether it is up (PRODUCT.md §11)."""
+    if st.get("backend") == "redis":
+        where = (
+            f"state: redis {escape(str(st.get('url')))} prefix {escape(str(st.get('key_prefix')))}"
+        )
+        if not st.get("up"):
+            unwritten = ", ".join(st.get("unwritten") or ()) or "nothing"
+            return (f"{where} — UNREACHABLE since {st.get('down_since')}: "
+                    f"{escape(str(st.get('error')))} (unwritten here: {unwritten})")  # fmt: skip
+        lead = "this replica leads the rollout" if st.get("leader") else (
+            f"the rollout is led by {escape(str(st.get('lease_holder')))}"
+            if st.get("lease_holder") else "no replica leads the rollout")  # fmt: skip
+        return f"{where} — up · {lead}"
+    where = f"state: file {escape(str(st.get('file')))}"
+    if st.get("persisted", True):
+        return f"{where} — written"
+    return f"{where} — NOT WRITTEN: {escape(str(st.get('error')))}"
+
+
+def _source_words(src: dict) -> str:
+    if src.get("kind") != "prometheus":
+        return " · source local"
+    where = f" · source prometheus {escape(str(src.get('url')))} job {escape(str(src.get('job')))}"
+    if src.get("up"):
+        return where + " (up)"
+    return where + f" (DOWN: {escape(str(src.get('last_error')))})"
 
 
 def cmd_action(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -47,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import rollout, sources, state
 from .config import Config
@@ -66,12 +67,15 @@ from .guard import (
 from .rollout import Forbidden, IllegalTransition, Pause, Progress, Promote, Resume, Tick
 from .sequential import Cumulative, Outcomes
 from .state import Latch, State, StateError
+from .store import Redis, Unavailable
 
 if TYPE_CHECKING:
     from .metrics import Recorder
     from .runtime import Runtime
 
 log = logging.getLogger("turnout.controller")
+
+T = TypeVar("T")
 
 TICK = 0.25  # seconds between verdicts: a bound on detection latency beyond the evidence
 RETRY = 1.0  # seconds between attempts to write a state file that could not be written
@@ -94,9 +98,18 @@ class Controller:
         runtime: Runtime,
         notify: Callable[[dict], None] | None = None,
         follower: bool = False,
+        store: Redis | None = None,
     ) -> None:
         self.runtime = runtime
         self.follower = follower  # a following worker: the state file decides
+        # state.backend redis: the fleet's state, taken and changed in transactions
+        # (store.py); None: the state file is the only record
+        self.store = store
+        self.intents: list[tuple[str, tuple]] = []  # rollbacks and pauses not yet in Redis
+        self.in_change = False  # a change of the fleet's state is being applied
+        self.fleet_events: list[dict] = []  # the events of the change being applied
+        self.fleet_external: list[bool] = []  # ... and whether each leaves the process
+        self.pushes: set[asyncio.Task] = set()
         # Where the guard and the rollout read counts: this process's Recorder, or
         # the sum over a fleet of workers; `collect` refreshes that sum each tick.
         self.counts: Callable[[], Recorder] = lambda: runtime.recorder
@@ -211,6 +224,9 @@ class Controller:
 
     async def stop(self) -> None:
         await self.source.close()
+        if self.store is not None:
+            await self.store.flush_audit()
+            await self.store.close()
         if self.task is not None:
             self.task.cancel()
             try:
@@ -233,7 +249,10 @@ class Controller:
         if self.collect is not None:
             await self.collect()  # also re-pushes the state to any follower that missed it
         seq = self.seq
-        self.tick(time.monotonic(), time.time())
+        if self.store is None:
+            self.tick(time.monotonic(), time.time())
+        else:
+            await self.fleet_tick(time.monotonic(), time.time())
         if self.write_error is not None and time.monotonic() >= self.retry_at:
             self.write(self.saved_state())
         if self.collect is not None and self.seq != seq:
@@ -244,30 +263,139 @@ class Controller:
     def adopt(self, doc: dict) -> bool:
         """A following worker: put the state the leader pushed in force, unless it is
         older than the one in force. ValueError/KeyError/TypeError if it is no state."""
-        rt = self.runtime
         mark = (int(doc["mark"][0]), int(doc["mark"][1]))
         if self.mark is not None and mark < self.mark:
             return False  # two pushes crossed on the way: the newer one stands
         saved = state.from_json(doc["state"])
         self.mark = mark
+        self.take_state(saved, "the leading worker")
+        return True
+
+    def take_state(self, saved: State, origin: str) -> bool:
+        """Put a state another process decided in force here (no events: they are its
+        own); False if it is the one in force already."""
+        rt = self.runtime
         progress = rt.progress
         if saved.release == _release(rt.config) and rt.config.rollout is not None:
             # Another release is the leader's or this worker's reload still on the way:
             # the latch is taken anyway, the rollout once both run the same release.
             candidate = rollout.from_dict(saved.rollout) if saved.rollout is not None else None
+            if candidate is not None and progress is not None and _same_step(candidate, progress):
+                # The count of the step's requests is this process's own (the fleet's
+                # state does not carry it): kept while the step is the same.
+                candidate = replace(candidate, step_base_requests=progress.step_base_requests)
             if candidate is None or candidate.step < len(rt.config.rollout.steps):
                 progress = candidate
         if saved.latch == rt.latch and progress == rt.progress:
-            return True
+            return False
         if saved.latch.active != rt.latch.active:
-            log.warning("rollback latch %s by the leading worker: %s",
-                        "set" if saved.latch.active else "cleared",
+            log.warning("rollback latch %s by %s: %s",
+                        "set" if saved.latch.active else "cleared", origin,
                         saved.latch.reason or rt.latch.reason)  # fmt: skip
+        resumed = rt.latch.active and not saved.latch.active
         rt.latch = saved.latch
         rt.progress = progress
         rt.refresh()
         rt.recorder.rollout_step = progress.step if progress else 0
+        if resumed:  # resumed elsewhere: the canary is judged afresh here too
+            self.cumulative = None
+            self.last_tick = None
+            self.windows = {}
+            self.make_windows(rt.config)
+            self.source.restart(time.time())
         return True
+
+    # -- the fleet's state in Redis (state.backend: redis) ---------------------------------
+
+    async def join_fleet(self) -> None:
+        """At start, before serving: take the fleet's state (or give it this one)."""
+        if self.store is None or self.follower:
+            return
+        try:
+            await self.fleet_change(lambda: None)
+        except Unavailable as err:
+            log.error("state backend redis unreachable at start (%s): serving the state of "
+                      "%s until it answers", err, self.runtime.config.state_file)  # fmt: skip
+        self.runtime.recorder.state_backend_up = int(self.store.up)
+
+    async def fleet_tick(self, now: float, wall: float) -> None:
+        assert self.store is not None
+        store = self.store
+        seen = self.observe(now)
+
+        def apply() -> None:
+            self.replay()
+            self.act(seen, wall, store.may_lead())
+
+        try:
+            await self.fleet_change(apply)
+        except Unavailable:
+            self.act(seen, wall, False)  # here only; the rollout waits for the fleet
+        self.runtime.recorder.state_backend_up = int(store.up)
+        await store.flush_audit()
+
+    async def fleet_change(self, apply: Callable[[], T]) -> T:
+        """`apply` on the fleet's state, in a transaction (store.Redis.change); the
+        events it makes are kept (and sent) once the change is written."""
+        assert self.store is not None
+        events, external = self.fleet_events, self.fleet_external
+
+        def attempt() -> T:
+            events.clear()
+            external.clear()
+            self.in_change = True
+            try:
+                return apply()
+            finally:
+                self.in_change = False
+
+        try:
+            result = await self.store.change(
+                _release(self.runtime.config), self.take_fleet, attempt, self.fleet_state, events
+            )
+        except Unavailable:
+            events.clear()
+            external.clear()
+            raise
+        self.intents.clear()  # replayed in the change just written
+        for ev, out in zip(events, external, strict=True):
+            self.events.appendleft(ev)
+            if out and self.notify is not None:
+                self.notify(ev)
+        events.clear()
+        external.clear()
+        return result
+
+    def take_fleet(self, saved: State) -> None:
+        if self.take_state(saved, "the fleet"):
+            self.persist()  # the state file keeps the last state seen
+
+    def replay(self) -> None:
+        """Apply the rollbacks and pauses made while Redis was unreachable to the fleet's
+        state as it is now (a latch found set there is kept as it is)."""
+        for kind, args in list(self.intents):
+            if kind == "rollback":
+                self.rollback(*args)
+            else:
+                with contextlib.suppress(ActionError):
+                    self.pause(*args)
+
+    async def fleet_action(self, name: str, action: Callable[[], T]) -> T:
+        """An admin action: on the fleet's state when there is one. Without Redis,
+        rollback and pause act here (and are written when it answers); promote and
+        resume need the fleet's state and are refused (503)."""
+        if self.store is None:
+            return action()
+        try:
+            return await self.fleet_change(action)
+        except Unavailable as err:
+            if name in ("rollback", "pause"):
+                return action()
+            raise ActionError(
+                f"state backend redis is unreachable ({err}): {name} needs the fleet's "
+                "state and is refused; rollback and pause still work on this replica",
+                503,
+            ) from None
 
     # -- the hot-path hook -----------------------------------------------------------------
 
@@ -370,22 +498,36 @@ class Controller:
                                                              "cumulative": cum.doc()})  # fmt: skip
         return self.judge(v, cum)
 
-    def tick(self, now: float, wall: float) -> None:
-        rt = self.runtime
-        cfg = rt.config
+    def tick(self, now: float, wall: float, may_step: bool = True) -> None:
+        self.act(self.observe(now), wall, may_step)
+
+    def observe(self, now: float) -> tuple[Verdict | None, Cumulative | None, bool]:
+        """This tick's counts and verdict: (verdict, the slow speed's evidence, healthy)."""
+        cfg = self.runtime.config
         policy = cfg.guard
         gate = _evidence_policy(cfg)
-        healthy = True
         cum = None if gate is None else self.gather(self.feed(now, gate.max_p99_ms), gate)
-        if policy is not None and cum is not None:
-            v = self.judge_source(now, policy, cum)
+        if policy is None or cum is None:
+            return None, cum, True
+        v = self.judge_source(now, policy, cum)
+        # A canary too quiet for the window is judged by its cumulative evidence:
+        # inconclusive there, and shown under its limits here, lets a step advance
+        # (not when the source could not answer: that is no evidence of health).
+        healthy = v.state == "healthy" or (
+            v.state == INCONCLUSIVE and cum.promotable and self.source.up()
+        )
+        return v, cum, healthy
+
+    def act(
+        self, seen: tuple[Verdict | None, Cumulative | None, bool], wall: float, may_step: bool
+    ) -> None:
+        """Act on what `observe` saw: a breach per on_breach; a rollout step (`may_step`:
+        this replica may advance the rollout, as the fleet's lease holder or alone)."""
+        rt = self.runtime
+        cfg = rt.config
+        v, cum, healthy = seen
+        if v is not None and cum is not None:
             self.last_verdict = v
-            # A canary too quiet for the window is judged by its cumulative evidence:
-            # inconclusive there, and shown under its limits here, lets a step advance
-            # (not when the source could not answer: that is no evidence of health).
-            healthy = v.state == "healthy" or (
-                v.state == INCONCLUSIVE and cum.promotable and self.source.up()
-            )
             if v.state == "breach" and not rt.latch.active:
                 self.breach(v, wall)
                 if v.evidence.get("speed") == "cumulative":
@@ -397,7 +539,7 @@ class Controller:
                 # inconclusive window (or cumulative evidence started afresh) while the
                 # fault goes on is the same episode, alerted once.
                 self.alerting = False
-        if cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
+        if may_step and cfg.rollout is not None and rt.progress is not None and not rt.latch.active:
             evidence = cum is not None and cum.promotable
             self.last_tick = Tick(wall, healthy, self.canary_requests, evidence)
             self.step(rollout.advance(rt.progress, self.last_tick, *self._rc()), "guard")
@@ -522,6 +664,8 @@ class Controller:
         started = time.perf_counter()
         rt.latch = Latch(active=True, reason=reason, at=time.time(), release=_release(rt.config),
                          evidence=evidence, actor=actor)  # fmt: skip
+        if self.store is not None and not any(kind == "rollback" for kind, _ in self.intents):
+            self.intents.append(("rollback", (reason, actor, evidence)))
         rt.refresh()  # all traffic to stable from the next request on
         rt.recorder.rolled_back()
         self.persist()
@@ -567,6 +711,8 @@ class Controller:
             new = rollout.advance(rt.progress, Pause(time.time(), actor), *self._rc())
         except IllegalTransition as err:
             raise ActionError(str(err)) from None
+        if self.store is not None and not any(kind == "pause" for kind, _ in self.intents):
+            self.intents.append(("pause", (actor,)))
         self.step(new, actor)
 
     def promote(self, actor: str, roles: frozenset[str]) -> None:
@@ -599,6 +745,8 @@ class Controller:
         rt.refresh()
         rt.recorder.rollout_step = new.step
         self.persist()
+        if old is not None and (old.phase, old.step) == (new.phase, new.step):
+            return  # bookkeeping (the step's request count began): not a move
         weight = rt.snapshot.table.weight
         log.info("rollout: %s step %d, weight %d%% (%s)", new.phase.value, new.step, weight, actor)
         self.event("rollout", phase=new.phase.value, step=new.step, weight=weight, actor=actor)
@@ -639,6 +787,14 @@ class Controller:
         )
 
     # -- persistence and events ---------------------------------------------------------------
+
+    def fleet_state(self) -> State:
+        """The state in force as the fleet shares it: without this process's own count
+        of the step's canary requests."""
+        saved = self.saved_state()
+        if saved.rollout is None:
+            return saved
+        return replace(saved, rollout=saved.rollout | {"step_base_requests": rollout.UNKNOWN})
 
     def saved_state(self) -> State:
         rt = self.runtime
@@ -698,13 +854,24 @@ class Controller:
     def persistence(self) -> dict:
         """/status `state`: whether the state in force is on disk, and why not."""
         since = self.unsaved_since
-        return {
+        doc: dict[str, Any] = {
+            "backend": "file",
+            "up": self.write_error is None,
             "file": self.runtime.config.state_file,
             "persisted": self.write_error is None,
             "error": self.write_error,
             "unsaved_since": _iso(since) if since is not None else None,
             "write_failures": self.runtime.recorder.state_write_failures,
         }
+        if self.store is not None:
+            fleet = self.store.doc()
+            down = fleet.pop("down_since")
+            doc |= fleet | {
+                "file_error": self.write_error,
+                "unwritten": [kind for kind, _ in self.intents],
+                "down_since": _iso(down) if down is not None else None,
+            }
+        return doc
 
     async def confirm(self) -> dict:
         """After an action that set the latch: whether it is on disk and in force in
@@ -712,6 +879,9 @@ class Controller:
         workers = await self.collect() if self.collect is not None else {}
         unconfirmed = {str(i): r for i, r in workers.items() if r not in ("ok", "down")}
         errors = [self.write_error] if self.write_error is not None else []
+        if self.store is not None and self.intents:
+            errors.append(f"state backend redis is unreachable ({self.store.error}): the latch "
+                          "is in force on this replica only until it is written there")  # fmt: skip
         errors += [f"worker {i} has not confirmed it: {r}" for i, r in unconfirmed.items()]
         return {
             "ok": not errors,
@@ -787,13 +957,25 @@ class Controller:
 
     def event(self, kind: str, external: bool = False, **fields: Any) -> dict:
         ev = {"at": time.time(), "kind": kind, **fields}
+        if self.in_change:  # kept (and sent) when the change is written
+            self.fleet_events.append(ev)
+            self.fleet_external.append(external)
+            return ev
         self.events.appendleft(ev)
         if external and self.notify is not None:
             self.notify(ev)
+        if self.store is not None and self.store.up:
+            task = asyncio.get_running_loop().create_task(self.store.push_event(ev))
+            self.pushes.add(task)
+            task.add_done_callback(self.pushes.discard)
         return ev
 
     def audit_path(self) -> str:
         return os.path.join(os.path.dirname(self.runtime.config.state_file), "turnout-audit.jsonl")
+
+
+def _same_step(a: Progress, b: Progress) -> bool:
+    return (a.phase, a.step, a.step_started_at) == (b.phase, b.step, b.step_started_at)
 
 
 def _iso(ts: float) -> str:

@@ -119,6 +119,8 @@ _SCALARS = (
     (GaugeMetricFamily, "turnout_rollout_step", "Current rollout step (0-based)", "rollout_step"),
     (GaugeMetricFamily, "turnout_guard_source_up",
      "1 while the guard's source of counts answers (local or Prometheus)", "guard_source_up"),
+    (GaugeMetricFamily, "turnout_state_backend_up",
+     "1 while the state backend answers (the file, or the fleet's Redis)", "state_backend_up"),
     (CounterMetricFamily, "turnout_guard_breaches",
      "Guard breaches reported without a rollback (on_breach pause or alert)", "breaches"),
     (CounterMetricFamily, "turnout_state_write_failures",

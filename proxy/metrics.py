@@ -79,6 +79,7 @@ class Recorder:
         self.breaches = 0
         self.state_write_failures = 0  # state file writes that failed (the leader writes)
         self.guard_source_up = 1  # 0 while the guard's source cannot answer (sources.py)
+        self.state_backend_up = 1  # 0 while the state backend (Redis) cannot be reached
 
     # -- hot path -----------------------------------------------------------------
 
@@ -257,6 +258,6 @@ class Recorder:
         rec.add_counts(self.counts())
         for gauge in ("canary_weight", "generation", "decision_labels", "rollback_active",
                       "rollbacks", "rollout_step", "breaches", "state_write_failures",
-                      "guard_source_up", "in_flight"):  # fmt: skip
+                      "guard_source_up", "state_backend_up", "in_flight"):  # fmt: skip
             setattr(rec, gauge, getattr(self, gauge))
         return rec

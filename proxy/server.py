@@ -36,6 +36,7 @@ from .mirror import Mirroring
 from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
+from .store import Redis
 from .workers import LEDGER_GUARD, LEDGER_STATE, Channel, Fleet, Ledger, role_from_env
 
 log = logging.getLogger("turnout")
@@ -65,6 +66,14 @@ def raise_fd_limit(connections: int) -> None:
         )  # fmt: skip
 
 
+def fleet_store(config: Config) -> Redis | None:
+    """The Redis the fleet shares its release state in (state.backend: redis), or None."""
+    st = config.state
+    if st.backend != "redis":
+        return None
+    return Redis(st.redis_url, st.key_prefix, st.lease)
+
+
 class Server:
     def __init__(self, config: Config) -> None:
         self.runtime = Runtime(config)
@@ -77,7 +86,10 @@ class Server:
         self.webhook = Webhook(self.webhook_url)
         self.role = role_from_env()
         follower = self.role is not None and not self.role.leader
-        self.controller = Controller(self.runtime, notify=self.webhook.send, follower=follower)
+        self.controller = Controller(
+            self.runtime, notify=self.webhook.send, follower=follower,
+            store=None if follower else fleet_store(config),
+        )  # fmt: skip
         self.mirroring = Mirroring(self.shared, self.mismatch)
         self.fleet: Fleet | None = None
         self.channel: Channel | None = None
@@ -135,6 +147,8 @@ class Server:
             )
         if (old.admin.host, old.admin.port) != (new.admin.host, new.admin.port):
             log.warning("admin.listen changed: restart to apply")
+        if old.state != new.state:
+            log.warning("state (the backend) changed: restart to apply")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,6 +164,9 @@ class Server:
                     self.controller.adopt(shared)
             except (KeyError, TypeError, ValueError) as err:
                 log.error("the fleet's copy of the state is unusable (%s): wait for a push", err)
+        # The fleet's state first (state.backend redis): no request is served on a
+        # state older than the fleet's.
+        await self.controller.join_fleet()
         self.listener = await loop.create_server(
             lambda: ClientConnection(self.shared, self.mirroring, self.connections),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,

@@ -143,6 +143,62 @@ class PrometheusServer(Server):
         return False
 
 
+class RedisServer(Server):
+    """redis-server on loopback, appending every write to its file (fsync always), so
+    that a restart (same folder) finds everything that was acknowledged."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, "redis")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        return [
+            binary("redis-server"),
+            "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(self.workdir),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            "--protected-mode", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+
+    async def ready(self) -> bool:
+        return await self.call("PING") == b"+PONG"
+
+    async def call(self, *words: str) -> bytes | None:
+        """One command in the inline protocol; the first line of the answer."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, self.port), 1.0
+            )
+        except (OSError, TimeoutError):
+            return None
+        try:
+            writer.write((" ".join(words) + "\r\n").encode())
+            await writer.drain()
+            return (await asyncio.wait_for(reader.readline(), 2.0)).rstrip()
+        except (OSError, TimeoutError):
+            return None
+        finally:
+            writer.close()
+
+    async def lrange(self, key: str) -> list[bytes]:
+        """LRANGE key 0 -1, read from the protocol's array answer."""
+        reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
+        try:
+            writer.write(f"LRANGE {key} 0 -1\r\n".encode())
+            await writer.drain()
+            header = await asyncio.wait_for(reader.readline(), 2.0)
+            assert header.startswith(b"*"), header
+            items = []
+            for _ in range(int(header[1:])):
+                size = int((await reader.readline())[1:])
+                items.append((await reader.readexactly(size + 2))[:-2])
+            return items
+        finally:
+            writer.close()
+
+
 # -- what a Prometheus query answers, for scripted servers and literal answers ----------
 
 

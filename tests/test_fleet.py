@@ -19,8 +19,8 @@ from proxy import sources
 from proxy.guard import FleetCounts
 
 from .conftest import Proxy, ProxyFactory, eventually
-from .fleet import PrometheusServer, bucket_samples, sample
-from .live import admin, background_load, guard_config, status, wait_latched
+from .fleet import PrometheusServer, RedisServer, bucket_samples, sample
+from .live import admin, background_load, guard_config, run_cli, status, wait_latched
 from .support import LOOPBACK, FaultyUpstream
 
 pytestmark = pytest.mark.live
@@ -145,18 +145,24 @@ class Fleet:
     """Two replicas (separate processes, own ports and state files) and a Prometheus
     scraping both every second; the replicas' guard reads the fleet's counts from it."""
 
-    def __init__(self, proxies: ProxyFactory, tmp_path: Path) -> None:
+    def __init__(self, proxies: ProxyFactory, tmp_path: Path, shared: bool = False) -> None:
         self.replicas: list[Proxy] = [proxies.new(), proxies.new()]
         targets = [f"{LOOPBACK}:{p.admin_port}" for p in self.replicas]
         self.prometheus = PrometheusServer(tmp_path, targets)
+        self.redis = RedisServer(tmp_path) if shared else None  # state.backend redis too
 
     async def start(self, blue: FaultyUpstream, green: FaultyUpstream) -> Fleet:
         await self.prometheus.start()
+        if self.redis is not None:
+            await self.redis.start()
         fleet = {"url": self.prometheus.url, "job": "turnout", "query_interval": "1s",
                  "timeout": "1s"}  # fmt: skip
         for i, replica in enumerate(self.replicas):
             cfg = guard_config(blue, green, weight=50, guard=FLEET_GUARD | {"prometheus": fleet})
             cfg["state_file"] = f"state-{i}.json"
+            if self.redis is not None:
+                redis = {"url": self.redis.url, "key_prefix": "turnout:both:"}
+                cfg["state"] = {"backend": "redis", "redis": redis}
             replica.write_config(cfg)
             await replica.start()
         await eventually(lambda: self.prometheus.scraped(2), timeout=15)
@@ -169,7 +175,11 @@ class Fleet:
         return all(d["guard"]["source"]["up"] is up for d in docs)
 
     async def stop(self) -> None:
+        for replica in self.replicas:  # first: a replica that outlives its servers only logs
+            await replica.stop()
         await self.prometheus.stop()
+        if self.redis is not None:
+            await self.redis.stop()
 
 
 @pytest.fixture
@@ -180,6 +190,43 @@ async def fleet(pair, proxies: ProxyFactory, tmp_path: Path):
     finally:
         await f.stop()
         print(f"--- prometheus log ---\n{f.prometheus.log()}")
+
+
+async def test_a_fleet_with_both_shows_one_latch_one_step_and_one_verdict(
+    pair, proxies: ProxyFactory, tmp_path: Path
+):
+    """Prometheus for the verdict and Redis for the state, as deploy/kubernetes suggests:
+    `turnout status` on either replica tells the same story and names both."""
+    blue, green = pair
+    f = Fleet(proxies, tmp_path, shared=True)
+    try:
+        await f.start(blue, green)
+        a, b = f.replicas
+        green.fault_rate = 1.0
+        async with background_load(a, 100, limit=30), background_load(b, 100, limit=30):
+            await asyncio.gather(wait_latched(a, 20), wait_latched(b, 20))
+        assert f.redis is not None
+
+        async def shown(replica: Proxy) -> list[str]:
+            code, out, err = await run_cli("status", "--admin", replica.admin_url)
+            assert code == 0, err
+            assert f"state: redis {f.redis.url} prefix turnout:both: — up" in out, out
+            assert f"source prometheus {f.prometheus.url} job turnout (up)" in out, out
+            keep = ("rollback latch", "rollout", "guard:")
+            return [line for line in out.splitlines() if line.startswith(keep)]
+
+        async def one_story() -> list[str] | None:
+            # Each replica queries Prometheus on its own clock (every query_interval):
+            # their verdicts agree once both have judged the same counts.
+            lines = [await shown(r) for r in (a, b)]
+            return lines[0] if lines[0] == lines[1] else None
+
+        story = await eventually(one_story, timeout=6)
+        assert any(line.startswith("guard: breach") for line in story), story
+        docs = [await status(r) for r in (a, b)]
+        assert docs[0]["rollback"] == docs[1]["rollback"]  # one latch: the first evidence
+    finally:
+        await f.stop()
 
 
 async def _latched_after(replica: Proxy, t0: float, timeout: float) -> tuple[float, dict]:
@@ -203,6 +250,11 @@ async def test_a_failing_canary_latches_every_replica_from_the_fleet_counts(pair
         assert evidence["source"]["kind"] == "prometheus"
         assert evidence["canary"]["errors"] >= 20
         assert "error_rate" in doc["rollback"]["reason"] or "relative" in doc["rollback"]["reason"]
+    for replica in (a, b):
+        code, out, err = await run_cli("status", "--admin", replica.admin_url)
+        assert code == 0, err
+        assert "rollback latch: SET" in out and "guard: " in out
+        assert f"source prometheus {fleet.prometheus.url} job turnout (up)" in out, out
     # Fixed and resumed: the breach still in the fleet's counters is not judged again.
     green.fault_rate = 0.0
     code, doc = await admin(a, "POST", "/resume")
@@ -212,6 +264,29 @@ async def test_a_failing_canary_latches_every_replica_from_the_fleet_counts(pair
     doc = await status(a)
     assert doc["rollback"]["active"] is False, doc["rollback"]
     assert doc["guard"]["state"] in ("inconclusive", "healthy")
+
+
+async def test_the_local_source_for_comparison(pair, proxies: ProxyFactory):
+    """The same two replicas and load with each judging its own slice (guard.source
+    local): the figure the README puts beside the fleet's."""
+    blue, green = pair
+    replicas = []
+    for i in range(2):
+        cfg = guard_config(blue, green, weight=50, guard=FLEET_GUARD | {"source": "local"})
+        cfg["state_file"] = f"state-{i}.json"
+        replicas.append(await proxies.start(cfg))
+    a, b = replicas
+    green.fault_rate = 1.0
+    t0 = time.monotonic()
+    async with background_load(a, 100, limit=30), background_load(b, 100, limit=30):
+        (ta, da), (tb, db) = await asyncio.gather(
+            _latched_after(a, t0, 20), _latched_after(b, t0, 20)
+        )
+    print(f"local fault-to-latch (each replica its own slice): "
+          f"replica A {ta:.2f} s, replica B {tb:.2f} s, both {max(ta, tb):.2f} s")  # fmt: skip
+    for doc in (da, db):
+        assert doc["rollback"]["evidence"].get("speed") in ("window", "cumulative")
+        assert doc["guard"]["source"]["kind"] == "local"
 
 
 async def test_a_replica_without_canary_traffic_latches_from_the_fleet(pair, fleet: Fleet):

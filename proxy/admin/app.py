@@ -21,6 +21,7 @@ Timestamps are ISO 8601 UTC with milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from typing import TYPE_CHECKING, Protocol
@@ -32,6 +33,7 @@ from ..controller import ALL_ROLES, ActionError
 from ..exposition import registry, render
 from ..metrics import Recorder
 from ..routing import RequestView, decide
+from ..store import Unavailable
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
 MAX_BODY_BYTES = 64 << 10  # an action's body is a few bytes of JSON
@@ -237,7 +239,8 @@ class AdminServer:
         self.server = server
         self.registry = registry(server.runtime.recorder)
         self.runner: web.AppRunner | None = None
-        self.audit = Audit(server.controller.audit_path)
+        store = server.controller.store
+        self.audit = Audit(server.controller.audit_path, copy=store.audit if store else None)
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes(
             [
@@ -323,17 +326,17 @@ class AdminServer:
             if self.server.runtime.latch.active:
                 held = self.server.runtime.latch.reason
                 return {"detail": f"already latched ({held}); {reason!r} not recorded"}
-            ctl.rollback(reason, caller.name)
+            await ctl.fleet_action(name, lambda: ctl.rollback(reason, caller.name))
             return {"detail": reason}
         if name == "pause":
-            ctl.pause(caller.name)
+            await ctl.fleet_action(name, lambda: ctl.pause(caller.name))
             return {}
         if name == "resume":
-            ctl.resume(caller.name)
+            await ctl.fleet_action(name, lambda: ctl.resume(caller.name))
             return {}
         if name == "promote":
             roles = ALL_ROLES if caller.everything else caller.roles
-            ctl.promote(caller.name, roles)
+            await ctl.fleet_action(name, lambda: ctl.promote(caller.name, roles))
             return {}
         ok, error = await self.server.reloader.reload_now(f"POST /reload by {caller.name}")
         if ok and self.server.fleet is not None:
@@ -371,7 +374,12 @@ class AdminServer:
             limit = max(1, min(500, int(request.query.get("limit", "50"))))
         except ValueError:
             return _error(400, "limit must be an integer")
-        events = [{**e, "at": _iso(e["at"])} for e in list(self.server.controller.events)[:limit]]
+        ctl = self.server.controller
+        feed = list(ctl.events)[:limit]
+        if ctl.store is not None and ctl.store.up:
+            with contextlib.suppress(Unavailable):
+                feed = await ctl.store.events(limit)  # the fleet's feed: each event once
+        events = [{**e, "at": _iso(e["at"])} for e in feed]
         return web.json_response({"events": events}, dumps=_dumps)
 
 

@@ -165,8 +165,10 @@ class Audit:
         path_of: Callable[[], str],
         refused_per_second: int = REFUSED_PER_SECOND,
         clock: Callable[[], float] = time.monotonic,
+        copy: Callable[[str], None] | None = None,
     ) -> None:
         self.path_of = path_of  # follows reloads that move the state file
+        self.copy = copy  # also given each line (the fleet's audit log in Redis)
         self.limit = refused_per_second
         self.clock = clock
         self.window = -1.0  # when the current one-second window of refusals began
@@ -219,9 +221,12 @@ class Audit:
         if detail:
             entry["detail"] = escape(detail)
         path = self.path_of()
+        line = json.dumps(entry)
+        if self.copy is not None:
+            self.copy(line)
         try:
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(line + "\n")
         except OSError as err:
             log.error("cannot append to audit log %s: %s", path, err)
         return entry
