@@ -21,6 +21,7 @@ from .conftest import Proxy, ProxyFactory, eventually
 from .fleet import RedisServer
 from .live import admin, background_load, guard_config, run_cli, status, versions_seen
 from .support import FaultyUpstream
+from .test_workers import all_latched, until_every_worker_served
 
 pytestmark = pytest.mark.live
 
@@ -272,3 +273,37 @@ async def test_redis_down_keeps_the_latch_refuses_promote_and_loses_nothing(pair
     assert Counter(got) == Counter(
         {("rollback", "ok"): 1, ("promote", "refused 503"): 2, ("pause", "ok"): 1}
     ), got
+
+
+# ------------------------------------------------------------------------------- workers
+
+
+@pytest.mark.timeout(60)
+async def test_workers_on_one_host_share_the_fleet_state(pair, redis_fleet, proxies):
+    """A replica run with `--workers 2` beside a plain one: the leading worker takes
+    the fleet's state from Redis and pushes it to its follower, as with the file."""
+    blue, green = pair
+    fleet = redis_fleet(1)
+    await fleet.start(blue, green)
+    (plain,) = fleet.replicas
+    workers = proxies.new()
+    workers.write_config(fleet.config(blue, green, 9))
+    await workers.start(env={"TURNOUT_WORKERS": "2"})
+
+    async def both_workers() -> bool:
+        return len((await status(workers))["workers"]["members"]) == 2
+
+    await eventually(both_workers, timeout=10)
+    code, doc = await admin(plain, "POST", "/rollback", body={"reason": "from the plain one"})
+    assert code == 200, doc
+    await all_latched(workers)
+    await until_every_worker_served(workers, "blue")
+    assert (await status(workers))["rollback"]["reason"] == "from the plain one"
+    code, doc = await admin(workers, "POST", "/resume")
+    assert code == 200, doc
+
+    async def plain_resumed() -> bool:
+        return (await status(plain))["rollback"]["active"] is False
+
+    await eventually(plain_resumed, timeout=2)
+    await all_latched(workers, False)
