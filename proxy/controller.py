@@ -109,6 +109,7 @@ class Controller:
         self.in_change = False  # a change of the fleet's state is being applied
         self.fleet_events: list[dict] = []  # the events of the change being applied
         self.fleet_external: list[bool] = []  # ... and whether each leaves the process
+        self.changing = asyncio.Lock()  # one change of the fleet's state at a time
         self.pushes: set[asyncio.Task] = set()
         # Where the guard and the rollout read counts: this process's Recorder, or
         # the sum over a fleet of workers; `collect` refreshes that sum each tick.
@@ -223,16 +224,20 @@ class Controller:
             self.source.start()
 
     async def stop(self) -> None:
-        await self.source.close()
-        if self.store is not None:
-            await self.store.flush_audit()
-            await self.store.close()
-        if self.task is not None:
+        if self.task is not None:  # first: no tick may take the lease again meanwhile
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
+        await self.source.close()
+        if self.closing is not None:
+            await self.closing
+        if self.pushes:
+            await asyncio.wait(set(self.pushes), timeout=1.0)
+        if self.store is not None:
+            await self.store.flush_audit()
+            await self.store.close()
 
     async def run(self) -> None:
         if self.follower:
@@ -308,63 +313,90 @@ class Controller:
     # -- the fleet's state in Redis (state.backend: redis) ---------------------------------
 
     async def join_fleet(self) -> None:
-        """At start, before serving: take the fleet's state (or give it this one)."""
+        """At start, before serving: take the fleet's state (or give it this one). A latch
+        this replica set after the fleet's state was last written (Redis was unreachable
+        when it fell, say) is put back on the fleet's state, never lost to it."""
         if self.store is None or self.follower:
             return
+        store = self.store
+        mine = self.runtime.latch
+
+        def first() -> None:
+            fleet = self.runtime.latch
+            if mine.active and not fleet.active and (mine.at or 0.0) > store.remote_at:
+                log.warning("this replica's latch is newer than the fleet's state: written there")
+                self.intents.append(("rollback", (mine.reason or "rollback", mine.actor or
+                                                  "turnout", mine.evidence)))  # fmt: skip
+                self.replay()
+
         try:
-            await self.fleet_change(lambda: None)
+            await self.fleet_change(first)
         except Unavailable as err:
             log.error("state backend redis unreachable at start (%s): serving the state of "
                       "%s until it answers", err, self.runtime.config.state_file)  # fmt: skip
-        self.runtime.recorder.state_backend_up = int(self.store.up)
+            if mine.active:
+                self.intents.append(("rollback", (mine.reason or "rollback", mine.actor or
+                                                  "turnout", mine.evidence)))  # fmt: skip
+        self.runtime.recorder.state_backend_up = int(store.up)
 
     async def fleet_tick(self, now: float, wall: float) -> None:
         assert self.store is not None
         store = self.store
         seen = self.observe(now)
-
-        def apply() -> None:
-            self.replay()
-            self.act(seen, wall, store.may_lead())
-
         try:
-            await self.fleet_change(apply)
+            await self.fleet_change(lambda: self.act(seen, wall, store.may_lead()))
         except Unavailable:
             self.act(seen, wall, False)  # here only; the rollout waits for the fleet
         self.runtime.recorder.state_backend_up = int(store.up)
         await store.flush_audit()
 
     async def fleet_change(self, apply: Callable[[], T]) -> T:
-        """`apply` on the fleet's state, in a transaction (store.Redis.change); the
-        events it makes are kept (and sent) once the change is written."""
+        """`apply` on the fleet's state, in a transaction (store.Redis.change), after the
+        rollbacks and pauses not yet written there; the events it makes are kept (and
+        sent) once the change is written. One at a time in this process."""
         assert self.store is not None
-        events, external = self.fleet_events, self.fleet_external
+        store = self.store
+        events: list[dict] = []
+        external: list[bool] = []
 
         def attempt() -> T:
             events.clear()
             external.clear()
+            self.fleet_events, self.fleet_external = events, external
             self.in_change = True
             try:
+                self.replay()
                 return apply()
             finally:
                 self.in_change = False
 
-        try:
-            result = await self.store.change(
-                _release(self.runtime.config), self.take_fleet, attempt, self.fleet_state, events
-            )
-        except Unavailable:
-            events.clear()
-            external.clear()
-            raise
+        async with self.changing:
+            result = await store.change(
+                _release(self.runtime.config), self.take_fleet, attempt, self.fleet_state,
+                events, self.snapshot, self.undo,
+            )  # fmt: skip
         self.intents.clear()  # replayed in the change just written
         for ev, out in zip(events, external, strict=True):
             self.events.appendleft(ev)
             if out and self.notify is not None:
                 self.notify(ev)
-        events.clear()
-        external.clear()
         return result
+
+    def snapshot(self) -> tuple:
+        """What a change may alter here: put back (`undo`) when it does not commit."""
+        rt = self.runtime
+        return (rt.latch, rt.progress, self.cumulative, self.cumulative_key, self.last_tick,
+                self.alerting, list(self.intents), self.windows, dict(self.seen))  # fmt: skip
+
+    def undo(self, m: tuple) -> None:
+        rt = self.runtime
+        changed = (rt.latch, rt.progress) != (m[0], m[1])
+        (rt.latch, rt.progress, self.cumulative, self.cumulative_key, self.last_tick,
+         self.alerting, self.intents, self.windows, self.seen) = m  # fmt: skip
+        if changed:
+            rt.refresh()
+            rt.recorder.rollout_step = rt.progress.step if rt.progress else 0
+            self.persist()
 
     def take_fleet(self, saved: State) -> None:
         if self.take_state(saved, "the fleet"):
@@ -391,9 +423,10 @@ class Controller:
         except Unavailable as err:
             if name in ("rollback", "pause"):
                 return action()
+            what = "is unreachable" if not self.store.up else "cannot take the change"
             raise ActionError(
-                f"state backend redis is unreachable ({err}): {name} needs the fleet's "
-                "state and is refused; rollback and pause still work on this replica",
+                f"state backend redis {what} ({err}): {name} needs the fleet's state and is "
+                "refused; rollback and pause still work on this replica",
                 503,
             ) from None
 
@@ -476,6 +509,8 @@ class Controller:
         """After a reload: a new source if its settings or the window changed."""
         old = self.source
         self.source = self.make_source(cfg)
+        if old.since:
+            self.source.restart(old.since)  # still judging afresh since a resume
         if self.task is None or self.follower:
             return  # not running (yet): `start` starts it
         self.source.start()

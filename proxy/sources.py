@@ -56,6 +56,7 @@ class Source(Protocol):
     """What the controller asks of a guard source."""
 
     kind: str
+    since: float  # wall-clock s: nothing before it is judged (0: the whole window)
 
     def stats(self, now: float, canary: str, stable: str) -> tuple[Stats, Stats] | None:
         """(canary, stable) over the window ending at `now` (monotonic s); None: unusable."""
@@ -81,6 +82,7 @@ class Local:
 
     def __init__(self, windows: Callable[[], dict[str, Window]]) -> None:
         self.windows = windows
+        self.since = 0.0
 
     def stats(self, now: float, canary: str, stable: str) -> tuple[Stats, Stats] | None:
         w = self.windows()
@@ -93,7 +95,7 @@ class Local:
         return {"kind": self.kind, "up": True, "last_error": None, "last_query_at": None}
 
     def restart(self, at: float) -> None:
-        pass  # the controller starts its windows afresh
+        self.since = at  # the controller starts its windows afresh
 
     def start(self) -> None:
         pass
@@ -119,6 +121,7 @@ class Prometheus:
         self.last_error: str | None = "no query yet"
         self.last_query_at: float | None = None  # wall-clock s of the last query made
         self.since = 0.0  # wall-clock s: nothing before it is judged (see `restart`)
+        self.generation = 0  # one more at each restart: older answers are dropped
         self.queries = 0
         self.task: asyncio.Task | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -142,6 +145,7 @@ class Prometheus:
         # The fleet's counters hold the past; the window is shortened until it lies
         # wholly after `at`, and the answer held now is no longer usable.
         self.since = at
+        self.generation += 1
         self.by_version = None
         self.last_error = "judging afresh: no answer since the restart yet"
 
@@ -180,13 +184,18 @@ class Prometheus:
 
     async def run(self) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as e:  # the loop outlives any one strange answer
+                log.exception("guard source prometheus: query failed")
+                self.failed(f"{type(e).__name__}: {e}")
             await asyncio.sleep(self.settings.query_interval)
 
     async def refresh(self) -> None:
         """One round of queries; the outcome is kept for `stats` and `doc`."""
         self.last_query_at = time.time()
         self.queries += 1
+        generation = self.generation
         try:
             by_version = await asyncio.wait_for(self.query(), self.settings.timeout)
         except TimeoutError:
@@ -196,6 +205,8 @@ class Prometheus:
         except SourceError as e:
             self.failed(str(e))
         else:
+            if generation != self.generation:
+                return  # asked before a restart: about what is no longer judged
             if self.last_error is not None:
                 log.warning("guard source prometheus is answering again (%s)", self.settings.url)
             self.by_version, self.answered_at, self.last_error = by_version, time.monotonic(), None
@@ -304,7 +315,7 @@ def fleet_stats(codes: list[Any], buckets: list[Any], job: str) -> dict[str, Sta
         labels = _labels(sample)
         try:
             le_ms = round(float(labels.get("le", "")) * 1000.0, 6)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise SourceError(f"a bucket without a bound: {labels!r:.200}") from e
         cumulative.setdefault(labels.get("version", ""), {})[le_ms] = _value(sample)
     out: dict[str, Stats] = {}

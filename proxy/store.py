@@ -64,6 +64,7 @@ TIMEOUT = 0.5  # seconds a command may take before Redis counts as unreachable
 MAX_PENDING_AUDIT = 10_000  # audit lines kept while Redis is unreachable
 
 T = TypeVar("T")
+M = TypeVar("M")
 
 
 class Unavailable(Exception):
@@ -84,7 +85,9 @@ class Redis:
             retry_on_timeout=False, health_check_interval=0,
         )  # fmt: skip
         self.state_key = ""  # the state key of the release last read
-        self.rev = -1  # the revision of the state last taken or written; -1: none
+        # (epoch, revision) of the state last taken or written; None: none yet
+        self.version: tuple[str, int] | None = None
+        self.remote_at = 0.0  # when the state last read was written (wall-clock s)
         self.up = False
         self.error: str | None = "not connected yet"
         self.down_since: float | None = time.time()
@@ -120,6 +123,8 @@ class Redis:
         apply: Callable[[], T],
         current: Callable[[], State],
         events: list[dict],
+        mark: Callable[[], M],
+        restore: Callable[[M], None],
     ) -> T:
         """Apply a change to the fleet's state of `release` (see the module's rules).
 
@@ -127,24 +132,31 @@ class Redis:
         makes the change on what is in force (and may raise, which aborts it); then
         `current()` is written if it differs from what was read, with the `events`
         `apply` appended to the list meanwhile. Returns what `apply` returned.
-        Unavailable when Redis cannot be reached: nothing was applied.
+
+        An attempt that does not commit (a conflict, an error, `apply` raising) is
+        undone here first: `mark()` is taken before `apply`, and `restore(mark)` puts
+        back what was in force then, so a change is never applied twice on top of
+        itself. Unavailable when Redis cannot be reached or the change cannot be
+        written: nothing of it is in force.
         """
         if not self.may_try():
             raise Unavailable(self.error or "unreachable")
         state_key, lease_key = self.release_keys(release)
         if state_key != self.state_key:
-            self.state_key, self.rev = state_key, -1  # another release: read it afresh
+            self.state_key, self.version = state_key, None  # another release: read afresh
         try:
             for _ in range(RETRIES):
                 async with self.client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(state_key, lease_key)
+                    raw, holder = await pipe.mget(state_key, lease_key)
+                    version, remote = self.decode(raw, state_key)
+                    if remote is not None and version != self.version:
+                        take(remote)
+                        self.version = version
+                    self.holder = _text(holder)
+                    before = mark()
                     try:
-                        await pipe.watch(state_key, lease_key)
-                        raw, holder = await pipe.mget(state_key, lease_key)
-                        rev, remote = self.decode(raw, state_key)
-                        if remote is not None and rev != self.rev:
-                            take(remote)
-                            self.rev = rev
-                        self.holder = _text(holder)
+                        del events[:]
                         result = apply()
                         new = current()
                         lease_free = self.holder is None or self.holder == self.me
@@ -152,11 +164,13 @@ class Redis:
                             await pipe.unwatch()
                             self.connected()
                             return result
+                        epoch, rev = version if version is not None else (_epoch(), 0)
                         pipe.multi()
                         if lease_free:
-                            pipe.set(lease_key, self.me, px=int(self.lease * 1000))
+                            pipe.set(lease_key, self.me, px=max(1, int(self.lease * 1000)))
                         if new != remote:
-                            doc = {"rev": rev + 1, "state": state.to_json(new)}
+                            doc = {"epoch": epoch, "rev": rev + 1, "at": time.time(),
+                                   "state": state.to_json(new)}  # fmt: skip
                             pipe.set(state_key, json.dumps(doc, default=str))
                         for ev in events:
                             pipe.lpush(self.keys["events"], json.dumps(ev, default=str))
@@ -164,29 +178,43 @@ class Redis:
                             pipe.ltrim(self.keys["events"], 0, MAX_EVENTS - 1)
                         await pipe.execute()
                     except WatchError:
+                        restore(before)
                         continue
+                    except BaseException:
+                        restore(before)
+                        raise
                 if lease_free:
                     self.holder = self.me
                 if new != remote:
-                    self.rev = rev + 1
+                    self.version = (epoch, rev + 1)
                 self.connected()
                 return result
-            raise Unavailable(f"the state kept moving: {RETRIES} attempts in a row conflicted")
+            raise Unavailable(
+                f"the change could not be written: {RETRIES} attempts in a row met another"
+            )
         except (RedisError, OSError) as err:
             self.disconnected(err)
             raise Unavailable(self.error or "unreachable") from err
 
-    def decode(self, raw: bytes | str | None, key: str) -> tuple[int, State | None]:
+    def decode(
+        self, raw: bytes | str | None, key: str
+    ) -> tuple[tuple[str, int] | None, State | None]:
+        """(the state's version: its epoch and revision, the state); (None, None) if none.
+
+        The epoch is drawn when a state is first written: a Redis that lost its data
+        (a flush, an old snapshot) starts a new one, so a revision is never mistaken
+        for one seen before."""
         if raw is None:
-            return 0, None
+            return None, None
         try:
             doc = json.loads(raw)
-            return int(doc["rev"]), state.from_json(doc["state"])
-        except (ValueError, KeyError, TypeError, StateError) as err:
+            self.remote_at = float(doc.get("at") or 0.0)
+            return (str(doc.get("epoch", "")), int(doc["rev"])), state.from_json(doc["state"])
+        except (ValueError, KeyError, TypeError, AttributeError, StateError) as err:
             # Never silently fresh: a state that cannot be read is not taken, and it is
             # overwritten only by a change made on top of what is in force here.
             log.error("the fleet's state in Redis (%s) is unusable: %s", key, err)
-            return 0, None
+            return None, None
 
     async def events(self, limit: int) -> list[dict]:
         try:
@@ -250,7 +278,7 @@ class Redis:
         self.up, self.error = False, why
         self.down_since = self.down_since or time.time()
         self.holder = None
-        self.rev = -1  # what is in force here may differ from Redis now: read it afresh
+        self.version = None  # what is in force here may differ from Redis now: read afresh
         self.retry_at = time.monotonic() + RECONNECT
 
     def doc(self) -> dict[str, Any]:
@@ -260,7 +288,7 @@ class Redis:
             "error": self.error,
             "url": self.url,
             "key_prefix": self.prefix,
-            "rev": self.rev,
+            "rev": self.version[1] if self.version is not None else None,
             "leader": self.leading(),
             "lease_holder": self.holder,
             "me": self.me,
@@ -281,6 +309,10 @@ class Redis:
 
 # Delete the lease only if this replica still holds it (atomic: one script).
 _RELEASE_LEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end"
+
+
+def _epoch() -> str:
+    return secrets.token_hex(8)
 
 
 def _text(value: bytes | str | None) -> str | None:

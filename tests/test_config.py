@@ -1120,3 +1120,49 @@ def test_sources_are_the_digests_of_the_bytes_parsed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(path)
     assert info.value.sources[str(cohort)] == "unreadable: No such file or directory"
+
+
+# ---------------------------------------------------------------------- state backend
+
+
+def test_state_backend_settings(tmp_path: Path) -> None:
+    from proxy.config import StateBackend
+
+    assert config.load(write(tmp_path, MINIMAL)).state == StateBackend()
+    cfg = config.load(write(tmp_path, MINIMAL + textwrap.dedent("""\
+        state:
+          backend: redis
+          redis: {url: "redis://10.0.0.5:6380/2", key_prefix: "turnout:shop:", lease: 5s}
+        """)))  # fmt: skip
+    assert cfg.state == StateBackend("redis", "redis://10.0.0.5:6380/2", "turnout:shop:", 5.0)
+    assert cfg.warnings == ()
+    bare = config.load(write(tmp_path, MINIMAL + "state: {backend: redis}\n"))
+    assert bare.state.backend == "redis" and bare.state.redis_url == "redis://127.0.0.1:6379/0"
+    assert [str(w) for w in bare.warnings] == [
+        "state.redis: absent: using redis://127.0.0.1:6379/0 with key_prefix 'turnout:' (line 8)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ("{backend: etcd}", "state.backend: must be 'file' or 'redis', got 'etcd' (line 8)"),
+        (
+            "{backend: redis, redis: {url: 'http://r:6379'}}",
+            "state.redis.url: must be a redis://, rediss:// or unix:// URL,"
+            " got 'http://r:6379' (line 8)",
+        ),
+        (
+            "{backend: redis, redis: {lease: 200ms}}",
+            "state.redis.lease: must be at least 1s (the holder renews it every controller"
+            " tick), got 0.2s (line 8)",
+        ),
+        (
+            "{backend: redis, redis: {key_prefix: 'a b'}}",
+            "state.redis.key_prefix: must be a key prefix ([A-Za-z0-9_.:{}/-]{1,200}),"
+            " got 'a b' (line 8)",
+        ),
+    ],
+)
+def test_bad_state_backend_settings(tmp_path: Path, state: str, message: str) -> None:
+    assert problems(tmp_path, MINIMAL + f"state: {state}\n") == [message]

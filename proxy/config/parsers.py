@@ -100,6 +100,16 @@ def state_backend(ctx: Ctx, node: Node, path: str) -> StateBackend:
         ctx.warn(
             join(path, "redis"), child(node, "redis") or node, "is unused unless backend is redis"
         )
+    if fields.get("backend") == "redis" and child(node, "redis") is None:
+        default = StateBackend()
+        ctx.warn(join(path, "redis"), node, f"absent: using {default.redis_url} with "
+                 f"key_prefix {default.key_prefix!r}")  # fmt: skip
+    lease = shared.get("lease")
+    if lease is not None and lease < MIN_LEASE:
+        where = child(child(node, "redis") or node, "lease") or node
+        ctx.error(join(path, "redis.lease"), where, f"must be at least {MIN_LEASE:g}s (the "
+                  f"holder renews it every controller tick), got {lease:g}s")  # fmt: skip
+        shared = {k: v for k, v in shared.items() if k != "lease"}
     return StateBackend(fields.get("backend", "file"), **shared)
 
 
@@ -355,6 +365,7 @@ GUARD_FIELDS: dict[str, Parser] = {
     "source": choice("local", "prometheus"),
     "prometheus": fleet_counts,
 }
+MIN_LEASE = 1.0  # seconds
 STATE_FIELDS: dict[str, Parser] = {
     "backend": choice("file", "redis"),
     "redis": redis_settings,
