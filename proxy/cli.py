@@ -13,7 +13,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = client("status", "show the proxy's status")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
     status.set_defaults(func=cmd_status)
 
     rollback = client("rollback", "route everything to stable now and latch it")
@@ -176,34 +180,135 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
             detail = escape(str(json.loads(err.read()).get("error", "")))
         except (ValueError, AttributeError):
             detail = ""
-        hint = " (pass --token or set TURNOUT_TOKEN)" if err.code == 401 and not args.token else ""
+        hint = ""
+        if err.code == 401:
+            hint = (" (pass --token or set TURNOUT_TOKEN)" if not args.token
+                    else " (this token is not one of admin.tokens: check its value)")  # fmt: skip
+        elif err.code == 403:
+            hint = " (ask for a token that holds that role)"
+        elif err.code == 404:
+            hint = f" (is {args.admin} Turnout's admin listener, admin.listen in its config?)"
         raise CommandError(f"{url}: HTTP {err.code} {detail}".rstrip() + hint) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise CommandError(f"cannot reach the admin API at {args.admin}: {reason}") from None
+        raise CommandError(
+            f"cannot reach the admin API at {args.admin}: {reason} (is turnout running? its "
+            "admin address is admin.listen in the config; pass --admin URL or set TURNOUT_ADMIN)"
+        ) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    doc = admin_get(args, "/status")
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(admin_get(args, "/status"), indent=2))
         return 0
-    print(render_status(doc))
-    return 0
+    if not args.watch:
+        print(render_status(admin_get(args, "/status"), terminal_width()))
+        return 0
+    return watch(args)
 
 
-def render_status(doc: dict) -> str:
+def watch(args: argparse.Namespace, every: float = 1.0) -> int:
+    """Redraw the status every `every` s until Ctrl-C; an unreachable proxy is shown,
+    not fatal (it may be restarting)."""
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            started = time.monotonic()
+            try:
+                text = render_status(admin_get(args, "/status"), terminal_width())
+            except CommandError as err:
+                text = f"turnout: {err}\n(retrying every {every:g} s; Ctrl-C stops)"
+            stamp = time.strftime("%H:%M:%S")
+            screen = f"{stamp}  turnout status --watch  {args.admin}\n\n{text}\n"
+            sys.stdout.write(("\x1b[H\x1b[2J" if tty else "\n") + screen)
+            sys.stdout.flush()
+            time.sleep(max(0.0, every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def terminal_width() -> int:
+    return max(60, min(120, shutil.get_terminal_size((80, 24)).columns))
+
+
+def _bar(percent: float, cells: int) -> str:
+    full = round(cells * max(0.0, min(100.0, percent)) / 100)
+    return "█" * full + "░" * (cells - full)
+
+
+def _steps_row(ro: dict, latched: bool) -> str | None:
+    """The rollout's steps, the current one marked: ✓ done, ▶ current, · to come."""
+    steps = ro.get("steps")
+    if not steps:
+        return None
+    roles = ro.get("step_approvals") or [None] * len(steps)
+    current, state = ro["step"], ro["state"]
+    cells = []
+    for i, (weight, role) in enumerate(zip(steps, roles, strict=False)):
+        label = f"{weight}%" + (f" ({escape(str(role))} approves)" if role else "")
+        if i < current or (i == current and state == "complete"):
+            cells.append(f"✓{label}")
+        elif i == current:
+            cells.append(f"▶{label}" + (" ✗latched" if latched else ""))
+        else:
+            cells.append(f"·{label}")
+    return "steps   " + "  ".join(cells)
+
+
+_TEST_NAMES = {"error_rate": "binomial", "relative": "Fisher", "p99": "p99 binomial"}
+
+
+def _guard_words(guard: dict) -> str | None:
+    """The window's evidence in words: the counts, and each test's p against alpha."""
+    ev = guard.get("evidence") or {}
+    c, s = ev.get("canary"), ev.get("stable")
+    if not c or not s:
+        return None
+    words = (f"  canary {c['errors']}/{c['requests']} errors ({100 * c['error_rate']:.1f}%)"
+             f" vs stable {s['errors']}/{s['requests']}")  # fmt: skip
+    alpha = (ev.get("thresholds") or {}).get("alpha")
+    for name, t in (ev.get("tests") or {}).items():
+        p = t.get("p_value")
+        if p is None:
+            continue
+        against = "" if alpha is None else (f" < {alpha:.0e}" if p < alpha else f" ≥ {alpha:.0e}")
+        words += f"; {_TEST_NAMES.get(name, name)} p = {p:.1e}{against}"
+    return words
+
+
+def _wrap(lines: list[str], width: int) -> str:
+    out = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = (
+            "    " if not line.startswith(" ") else line[: len(line) - len(line.lstrip())] + "  "
+        )
+        out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False,
+                                 break_long_words=True))  # fmt: skip
+    return "\n".join(out)
+
+
+def render_status(doc: dict, width: int = 80) -> str:
+    """The status in at most `width` columns (80 by default): versions and releases,
+    the weight as a bar, the steps, the latch, the verdict in words, rates and p99."""
     cfg = doc["config"]
     w = doc["weight"]
-    lines = [
-        f"stable {doc['stable']} · canary {doc['canary']} · weight {w['effective']}% "
-        f"(configured {w['configured']}%)",
-        f"config {cfg['path']} generation {cfg['generation']} loaded {cfg['loaded_at']}",
-    ]
-    if cfg.get("last_error"):
-        lines.append(f"last reload FAILED at {cfg.get('last_error_at')}:")
-        lines.extend("  " + escape(line) for line in cfg["last_error"].split("\n"))
+    versions = doc["versions"]
+
+    def named(role: str, name: str) -> str:
+        release = (versions.get(name) or {}).get("release")
+        return f"{role} {escape(name)}" + (f" {escape(str(release))}" if release else "")
+
     rb = doc["rollback"]
+    lines = [
+        f"{named('stable', doc['stable'])} · {named('canary', doc['canary'])} · "
+        f"weight {w['effective']}% (configured {w['configured']}%)",
+    ]
+    bar = width - 22
+    lines.append(f"canary  {_bar(w['effective'], bar)} {w['effective']:>3}%"
+                 + ("  LATCHED" if rb["active"] else ""))  # fmt: skip
     if rb["active"]:
         who, why = escape(str(rb.get("actor"))), escape(str(rb["reason"]))
         lines.append(f"rollback latch: SET at {rb['at']} by {who} — {why}")
@@ -213,15 +318,43 @@ def render_status(doc: dict) -> str:
     if ro["state"] == "none":
         lines.append("rollout: none")
     else:
+        row = _steps_row(ro, rb["active"])
+        if row:
+            lines.append(row)
         extra = f", awaiting approval by {ro['awaiting']}" if ro.get("awaiting") else ""
         nxt = f", next step at {ro['next_at']}" if ro.get("next_at") else ""
         rings = ", ".join(escape(str(r)) for r in ro.get("rings") or ())
         # under the latch everyone is on stable: the step's ring is not in force
         ring = f" plus ring {rings}" if rings and not rb["active"] else ""
-        lines.append(f"rollout: {ro['state']} — step {ro['step']} of {ro.get('steps')}, "
+        count = len(ro.get("steps") or ()) or "?"
+        lines.append(f"rollout: {ro['state']} — step {ro['step']} of {count}, "
                      f"weight {ro['weight']}%{ring}{extra}{nxt}")  # fmt: skip
         for what in ro.get("waiting_for") or ():
             lines.append(f"  waiting for {escape(str(what))}")
+    guard = doc.get("guard")
+    if guard:
+        lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"
+                                                    if guard["reasons"] else "")
+                     + _source_words(guard.get("source") or {}))  # fmt: skip
+        words = _guard_words(guard)
+        if words:
+            lines.append(words)
+        if guard.get("summary"):
+            lines.append(f"  {escape(guard['summary'])}")
+    lines.append(
+        f"{'version':<14}{'requests':>11}{'errors':>8}{'err%':>8}{'req/s':>9}{'p99 ms':>9}"
+    )
+    for name, v in versions.items():
+        # rates and p99 over the last ~10 s (the server's history); the lifetime error
+        # ratio and p99 before there is any
+        recent = v.get("recent") or {}
+        rps = "-" if recent.get("rps") is None else f"{recent['rps']:.1f}"
+        p99v = recent.get("p99_ms") if recent.get("p99_ms") is not None else v["p99_ms"]
+        p99 = "-" if p99v is None else f"{p99v:.1f}"
+        rate = recent.get("error_rate")
+        rate = v["error_rate"] if rate is None else rate
+        lines.append(f"{escape(name)[:13]:<14}{v['requests']:>11,}{v['errors']:>8,}"
+                     f"{100 * rate:>7.2f}%{rps:>9}{p99:>9}")  # fmt: skip
     mirror = doc.get("mirror")
     if mirror:
         lines.append(
@@ -239,20 +372,11 @@ def render_status(doc: dict) -> str:
                           for m in workers["members"])  # fmt: skip
         lines.append(f"workers: {workers['count']} ({each})")
     lines.append(_state_line(doc.get("state") or {}))
-    guard = doc.get("guard")
-    if guard:
-        lines.append(f"guard: {guard['state']}" + (f" ({', '.join(guard['reasons'])})"
-                                                    if guard["reasons"] else "")
-                     + _source_words(guard.get("source") or {}))  # fmt: skip
-        if guard.get("summary"):
-            lines.append(f"  {escape(guard['summary'])}")
-    lines.append(f"{'version':<12}{'requests':>10}{'errors':>8}{'err%':>8}{'p99 ms':>9}")
-    for name, v in doc["versions"].items():
-        p99 = "-" if v["p99_ms"] is None else f"{v['p99_ms']:.1f}"
-        lines.append(
-            f"{name:<12}{v['requests']:>10}{v['errors']:>8}{100 * v['error_rate']:>7.2f}%{p99:>9}"
-        )
-    return "\n".join(lines)
+    lines.append(f"config {cfg['path']} generation {cfg['generation']} loaded {cfg['loaded_at']}")
+    if cfg.get("last_error"):
+        lines.append(f"last reload FAILED at {cfg.get('last_error_at')}:")
+        lines.extend("  " + escape(line) for line in cfg["last_error"].split("\n"))
+    return _wrap(lines, width)
 
 
 def _state_line(st: dict) -> str:
@@ -312,7 +436,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         params.append(("header", h))
     doc = admin_get(args, "/explain?" + urllib.parse.urlencode(params))
     bucket = "" if doc.get("bucket") is None else f" (bucket {doc['bucket']})"
-    print(f"{doc['version']} — reason {doc['reason']}{bucket}")
+    print(f"{escape(str(doc['version']))} — reason {escape(str(doc['reason']))}{bucket}")
+    if doc.get("words"):
+        print(escape(str(doc["words"])))
     if doc.get("note"):
-        print(doc["note"])
+        print(escape(str(doc["note"])))
     return 0

@@ -29,6 +29,7 @@ from . import native
 from .admin.app import AdminServer
 from .config import Config
 from .controller import Controller
+from .history import History
 from .http.downstream import ClientConnection
 from .http.outbox import abort, flush
 from .metrics import Recorder
@@ -101,6 +102,7 @@ class Server:
         if self.fleet is not None and self.ledger is not None:
             self.controller.take_over(self.ledger.read(LEDGER_GUARD))
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
+        self.history = History()  # what /status and the dashboard show as recent traffic
         self.stopped = asyncio.Event()
         self.ready = False
 
@@ -210,6 +212,8 @@ class Server:
                 log.error("the supervisor is gone: worker %d stops", self.role.index)
                 self.loop.create_task(self.drain())
             snap = self.runtime.snapshot
+            if self.admin is not None:  # this process answers /status
+                self.history.sample(time.time(), self.counts(), list(snap.config.versions))
             limits = snap.config.limits
             timeout = limits.idle_timeout
             now = time.monotonic()

@@ -183,3 +183,14 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def status_line(out: str, prefix: str) -> str:
+    """The line of `turnout status` output that starts with `prefix`, with the lines it
+    goes on over joined back (the status wraps at 80 columns, indenting what follows)."""
+    lines = out.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith(prefix))
+    end = next(
+        (j for j in range(at + 1, len(lines)) if not lines[j].startswith("    ")), len(lines)
+    )
+    return " ".join(x.strip() for x in lines[at:end])

@@ -39,7 +39,7 @@ from .conftest import (
     request,
     versions_config,
 )
-from .live import admin, background_load, run_cli, state_doc, wait_latched
+from .live import admin, background_load, run_cli, state_doc, status_line, wait_latched
 from .support import FaultyUpstream
 
 pytestmark = pytest.mark.live
@@ -611,7 +611,7 @@ async def test_compare_counts_matches_and_reports_mismatches(
     # 6. `turnout status` prints a mirror line with the counts.
     code, out, err = await run_cli("status", "--admin", proxy.admin_url)
     assert code == 0, err
-    line = next(x for x in out.splitlines() if x.startswith("mirror:"))
+    line = status_line(out, "mirror:")
     for part in ("100%", "GET", "sent 6", "dropped 0", "failed 0", "matched 2", "mismatched 4"):
         assert part in line, line
     code, out, err = await run_cli("status", "--json", "--admin", proxy.admin_url)

@@ -78,7 +78,9 @@ async def test_sticky_header_key_is_consistent(
             "version": predicted(key, 50),
             "reason": "weight",
             "bucket": bucket(GROUP, key),
+            "words": doc["words"],  # in words: test_cli_watch.py
         }
+        assert f"bucket {bucket(GROUP, key)} of 100" in doc["words"]
 
     m = await proxy.metrics()
     n_green = sum(predicted(k, 50) == "green" for k in keys[:2]) * 50 + sum(

@@ -31,8 +31,9 @@ from aiohttp import web
 from .. import native, rollout
 from ..controller import ALL_ROLES, ActionError
 from ..exposition import registry, render
+from ..history import SPAN
 from ..metrics import Recorder
-from ..routing import RequestView, decide
+from ..routing import RequestView, Table, decide
 from ..store import Unavailable
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
@@ -42,6 +43,7 @@ MAX_REASON_CHARS = 512
 
 if TYPE_CHECKING:
     from ..controller import Controller
+    from ..history import History
     from ..mirror import Mirroring
     from ..reload import Reloader
     from ..runtime import Runtime
@@ -57,6 +59,7 @@ class Proxy(Protocol):
     reloader: Reloader
     mirroring: Mirroring
     fleet: Fleet | None
+    history: History
     ready: bool
 
     def counts(self) -> Recorder:
@@ -88,6 +91,8 @@ def status_document(server: Proxy) -> dict:
             "in_flight": in_flight.get(name, 0),
             "endpoints": [ep.url for ep in cfg.versions[name].endpoints],
             "release": cfg.versions[name].release,
+            # the last ~10 s, from the history the server samples every second
+            "recent": server.history.recent(name),
         }
     return {
         "config": {
@@ -163,6 +168,7 @@ def _rollout(server: Proxy) -> dict:
         "state": p.phase.value,
         "step": p.step,
         "steps": [s.weight for s in cfg.steps],
+        "step_approvals": [s.approve for s in cfg.steps],  # the role each step waits for
         # each step's ring (its cohorts), and the rings in force: routed to the canary on
         # top of the weight (reason ring:<cohort>)
         "step_rings": [list(s.cohorts) for s in cfg.steps],
@@ -218,12 +224,37 @@ def explain(server: Proxy, query: web.Request) -> dict:
             peer = key
     view = RequestView(method, path, q, headers, peer)
     d = decide(view, table)
-    out = {"version": d.version, "reason": d.reason, "bucket": d.bucket}
+    out = {"version": d.version, "reason": d.reason, "bucket": d.bucket,
+           "words": _decision_words(d.version, d.reason, d.bucket, table)}  # fmt: skip
     if d.set_cookie:
         out["issued_key"] = d.set_cookie
     if key is not None and table.key_kind is None:
         out["note"] = "no sticky key is configured: the key was not used"
     return out
+
+
+def _decision_words(version: str, reason: str, bucket: int | None, table: Table) -> str:
+    """The decision path in words (PRODUCT.md §4's order: latch, rules, rings, weight)."""
+    kind, _, name = reason.partition(":")
+    w, stable, canary = table.weight, table.stable, table.canary
+    if reason == "rollback":
+        return f"{version}: the rollback latch is set, so every request goes to stable"
+    if kind == "rule":
+        return f"{version}: rule {name!r} matched (rules come before the weight)"
+    if kind == "ring":
+        return (f"{version}: the key is in cohort {name!r}, a ring of the rollout's current "
+                "step, which goes to the canary whatever the weight")  # fmt: skip
+    if reason == "weight" and bucket is not None:
+        split = (f"buckets 1-{w} go to {canary} and {w + 1}-100 to {stable}" if 0 < w < 100
+                 else f"every bucket goes to {canary if w >= 100 else stable}")  # fmt: skip
+        return (f"{version}: no rule matched; the key hashes to bucket {bucket} of 100 and "
+                f"the canary's weight is {w}%: {split}")  # fmt: skip
+    if reason == "anonymous":
+        return f"{version}: the request has no sticky key, and keyless requests go to stable"
+    if reason == "random":
+        return (f"{version}: the request has no sticky key, so it was split at random by the "
+                f"weight ({w}% to {canary})")  # fmt: skip
+    return f"{version}: {reason}"
 
 
 ACTIONS = {"rollback": ANY_TOKEN, "pause": ANY_TOKEN, "resume": OPERATOR,
@@ -250,6 +281,7 @@ class AdminServer:
                 web.get("/status", self.viewer(self.status)),
                 web.get("/explain", self.viewer(self.explain)),
                 web.get("/events", self.viewer(self.events)),
+                web.get("/history", self.viewer(self.history)),
                 *(web.post(f"/{name}", self.action(name)) for name in ACTIONS),
             ]
         )
@@ -368,6 +400,16 @@ class AdminServer:
 
     async def explain(self, request: web.Request) -> web.Response:
         return web.json_response(explain(self.server, request))
+
+    async def history(self, request: web.Request) -> web.Response:
+        """Per-version requests/s, error ratio and p99, a point a second (?seconds=N)."""
+        try:
+            seconds = max(1.0, min(float(SPAN), float(request.query.get("seconds", SPAN))))
+        except ValueError:
+            return _error(400, "seconds must be a number")
+        doc = self.server.history.series(seconds)
+        doc["at"] = [_iso(t) for t in doc["at"]]
+        return web.json_response(doc)
 
     async def events(self, request: web.Request) -> web.Response:
         try:
