@@ -1,8 +1,9 @@
 # Turnout: developer entry points.
 #
 #   make demo       create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
-#   make test       create .venv if needed, then run the whole test suite (installs the
-#                   servers the fleet tests run, prometheus and redis-server, when root)
+#   make test       create .venv if needed, then run the whole test suite (installs what
+#                   the fleet and dashboard tests run, prometheus, redis-server and
+#                   chromium, when root)
 #   make test-unit  only the unit tests: in-process, no subprocess, socket or network
 #   make test-live  only the live tests: real loopback sockets and processes
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
@@ -45,8 +46,9 @@ $(STAMP): pyproject.toml setup.py $(COMPILED)
 demo: venv
 	$(BIN)/turnout demo
 
-# The fleet tests (tests/test_fleet.py) run a real Prometheus and a real Redis: Debian's.
-TEST_TOOLS := prometheus redis-server
+# The fleet tests (tests/test_fleet*.py) run a real Prometheus and a real Redis, and the
+# dashboard's (tests/test_dashboard.py) a real Chromium: Debian's.
+TEST_TOOLS := prometheus redis-server chromium
 
 test-tools:
 	@missing=""; for t in $(TEST_TOOLS); do \

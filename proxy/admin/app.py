@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
@@ -38,6 +39,17 @@ from ..store import Unavailable
 from .auth import ANY_TOKEN, OPERATOR, Audit, Caller, Denied, allow, identify
 
 MAX_BODY_BYTES = 64 << 10  # an action's body is a few bytes of JSON
+STATIC = Path(__file__).resolve().parent / "static"  # the dashboard: no build step
+STATIC_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+}
+# The page loads only its own files and talks only to this listener.
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 MAX_JSON_DEPTH = 32
 MAX_REASON_CHARS = 512
 
@@ -282,6 +294,9 @@ class AdminServer:
                 web.get("/explain", self.viewer(self.explain)),
                 web.get("/events", self.viewer(self.events)),
                 web.get("/history", self.viewer(self.history)),
+                web.get("/live", self.viewer(self.live)),
+                web.get("/", self.page),
+                web.get("/static/{name}", self.static),
                 *(web.post(f"/{name}", self.action(name)) for name in ACTIONS),
             ]
         )
@@ -400,6 +415,46 @@ class AdminServer:
 
     async def explain(self, request: web.Request) -> web.Response:
         return web.json_response(explain(self.server, request))
+
+    async def page(self, request: web.Request) -> web.Response:
+        """The dashboard (static/index.html): anyone may load it; what it shows comes from
+        /live, which needs the viewer role like /status."""
+        return self._file("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC_TYPES:
+            return _error(404, "no such file")
+        return self._file(name)
+
+    def _file(self, name: str) -> web.Response:
+        body = (STATIC / name).read_bytes()
+        return web.Response(body=body, headers={
+            "Content-Type": STATIC_TYPES[name], "Cache-Control": "no-cache",
+            "Content-Security-Policy": DASHBOARD_CSP, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        })  # fmt: skip
+
+    async def live(self, request: web.Request) -> web.Response:
+        """What the dashboard polls once a second: the status, the latest events, the
+        ten-minute history and who the caller is (to show what it may do)."""
+        caller = self.caller(request)
+        ctl = self.server.controller
+        feed = list(ctl.events)[:30]
+        if ctl.store is not None and ctl.store.up:
+            with contextlib.suppress(Unavailable):
+                feed = await ctl.store.events(30)
+        history = self.server.history.series(SPAN)
+        history["at"] = [_iso(t) for t in history["at"]]
+        doc = {
+            "status": status_document(self.server),
+            "events": [{**e, "at": _iso(e["at"])} for e in feed],
+            "history": history,
+            "caller": {"name": caller.name, "roles": sorted(caller.roles),
+                       "everything": caller.everything},
+            "tokens": bool(self.server.runtime.config.admin.tokens),
+        }  # fmt: skip
+        return web.json_response(doc, dumps=_dumps)
 
     async def history(self, request: web.Request) -> web.Response:
         """Per-version requests/s, error ratio and p99, a point a second (?seconds=N)."""
