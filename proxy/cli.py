@@ -10,6 +10,7 @@ of `turnout run`: none of it can recolour the terminal or forge a line.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import os
@@ -174,7 +175,17 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
         req.add_header("Authorization", f"Bearer {args.token}")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())
+            raw = resp.read()
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise CommandError(
+                f"{url} did not answer JSON: is {args.admin} Turnout's admin listener "
+                "(admin.listen), not its proxy port?"
+            ) from None
+        if not isinstance(doc, dict):
+            raise CommandError(f"{url} answered JSON that is not an object")
+        return doc
     except urllib.error.HTTPError as err:
         try:
             detail = escape(str(json.loads(err.read()).get("error", "")))
@@ -185,10 +196,13 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
             hint = (" (pass --token or set TURNOUT_TOKEN)" if not args.token
                     else " (this token is not one of admin.tokens: check its value)")  # fmt: skip
         elif err.code == 403:
-            hint = " (ask for a token that holds that role)"
+            hint = (" (ask for a token that holds that role)" if args.token else
+                    " (without tokens the admin API answers loopback callers only)")  # fmt: skip
         elif err.code == 404:
             hint = f" (is {args.admin} Turnout's admin listener, admin.listen in its config?)"
         raise CommandError(f"{url}: HTTP {err.code} {detail}".rstrip() + hint) from None
+    except http.client.HTTPException as err:  # cut off mid-answer (a restart, say)
+        raise CommandError(f"{url}: the answer was cut off ({type(err).__name__})") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise CommandError(
@@ -228,7 +242,7 @@ def watch(args: argparse.Namespace, every: float = 1.0) -> int:
 
 
 def terminal_width() -> int:
-    return max(60, min(120, shutil.get_terminal_size((80, 24)).columns))
+    return max(40, min(120, shutil.get_terminal_size((80, 24)).columns))
 
 
 def _bar(percent: float, cells: int) -> str:

@@ -213,7 +213,10 @@ class Server:
                 self.loop.create_task(self.drain())
             snap = self.runtime.snapshot
             if self.admin is not None:  # this process answers /status
-                self.history.sample(time.time(), self.counts(), list(snap.config.versions))
+                try:
+                    self.history.sample(time.time(), self.counts(), list(snap.config.versions))
+                except Exception:  # the sweep closes idle connections: it must go on
+                    log.exception("history sample failed")
             limits = snap.config.limits
             timeout = limits.idle_timeout
             now = time.monotonic()

@@ -91,6 +91,31 @@ async def test_a_page_of_another_site_cannot_pull_the_brake(proxy: Proxy):
 
 
 @pytest.mark.timeout(30)
+async def test_a_page_of_another_local_program_cannot_pull_the_brake(proxy: Proxy):
+    """A dev server's page on localhost:3000 is loopback but another origin: only the
+    dashboard this listener serves (its own port, or Sec-Fetch-Site same-origin) may act."""
+    here = {"Host": f"127.0.0.1:{proxy.admin_port}"}
+    for headers in (
+        {**here, "Origin": "http://localhost:3000"},
+        {**here, "Origin": f"http://127.0.0.1:{proxy.admin_port}", "Sec-Fetch-Site": "same-site"},
+        {**here, "Sec-Fetch-Site": "cross-site"},
+    ):
+        code, doc = await call(proxy, "POST", "/resume", headers)  # no body: no CORS preflight
+        assert code == 403, (headers, doc)
+        code, doc = await call(proxy, "POST", "/rollback", {**headers, **JSON}, b"{}")
+        assert code == 403, (headers, doc)
+    assert not await latched(proxy)
+    same = {
+        **here,
+        "Origin": f"http://127.0.0.1:{proxy.admin_port}",
+        "Sec-Fetch-Site": "same-origin",
+    }
+    code, doc = await call(proxy, "POST", "/rollback", {**same, **JSON}, b'{"reason": "dashboard"}')
+    assert code == 200, doc
+    assert await latched(proxy)
+
+
+@pytest.mark.timeout(30)
 async def test_actions_take_json_only(proxy: Proxy):
     body = b'{"reason": "typed"}'
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):

@@ -11,8 +11,10 @@ Rules:
   Host header, when present, names a loopback host (`localhost`, an address in
   127.0.0.0/8, `[::1]`, each with an optional port), so a DNS-rebound name is
   refused; an Origin header, when present, is a loopback origin (http or
-  https, same hosts), so a page of another site open in a local browser is
-  refused. Such callers may then do everything.
+  https, same hosts) on the Host's port, so a page of another site, or of
+  another local program, open in a local browser is refused; a browser's
+  Sec-Fetch-Site, when sent, is same-origin or none. Such callers may then do
+  everything: the dashboard this listener serves is the one page that may.
 - These rules cover the API (/status, /explain, /events, the actions). They
   do not apply to /metrics, /healthz and /readyz, which carry no secret and
   no action and are reached by pod IP (Prometheus, kubelet probes).
@@ -142,7 +144,26 @@ def _local(request: web.Request) -> Caller:
     if origin is not None and not loopback_origin(origin):
         why = f"cross-origin requests are refused (Origin {_shown(origin)} is not loopback)"
         raise Denied(403, why)
+    if origin is not None and host is not None and _port(origin) != _port(host):
+        # another local program's page (a dev server on localhost:3000, say) is another
+        # origin: only the dashboard this listener serves may call it from a browser
+        why = f"cross-origin requests are refused (Origin {_shown(origin)} is another port)"
+        raise Denied(403, why)
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        why = f"requests from another site's page are refused (Sec-Fetch-Site {_shown(site)})"
+        raise Denied(403, why)
     return Caller("local", frozenset({"viewer"}), everything=True)
+
+
+def _port(where: str) -> int | None:
+    """The port of an Origin (`http://h:p`) or a Host (`h:p`), the scheme's default if none."""
+    text = where.strip()
+    parts = urlsplit(text if "://" in text else "http://" + text)
+    try:
+        return parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
 
 
 def allow(caller: Caller, need: str) -> None:

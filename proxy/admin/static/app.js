@@ -8,13 +8,14 @@ const COLORS = ["#4c9aff", "#36c37a", "#f5a524", "#c678dd", "#56b6c2"];
 const KEY = "turnout-token";
 let token = sessionStorage.getItem(KEY) || "";
 let current = null; // the last /live answer
+let halted = false; // a 401: polling waits for another token (each refusal is audited)
 
 async function api(method, path, body) {
   const headers = {};
   if (token) headers.Authorization = "Bearer " + token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const r = await fetch(path, {
-    method, headers, cache: "no-store",
+    method, headers, cache: "no-store", signal: AbortSignal.timeout(5000),
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   let doc = null;
@@ -42,9 +43,25 @@ function showToken(message, status) {
   document.body.dataset.auth = token ? "refused" : "needed";
 }
 
+function signedOut() {
+  current = null;
+  renderButtons(null, null);
+  text("who", "");
+}
+
 async function poll() {
+  if (halted) { setTimeout(poll, 1000); return; }
+  let answer;
   try {
-    const { status, doc } = await api("GET", "/live");
+    answer = await api("GET", "/live");
+  } catch (e) {
+    setConn("cannot reach the proxy — retrying every second");
+    document.body.dataset.connected = "no";
+    setTimeout(poll, 1000);
+    return;
+  }
+  try {
+    const { status, doc } = answer;
     if (status === 200) {
       setConn(null);
       // with tokens, the form stays to switch to another one
@@ -52,15 +69,19 @@ async function poll() {
       text("token-why", "Use another token:");
       document.body.dataset.auth = "ok";
       render(doc);
-    } else if (status === 401 || status === 403) {
+    } else if (status === 401) {
       setConn(null);
+      signedOut();
       showToken(doc && doc.error, status);
+      halted = true; // until a token is submitted
+    } else if (status === 403) {
+      signedOut();
+      setConn("refused: " + ((doc && doc.error) || "403"));
     } else {
       setConn("the admin API answered " + status + (doc && doc.error ? ": " + doc.error : ""));
     }
   } catch (e) {
-    setConn("cannot reach the proxy — retrying every second");
-    document.body.dataset.connected = "no";
+    setConn("the page could not show this answer: " + e);
   }
   setTimeout(poll, 1000);
 }
@@ -149,7 +170,13 @@ function guardWords(g) {
 }
 
 function renderGuard(g) {
-  if (!g) { text("guard-state", "none"); text("guard-words", "no guard section: no automatic verdict"); text("guard-source", ""); return; }
+  if (!g) {
+    text("guard-state", "none");
+    $("guard-state").className = "pill";
+    text("guard-words", "no guard section: no automatic verdict");
+    text("guard-source", "");
+    return;
+  }
   text("guard-state", g.state + (g.reasons.length ? " (" + g.reasons.join(", ") + ")" : ""));
   $("guard-state").className = "pill " + g.state;
   text("guard-words", guardWords(g) + (g.summary ? " · " + g.summary : ""));
@@ -213,7 +240,8 @@ function renderMirror(m) {
     `${m.dropped}, failed ${m.failed}` + (m.compare ? `, matched ${m.matched}, mismatched ${m.mismatched}` : ""));
   $("mismatches").replaceChildren(...(m.latest_mismatches || []).map((x) => {
     const li = document.createElement("li");
-    li.textContent = `${when(x.at)} ${x.method || ""} ${x.path || ""}: ${x.difference || ""} differs`;
+    li.textContent = `${when(x.at)} ${x.request || ""} (${x.version || "canary"}): ` +
+      `${x.difference || "the answer"} differs` + (x.detail ? ` — ${JSON.stringify(x.detail)}` : "");
     return li;
   }));
 }
@@ -245,12 +273,22 @@ function may(caller, action, st) {
   if (!caller) return false;
   if (caller.everything) return true;
   if (action === "rollback" || action === "pause") return true;
-  const operator = caller.roles.some((r) => r !== "viewer");
-  if (action === "promote" && st.rollout.awaiting) return caller.roles.includes(st.rollout.awaiting);
-  return operator;
+  if (!caller.roles.some((r) => r !== "viewer")) return false;
+  if (action === "promote") {
+    // promote enters the awaited step, or the next one; a step with `approve` needs its role
+    const ro = st.rollout;
+    const target = ro.awaiting ? ro.step : ro.step + 1;
+    const need = (ro.step_approvals || [])[target];
+    return !need || caller.roles.includes(need);
+  }
+  return true;
 }
 
 function renderButtons(st, caller) {
+  if (!st) {
+    for (const action of ["rollback", "pause", "resume", "promote"]) $("btn-" + action).disabled = true;
+    return;
+  }
   const ro = st.rollout, latched = st.rollback.active;
   const sense = {
     rollback: !latched,
@@ -280,10 +318,13 @@ async function act(action) {
   out.textContent = action + "…";
   try {
     const { status, doc } = await api("POST", "/" + action, body === undefined ? {} : body);
-    if (status === 200) {
-      out.className = "result ok";
-      out.textContent = `${action}: done` + (doc && doc.actor ? ` (as ${doc.actor})` : "");
-      if (doc && doc.status) render({ ...current, status: doc.status });
+    if (status === 200 || (status === 503 && doc && doc.latched)) {
+      // a 503 after a rollback: the latch is in force here, not yet saved or confirmed
+      out.className = status === 200 ? "result ok" : "result error";
+      out.textContent = status === 200
+        ? `${action}: done` + (doc && doc.actor ? ` (as ${doc.actor})` : "")
+        : `${action}: in force here, not yet confirmed: ${doc.error || ""}`;
+      if (doc && doc.status && current) render({ ...current, status: doc.status });
     } else {
       out.className = "result error";
       out.textContent = `${action} refused (${status}): ${(doc && doc.error) || "no reason given"}`;
@@ -304,7 +345,13 @@ document.addEventListener("DOMContentLoaded", () => {
     $("token-input").value = "";
     if (token) sessionStorage.setItem(KEY, token); else sessionStorage.removeItem(KEY);
     $("token-form").hidden = true;
+    halted = false;
   });
-  $("token-forget").addEventListener("click", () => { token = ""; sessionStorage.removeItem(KEY); });
+  $("token-forget").addEventListener("click", () => {
+    token = "";
+    sessionStorage.removeItem(KEY);
+    signedOut();
+    halted = false;
+  });
   poll();
 });
