@@ -20,7 +20,15 @@ from proxy.guard import FleetCounts
 
 from .conftest import Proxy, ProxyFactory, eventually
 from .fleet import PrometheusServer, RedisServer, bucket_samples, sample
-from .live import admin, background_load, guard_config, run_cli, status, wait_latched
+from .live import (
+    admin,
+    background_load,
+    guard_config,
+    run_cli,
+    status,
+    status_line,
+    wait_latched,
+)
 from .support import LOOPBACK, FaultyUpstream
 
 pytestmark = pytest.mark.live
@@ -210,10 +218,11 @@ async def test_a_fleet_with_both_shows_one_latch_one_step_and_one_verdict(
         async def shown(replica: Proxy) -> list[str]:
             code, out, err = await run_cli("status", "--admin", replica.admin_url)
             assert code == 0, err
-            assert f"state: redis {f.redis.url} prefix turnout:both: — up" in out, out
-            assert f"source prometheus {f.prometheus.url} job turnout (up)" in out, out
-            keep = ("rollback latch", "rollout", "guard:")
-            return [line for line in out.splitlines() if line.startswith(keep)]
+            # each line as one, however the status wrapped it at 80 columns
+            state, guard = status_line(out, "state:"), status_line(out, "guard:")
+            assert state.startswith(f"state: redis {f.redis.url} prefix turnout:both: — up"), out
+            assert guard.endswith(f"source prometheus {f.prometheus.url} job turnout (up)"), out
+            return [status_line(out, prefix) for prefix in ("rollback latch", "rollout", "guard:")]
 
         async def one_story() -> list[str] | None:
             # Each replica queries Prometheus on its own clock (every query_interval):
@@ -254,7 +263,8 @@ async def test_a_failing_canary_latches_every_replica_from_the_fleet_counts(pair
         code, out, err = await run_cli("status", "--admin", replica.admin_url)
         assert code == 0, err
         assert "rollback latch: SET" in out and "guard: " in out
-        assert f"source prometheus {fleet.prometheus.url} job turnout (up)" in out, out
+        guard = status_line(out, "guard:")
+        assert guard.endswith(f"source prometheus {fleet.prometheus.url} job turnout (up)"), out
     # Fixed and resumed: the breach still in the fleet's counters is not judged again.
     green.fault_rate = 0.0
     code, doc = await admin(a, "POST", "/resume")

@@ -19,7 +19,15 @@ import pytest
 
 from .conftest import Proxy, ProxyFactory, eventually
 from .fleet import RedisServer
-from .live import admin, background_load, guard_config, run_cli, status, versions_seen
+from .live import (
+    admin,
+    background_load,
+    guard_config,
+    run_cli,
+    status,
+    status_line,
+    versions_seen,
+)
 from .support import FaultyUpstream
 from .test_workers import all_latched, until_every_worker_served
 
@@ -116,9 +124,10 @@ async def test_a_rollback_sent_to_one_replica_is_in_force_in_every_replica(pair,
     for replica in (a, b):
         code, out, err = await run_cli("status", "--admin", replica.admin_url)
         assert code == 0, err
-        assert f"state: redis {fleet.redis.url} prefix turnout:test: — up" in out, out
-        outs.append([line for line in out.splitlines() if line.startswith("rollback latch")])
-    assert outs[0] == outs[1] and "bad build" in outs[0][0]
+        state = status_line(out, "state:")  # one line, however it wrapped at 80 columns
+        assert state.startswith(f"state: redis {fleet.redis.url} prefix turnout:test: — up"), out
+        outs.append(status_line(out, "rollback latch"))
+    assert outs[0] == outs[1] and "bad build" in outs[0]
     # The latch keeps the first evidence: a second rollback, to B, records nothing new.
     code, doc = await admin(b, "POST", "/rollback", body={"reason": "second opinion"})
     assert code == 200 and "already latched" in doc["detail"]
