@@ -303,12 +303,17 @@ class Controller:
         rt.refresh()
         rt.recorder.rollout_step = progress.step if progress else 0
         if resumed:  # resumed elsewhere: the canary is judged afresh here too
-            self.cumulative = None
-            self.last_tick = None
-            self.windows = {}
-            self.make_windows(rt.config)
-            self.source.restart(time.time())
+            self.judge_afresh(rt.config)
         return True
+
+    def judge_afresh(self, cfg: Config) -> None:
+        """Forget what the canary was judged on (a resume, a new release): new windows,
+        new cumulative evidence, and a source that counts from now."""
+        self.cumulative = None
+        self.last_tick = None
+        self.windows = {}
+        self.make_windows(cfg)
+        self.source.restart(time.time())
 
     # -- the fleet's state in Redis (state.backend: redis) ---------------------------------
 
@@ -320,13 +325,13 @@ class Controller:
             return
         store = self.store
         mine = self.runtime.latch
+        kept = ("rollback", (mine.reason or "rollback", mine.actor or "turnout", mine.evidence))
 
         def first() -> None:
             fleet = self.runtime.latch
             if mine.active and not fleet.active and (mine.at or 0.0) > store.remote_at:
                 log.warning("this replica's latch is newer than the fleet's state: written there")
-                self.intents.append(("rollback", (mine.reason or "rollback", mine.actor or
-                                                  "turnout", mine.evidence)))  # fmt: skip
+                self.intents.append(kept)
                 self.replay()
 
         try:
@@ -335,8 +340,7 @@ class Controller:
             log.error("state backend redis unreachable at start (%s): serving the state of "
                       "%s until it answers", err, self.runtime.config.state_file)  # fmt: skip
             if mine.active:
-                self.intents.append(("rollback", (mine.reason or "rollback", mine.actor or
-                                                  "turnout", mine.evidence)))  # fmt: skip
+                self.intents.append(kept)
         self.runtime.recorder.state_backend_up = int(store.up)
 
     async def fleet_tick(self, now: float, wall: float) -> None:
@@ -720,9 +724,7 @@ class Controller:
             self.last_tick = None
         if was.active:
             rt.latch = Latch()
-            self.windows = {}
-            self.make_windows(rt.config)  # judge the canary afresh
-            self.source.restart(time.time())
+            self.judge_afresh(rt.config)
             self.event("resume", actor=actor, cleared=was.reason)
             log.warning("rollback latch cleared by %s", actor)
             if rt.progress is not None:
@@ -813,10 +815,7 @@ class Controller:
             log.warning("new canary release %s (was %s): rollback latch cleared",
                         _release(cfg), previous)  # fmt: skip
         rt.latch = Latch()
-        self.windows = {}
-        self.cumulative = None
-        self.make_windows(cfg)
-        self.source.restart(time.time())
+        self.judge_afresh(cfg)
         rt.progress = (
             rollout.start(cfg.rollout, time.time(), self.canary_requests) if cfg.rollout else None
         )

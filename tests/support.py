@@ -52,6 +52,15 @@ def free_ports(count: int) -> list[int]:
 # ------------------------------------------------------------------------- upstream
 
 
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free 127.0.0.1 port: (its runner, to clean up; the port)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0, backlog=512)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
 class FaultyUpstream:
     """An aiohttp upstream that answers 200, or 500 for `fault_rate` of its requests.
 
@@ -87,11 +96,7 @@ class FaultyUpstream:
     async def start(self) -> FaultyUpstream:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, LOOPBACK, 0, backlog=512)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

@@ -29,7 +29,7 @@ from .live import (
     status_line,
     wait_latched,
 )
-from .support import LOOPBACK, FaultyUpstream
+from .support import LOOPBACK, FaultyUpstream, serve_app
 
 pytestmark = pytest.mark.live
 
@@ -55,11 +55,7 @@ class FakePrometheus:
     async def start(self) -> FakePrometheus:
         app = web.Application()
         app.router.add_get("/api/v1/query", self.query)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, LOOPBACK, 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:

@@ -12,34 +12,17 @@ from pathlib import Path
 import pytest
 
 from proxy import config, sources
-from proxy.config import ConfigError
 from proxy.guard import EXPORTED_MS, FleetCounts, Policy, Stats, Window, verdict
 
 from .fleet import bucket_samples, sample
+from .test_config import MINIMAL, write
+from .test_config import problems as _problems
 
 pytestmark = pytest.mark.unit
 
-MINIMAL = """\
-stable: blue
-canary: green
-versions:
-  blue:
-    endpoints: [http://127.0.0.1:9001]
-  green:
-    endpoints: [http://127.0.0.1:9002]
-"""
-
 
 def _load(tmp_path: Path, text: str) -> config.Config:
-    path = tmp_path / "turnout.yaml"
-    path.write_text(textwrap.dedent(text))
-    return config.load(str(path))
-
-
-def _problems(tmp_path: Path, text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        _load(tmp_path, text)
-    return [str(p) for p in info.value.problems]
+    return config.load(write(tmp_path, text))
 
 
 # ------------------------------------------------------------------------- the config

@@ -439,17 +439,10 @@ class AdminServer:
         """What the dashboard polls once a second: the status, the latest events, the
         ten-minute history and who the caller is (to show what it may do)."""
         caller = self.caller(request)
-        ctl = self.server.controller
-        feed = list(ctl.events)[:30]
-        if ctl.store is not None and ctl.store.up:
-            with contextlib.suppress(Unavailable):
-                feed = await ctl.store.events(30)
-        history = self.server.history.series(SPAN)
-        history["at"] = [_iso(t) for t in history["at"]]
         doc = {
             "status": status_document(self.server),
-            "events": [{**e, "at": _iso(e["at"])} for e in feed],
-            "history": history,
+            "events": await self.feed(30),
+            "history": self.series(SPAN),
             "caller": {"name": caller.name, "roles": sorted(caller.roles),
                        "everything": caller.everything},
             "tokens": bool(self.server.runtime.config.admin.tokens),
@@ -462,22 +455,29 @@ class AdminServer:
             seconds = max(1.0, min(float(SPAN), float(request.query.get("seconds", SPAN))))
         except ValueError:
             return _error(400, "seconds must be a number")
+        return web.json_response(self.series(seconds))
+
+    def series(self, seconds: float) -> dict:
         doc = self.server.history.series(seconds)
         doc["at"] = [_iso(t) for t in doc["at"]]
-        return web.json_response(doc)
+        return doc
+
+    async def feed(self, limit: int) -> list[dict]:
+        """The newest `limit` events: the fleet's feed (each event once) when the state is
+        in Redis and it answers, else this process's."""
+        ctl = self.server.controller
+        feed = list(ctl.events)[:limit]
+        if ctl.store is not None and ctl.store.up:
+            with contextlib.suppress(Unavailable):
+                feed = await ctl.store.events(limit)
+        return [{**e, "at": _iso(e["at"])} for e in feed]
 
     async def events(self, request: web.Request) -> web.Response:
         try:
             limit = max(1, min(500, int(request.query.get("limit", "50"))))
         except ValueError:
             return _error(400, "limit must be an integer")
-        ctl = self.server.controller
-        feed = list(ctl.events)[:limit]
-        if ctl.store is not None and ctl.store.up:
-            with contextlib.suppress(Unavailable):
-                feed = await ctl.store.events(limit)  # the fleet's feed: each event once
-        events = [{**e, "at": _iso(e["at"])} for e in feed]
-        return web.json_response({"events": events}, dumps=_dumps)
+        return web.json_response({"events": await self.feed(limit)}, dumps=_dumps)
 
 
 def _dumps(obj) -> str:
