@@ -176,6 +176,9 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
             raw = resp.read()
+            proxied = resp.headers.get("X-Turnout-Version") is not None
+        if proxied:
+            raise CommandError(f"{url}: an upstream answered{_PROXY_PORT.format(args.admin)}")
         try:
             doc = json.loads(raw)
         except ValueError:
@@ -192,7 +195,9 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
         except (ValueError, AttributeError):
             detail = ""
         hint = ""
-        if err.code == 401:
+        if err.headers.get("X-Turnout-Version") is not None:
+            hint = _PROXY_PORT.format(args.admin)
+        elif err.code == 401:
             hint = (" (pass --token or set TURNOUT_TOKEN)" if not args.token
                     else " (this token is not one of admin.tokens: check its value)")  # fmt: skip
         elif err.code == 403:
@@ -209,6 +214,13 @@ def admin_get(args: argparse.Namespace, path: str, body: dict | None = None) -> 
             f"cannot reach the admin API at {args.admin}: {reason} (is turnout running? its "
             "admin address is admin.listen in the config; pass --admin URL or set TURNOUT_ADMIN)"
         ) from None
+
+
+# An answer that carries X-Turnout-Version came through the proxy, not the admin API.
+_PROXY_PORT = (
+    " ({} is Turnout's proxy port, which passed the call on to an upstream: point --admin"
+    " at the admin listener, admin.listen in the config)"
+)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

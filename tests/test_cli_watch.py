@@ -81,3 +81,7 @@ async def test_errors_are_one_line_with_a_hint(proxies: ProxyFactory, blue, gree
     assert "ask for a token that holds that role" in err
     code, out, err = await run_cli("status", "--admin", proxy.admin_url + "/nothing-here")
     assert code != 0 and len(err.strip().splitlines()) == 1, err
+    # pointed at the proxy port: the call reaches an upstream, and the hint says so
+    code, out, err = await run_cli("status", "--admin", proxy.url)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "is Turnout's proxy port" in err and "admin.listen" in err, err
