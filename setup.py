@@ -28,6 +28,7 @@ COMPILED = [
     "proxy/metrics.py",
     "proxy/mirror.py",
     "proxy/compare.py",
+    "proxy/accesslog.py",
 ]
 
 

@@ -219,6 +219,8 @@ TURNOUT_VARIANTS: dict[str, dict[str, object]] = {
     "turnout": {},
     "turnout-mirror": {"mirror": MIRROR},
     "turnout-mirror-compare": {"mirror": {**MIRROR, "compare": {}}},
+    # one JSON line per request to a file beside the config (PRODUCT.md section 15)
+    "turnout-access-log": {"access_log": {"path": "access.log"}},
     "turnout-guard": {
         "guard": {
             "window": "30s",
@@ -245,6 +247,7 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "default": [
         "direct",
         "turnout",
+        "turnout-access-log",
         "turnout-guard",
         "turnout-pure",
         "nginx",

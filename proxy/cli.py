@@ -142,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return Supervisor(args.config, workers, args.log_level).run()
     import uvloop
 
+    from .accessfile import LogOpenError
     from .server import Server
 
     async def serve() -> None:
@@ -149,6 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(serve())
+    except LogOpenError as err:
+        print(f"turnout: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         print(f"turnout: cannot listen: {err}", file=sys.stderr)
         return 1

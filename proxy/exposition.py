@@ -126,6 +126,9 @@ _SCALARS = (
     (CounterMetricFamily, "turnout_state_write_failures",
      "State file writes that failed (the state in force is not on disk until one succeeds)",
      "state_write_failures"),
+    (CounterMetricFamily, "turnout_access_log_dropped",
+     "Access log lines dropped (the writer fell behind, or a write failed)",
+     "access_log_dropped"),
 )  # fmt: skip
 
 

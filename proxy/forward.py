@@ -11,7 +11,7 @@ Rules:
 - Proxy-made answers (400/413/502/504) carry a short JSON body naming the
   version and the cause (proxy.answers), and are counted like upstream answers.
 - Exactly one `Recorder.finished` per exchange: when its response phase
-  reaches an ending (proxy.phases).
+  reaches an ending (proxy.phases); with the access log on, one record too.
 - The exchange knows its client only as a `ClientSide` and the mirror only
   as a `MirrorTap`, both declared here and implemented above; it is handed
   both, and the shared state, when it is made.
@@ -126,7 +126,8 @@ class Forwarding(UpstreamLeg):
     req = BUFFERING  # request phase (proxy.phases)
     resp = AWAITING  # response phase
     req_buffered = 0
-    req_bytes = 0
+    req_bytes = 0  # request body bytes read from the client
+    resp_bytes = 0  # response body bytes relayed to the client
     status = 0
     close_client = False
     mirror_cfg: Mirror | None = None  # this request is to be copied to the canary
@@ -395,6 +396,7 @@ class Exchange(Forwarding):
         if self.shadow is not None:
             self.shadow.primary_head(status, data[sle : end + 2])
             self.shadow.primary_body(data[end + 4 :])
+        self.resp_bytes = len(data) - end - 4
         self.client.send(
             self.client_head(status, data[:sle], rh, not rh.close, False, data[end + 4 :])
         )
@@ -412,6 +414,7 @@ class Exchange(Forwarding):
             return
         if self.shadow is not None:
             self.shadow.primary_body(data)
+        self.resp_bytes += len(data)
         if self.resp_mode == CHUNKED:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self.resp == HEAD_HELD:
@@ -568,5 +571,12 @@ class Exchange(Forwarding):
             self.client.resume_reading(PAUSE_UPSTREAM | PAUSE_CONNECT)
         if not now:
             now = _clock()
-        self.shared.recorder.finished(self.decision.label, status, now - self.t0, error)
+        shared = self.shared
+        shared.recorder.finished(self.decision.label, status, now - self.t0, error)
+        log = shared.access
+        if log is not None:
+            log.record(
+                self.t0, now, self.client.peer_address(), self.method, self.target, status,
+                self.decision, self.req_bytes, self.resp_bytes, self.pool, error, False,
+            )  # fmt: skip
         self.client.exchange_done(self, now)

@@ -80,6 +80,7 @@ class Recorder:
         self.state_write_failures = 0  # state file writes that failed (the leader writes)
         self.guard_source_up = 1  # 0 while the guard's source cannot answer (sources.py)
         self.state_backend_up = 1  # 0 while the state backend (Redis) cannot be reached
+        self.access_log_dropped = 0  # access log lines lost (proxy.accessfile keeps it)
 
     # -- hot path -----------------------------------------------------------------
 
@@ -228,6 +229,7 @@ class Recorder:
             "comparisons": self.comparisons,
             "reloads": self.reloads,
             "in_flight": self.in_flight(),
+            "access_log_dropped": self.access_log_dropped,
         }
 
     def add_counts(self, doc: dict) -> None:
@@ -247,6 +249,7 @@ class Recorder:
             self.tally(version).hist.add(counts, total, count)
         for version, (counts, total, count) in doc.get("shadow_durations", {}).items():
             self.shadow_durations.setdefault(version, Histogram()).add(counts, total, count)
+        self.access_log_dropped += doc.get("access_log_dropped", 0)
         for field in ("shadow_requests", "shadow_failures", "mirror", "comparisons", "reloads"):
             counts = getattr(self, field)
             for name, n in doc.get(field, {}).items():

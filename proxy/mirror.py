@@ -112,6 +112,13 @@ class Mirroring(MirrorTap):
             rec = shared.recorder
             rec.mirrored("failed")
             rec.shadow_finished(snap.canary, 0, 0.0, "unavailable")
+            log = shared.access
+            if log is not None:
+                now = time.monotonic()
+                log.record(
+                    now, now, ex.client.peer_address(), ex.method, ex.target, 0,
+                    (snap.canary, "mirror"), 0, 0, None, "unavailable", True,
+                )  # fmt: skip
             return None
         shadow = ShadowExchange(self, ex, cfg, b"".join(body))
         self.in_flight += 1
@@ -206,6 +213,7 @@ class ShadowExchange(UpstreamLeg, Shadow):
     primary: _Capture | None = None  # the primary's answer, when comparing
     primary_finished = False
     finished_status: int | None = None
+    resp_bytes = 0  # the canary's answer's body bytes
 
     def __init__(self, owner: Mirroring, primary: Forwarding, cfg: Mirror, body: bytes) -> None:
         snap = primary.snap
@@ -216,6 +224,8 @@ class ShadowExchange(UpstreamLeg, Shadow):
         self.cfg = cfg
         self.version = snap.canary
         self.target = primary.target
+        self.client = primary.client.peer_address()  # for the access log
+        self.req_bytes = len(body)
         self.data = shadow_request(primary, body)  # kept for one resend (see rewind)
         self.t0 = time.monotonic()  # the data plane's clock (proxy.forward)
         if cfg.compare is not None:
@@ -258,6 +268,7 @@ class ShadowExchange(UpstreamLeg, Shadow):
         self.finished_status = status
         self.keep_alive = not rh.close
         self.data = b""
+        self.resp_bytes = len(data) - end - 4
         if self.mine is not None:
             self.mine.head(status, data[sle : end + 2])
             self.mine.add(data[end + 4 :])
@@ -278,6 +289,7 @@ class ShadowExchange(UpstreamLeg, Shadow):
             self.mine.head(status, block)
 
     def response_body(self, data: bytes) -> None:
+        self.resp_bytes += len(data)
         if self.mine is not None:
             self.mine.add(data)
 
@@ -326,8 +338,16 @@ class ShadowExchange(UpstreamLeg, Shadow):
         self.done = True
         self.stop_waiting()
         self.owner.done(self)
-        rec = self.shared.recorder
-        rec.shadow_finished(self.version, status, time.monotonic() - self.t0, error)
+        shared = self.shared
+        rec = shared.recorder
+        now = time.monotonic()
+        rec.shadow_finished(self.version, status, now - self.t0, error)
+        log = shared.access
+        if log is not None:
+            log.record(
+                self.t0, now, self.client, self.method, self.target, status,
+                (self.version, "mirror"), self.req_bytes, self.resp_bytes, self.pool, error, True,
+            )  # fmt: skip
         if error is not None:
             rec.mirrored("failed")
             self.mine = self.primary = None  # an answer cut short is not compared

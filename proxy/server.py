@@ -4,9 +4,9 @@ Rules:
 - `turnout run` = `Server.run()`: load or exit 2, listen, serve until SIGTERM
   or SIGINT, then drain: stop accepting, close idle keep-alive connections,
   let exchanges in flight finish up to `limits.drain_timeout`, exit 0.
-- SIGHUP reloads. `listen` and `admin.listen` are read at start only; a
-  reload that changes them is applied otherwise and the log says a restart
-  is needed for the new address.
+- SIGHUP reloads, and reopens the access log (proxy.accessfile). `listen`
+  and `admin.listen` are read at start only; a reload that changes them is
+  applied otherwise and the log says a restart is needed for the new address.
 - As one of several workers (workers.py): the listener shares its port
   (SO_REUSEPORT); the leader serves the admin API with the fleet's summed
   counts, a follower takes the leader's state and answers its counts on its
@@ -26,8 +26,10 @@ import socket
 import time
 
 from . import native
+from .accessfile import AccessWriter, LogOpenError
+from .accesslog import AccessLog
 from .admin.app import AdminServer
-from .config import Config
+from .config import AccessLogConfig, Config
 from .controller import Controller
 from .history import History
 from .http.downstream import ClientConnection
@@ -103,6 +105,8 @@ class Server:
             self.controller.take_over(self.ledger.read(LEDGER_GUARD))
         self.reloader = Reloader(self.runtime, on_swap=self.applied)
         self.history = History()  # what /status and the dashboard show as recent traffic
+        self.records = AccessLog()  # the access log's records, kept across writers
+        self.access: AccessWriter | None = None  # access_log on
         self.stopped = asyncio.Event()
         self.ready = False
 
@@ -151,6 +155,34 @@ class Server:
             log.warning("admin.listen changed: restart to apply")
         if old.state != new.state:
             log.warning("state (the backend) changed: restart to apply")
+        if old.access_log != new.access_log:
+            self.loop.create_task(self.log_to(new.access_log))
+
+    async def log_to(self, cfg: AccessLogConfig | None) -> None:
+        """Start, move or stop the access log as the config in force says."""
+        writer = self.access
+        if writer is not None and cfg is not None:
+            if writer.path != cfg.path:
+                writer.reopen(cfg.path)
+            return
+        if writer is not None:
+            self.shared.access = self.access = None
+            await writer.close()
+            log.info("access log off")
+        elif cfg is not None:
+            try:
+                self.access = AccessWriter(self.records, self.runtime.recorder, cfg.path)
+            except LogOpenError as err:
+                log.error("%s: the access log stays off", err)
+                return
+            self.access.start()
+            self.shared.access = self.records
+            log.info("access log on: %s", cfg.path)
+
+    def reopen_log(self) -> None:
+        """SIGHUP: the access log's file was perhaps rotated away (logrotate)."""
+        if self.access is not None:
+            self.access.reopen()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +201,10 @@ class Server:
         # The fleet's state first (state.backend redis): no request is served on a
         # state older than the fleet's.
         await self.controller.join_fleet()
+        if cfg.access_log is not None:  # before serving: a log that cannot open stops the start
+            self.access = AccessWriter(self.records, self.runtime.recorder, cfg.access_log.path)
+            self.access.start()
+            self.shared.access = self.records
         self.listener = await loop.create_server(
             lambda: ClientConnection(self.shared, self.mirroring, self.connections),  # type: ignore[arg-type, return-value]  # see its class
             cfg.listen_host,
@@ -258,6 +294,9 @@ class Server:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             abort(conn.transport)
+        if self.access is not None:  # what was served is written before the process goes
+            writer, self.shared.access, self.access = self.access, None, None
+            await writer.close()
         await self.reloader.stop()
         await self.controller.stop()
         await self.webhook.close()
@@ -277,5 +316,10 @@ class Server:
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(self.drain()))
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.reloader.reload("SIGHUP"))
+        loop.add_signal_handler(signal.SIGHUP, self.hangup)
         await self.stopped.wait()
+
+    def hangup(self) -> None:
+        """SIGHUP: reload the config and reopen the access log."""
+        self.reopen_log()
+        self.reloader.reload("SIGHUP")

@@ -8,7 +8,8 @@ Rules:
 - `Shared` is the per-process state of the data plane, made once and handed
   to whatever needs it at construction: the snapshot in force (replaced whole
   by the control plane: one assignment), the recorder, the table of deadlines
-  the server's expiry loop checks, and whether the process is draining.
+  the server's expiry loop checks, whether the process is draining, and the
+  access log's records when the log is on.
 - Nothing here knows the layers above: a deadline is anything with
   `overdue_at()` and `timed_out()`.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .accesslog import AccessLog
 from .config import Config, Mirror
 from .http.upstream import Upstreams
 from .metrics import Recorder
@@ -60,7 +62,7 @@ class Deadline(Protocol):
 
 
 class Shared:
-    __slots__ = ("snapshot", "recorder", "awaiting", "draining")
+    __slots__ = ("snapshot", "recorder", "awaiting", "draining", "access")
 
     def __init__(self, snapshot: Snapshot, recorder: Recorder) -> None:
         self.snapshot = snapshot
@@ -68,3 +70,4 @@ class Shared:
         # Waiting for a deadline, in the order they began to wait.
         self.awaiting: dict[Deadline, None] = {}
         self.draining = False
+        self.access: AccessLog | None = None  # access_log on: where exchanges are recorded

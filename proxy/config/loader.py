@@ -183,4 +183,5 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "rollout": _as("rollout", parse=parsers.rollout),
     "mirror": _as("mirror", parse=parsers.mirror),
     "state": _as("state", parse=parsers.state_backend),
+    "access_log": _as("access_log", parse=parsers.access_log),
 }

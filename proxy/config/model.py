@@ -128,6 +128,14 @@ class StateBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """`access_log:` one JSON line per exchange (proxy.accessfile)."""
+
+    path: str  # absolute, or "-": standard output
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     weight: int  # 0..100, never below the previous step's
     approve: str | None = None  # the role whose `promote` enters this step
@@ -191,6 +199,7 @@ class Config:
     rollout: RolloutConfig | None = None  # None: routing.weight is the weight
     mirror: Mirror | None = None  # None: no shadow traffic
     state: StateBackend = StateBackend()
+    access_log: AccessLogConfig | None = None  # None: no access log
     # file -> digest of the bytes parsed (see walker.digest); compare=False: two loads of
     # the same settings are the same config whatever bytes they came from
     sources: Mapping[str, str] = field(

@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import replace
@@ -32,6 +33,7 @@ from .model import (
     NEVER_COMPARED,
     NEVER_COMPARED_PREFIX,
     VIEWER,
+    AccessLogConfig,
     Admin,
     Compare,
     Limits,
@@ -55,6 +57,7 @@ from .values import (
     cohort_ref,
     duration,
     endpoints,
+    file_path,
     header_names,
     host_port,
     http_url,
@@ -111,6 +114,27 @@ def state_backend(ctx: Ctx, node: Node, path: str) -> StateBackend:
                   f"holder renews it every controller tick), got {lease:g}s")  # fmt: skip
         shared = {k: v for k, v in shared.items() if k != "lease"}
     return StateBackend(fields.get("backend", "file"), **shared)
+
+
+def access_log(ctx: Ctx, node: Node, path: str) -> AccessLogConfig | Bad:
+    fields = parse_fields(ctx, node, path, ACCESS_LOG_FIELDS, ("path",))
+    if "path" not in fields:
+        return BAD
+    return AccessLogConfig(**fields)
+
+
+def log_path(ctx: Ctx, node: Node, path: str) -> str | Bad:
+    """ "-" (standard output), or a file in a folder that exists (relative: to the config)."""
+    if ctx.value(node) == "-":
+        return "-"
+    if (where := file_path(ctx, node, path)) is BAD:
+        return BAD
+    folder = os.path.dirname(where)
+    if os.path.isdir(where):
+        return ctx.error(path, node, f"{where} is a folder: name a file in it")
+    if not os.path.isdir(folder):
+        return ctx.error(path, node, f"the folder {folder} does not exist")
+    return where
 
 
 def redis_settings(ctx: Ctx, node: Node, path: str) -> dict[str, object]:
@@ -365,6 +389,7 @@ GUARD_FIELDS: dict[str, Parser] = {
     "source": choice("local", "prometheus"),
     "prometheus": fleet_counts,
 }
+ACCESS_LOG_FIELDS: dict[str, Parser] = {"path": log_path, "format": choice("json")}
 MIN_LEASE = 1.0  # seconds
 STATE_FIELDS: dict[str, Parser] = {
     "backend": choice("file", "redis"),

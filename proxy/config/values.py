@@ -65,6 +65,8 @@ def named(pattern: re.Pattern[str], what: str) -> ParserOf[str]:
 
 def choice(*options: str) -> ParserOf[str]:
     shown = ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"
+    if len(options) == 1:
+        shown = repr(options[0])
 
     def parse(ctx: Ctx, node: Node, path: str) -> str | Bad:
         if ctx.value(node) not in options:

@@ -20,6 +20,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Final
 
+from ..accesslog import REFUSED
 from ..answers import error_response
 from ..forward import Exchange, MirrorTap
 from ..framing import FramingError
@@ -82,7 +83,7 @@ class ClientConnection(RequestReader):
         if len(self.registry) >= self.shared.snapshot.config.limits.max_connections:
             self.closed = True
             self.phase = STOPPED
-            self.shared.recorder.rejected(503)
+            self.refused(503, "too many connections")
             send(transport, error_response(503, None, "too many connections", False))  # type: ignore[arg-type]
             close(transport)
             return
@@ -216,11 +217,23 @@ class ClientConnection(RequestReader):
             self.pause_reading(PAUSE_PIPELINE)
             return
         self.queue = None
-        self.shared.recorder.rejected(reject.status)
+        self.refused(reject.status, reject.cause)
         expose = self.shared.snapshot.expose_version
         answer = error_response(reject.status, None, reject.cause, expose, reject.head_only)
         send(self.transport, answer)
         self.close()
+
+    def refused(self, status: int, cause: str) -> None:
+        """Count (and log) a request answered before it was routed."""
+        shared = self.shared
+        shared.recorder.rejected(status)
+        log = shared.access
+        if log is not None:
+            now = _monotonic()
+            log.record(
+                now, now, self.peer, None, None, status, REFUSED, 0, 0, None,
+                "refused: " + cause, False,
+            )  # fmt: skip
 
     # -- flow control and lifecycle --------------------------------------------------------
 
