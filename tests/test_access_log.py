@@ -182,6 +182,7 @@ async def test_each_exchange_is_one_line_saying_who_served_it(proxies, blue, gre
     assert upload["bytes_out"] == len(b'{"received": 1000}')
     assert by_path["/status/204"]["status"] == 204 and by_path["/status/204"]["bytes_out"] == 0
     assert await dropped(proxy) == 0
+    assert (await proxy.status())["access_log"] == {"path": str(path), "lines_dropped": 0}
     # A target built to break a line or forge a field stays inside its own string.
     client = await RawClient.connect(proxy.port)
     await client.send(b'GET /q?a="},"status":999,"x":"\\ HTTP/1.1\r\nHost: a\r\n\r\n')
@@ -307,6 +308,7 @@ async def test_a_full_disk_drops_and_counts_lines_and_requests_go_on(proxies, bl
         return await dropped(proxy) == 50 or None
 
     await eventually(all_dropped, timeout=5)
+    assert (await proxy.status())["access_log"]["lines_dropped"] == 50
     assert proxy.log().count("access log: writing to /dev/full failed") == 1
 
 

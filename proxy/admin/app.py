@@ -126,6 +126,12 @@ def status_document(server: Proxy) -> dict:
         "versions": versions,
         "mirror": _mirror(server, rec),
         "workers": _workers(server),
+        "access_log": None
+        if cfg.access_log is None
+        else {
+            "path": cfg.access_log.path,
+            "lines_dropped": rec.access_log_dropped,
+        },
         "build": native.build(),
     }
 
