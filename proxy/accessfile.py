@@ -2,22 +2,30 @@
 
 Rules:
 - Every FLUSH_INTERVAL the loop takes the records waiting (proxy.accesslog)
-  and formats them SLICE at a time, one slice per turn of the loop, so the
-  requests in between wait for a quarter of a millisecond at most; one writer thread
-  writes the slices. The loop never waits on the file. (Formatting on the
-  thread was measured worse: it competes with the loop for the interpreter
-  lock, which cost more throughput and added milliseconds to p99.)
-- At most QUEUE_BYTES wait for the thread. A writer stuck on a slow
-  or full disk makes the next ones be dropped and counted
-  (`turnout_access_log_dropped_total`); requests never wait for the log.
-- A failed write (no space left, an I/O error) drops that batch's unwritten
-  lines, counts them, and says so once in the log until writes succeed again.
+  and formats them a slice per turn of the loop (SLICE records, more when
+  far behind), so requests in between wait a quarter of a millisecond at
+  most; one writer thread writes the text. The loop never waits on the file.
+  (Formatting on the thread was measured worse: it competes with the loop for
+  the interpreter lock, which cost more throughput and added milliseconds to
+  p99.)
+- The thread needs the interpreter lock only briefly, and waits for it each
+  time the loop is busy: so each time it wakes it takes everything queued and
+  writes it with one system call, and looks for a deleted file at most once a
+  second.
+- At most QUEUE_BYTES wait for the thread. While a writer is stuck on a slow
+  or full disk, the records past that are dropped (unformatted) and counted
+  in `turnout_access_log_dropped_total`; requests never wait for the log.
+- A failed write (no space left, an I/O error) drops that write's unwritten
+  lines, counts them, and says so once in the log until writes succeed again;
+  a line it left unfinished is ended before the next one.
 - The file is opened for appending (O_APPEND), so several workers may share
   it: each write is whole lines. To a pipe, writes are cut at line ends within
-  PIPE_BUF bytes, which the kernel keeps whole when several processes write.
-- `reopen()` (SIGHUP, after logrotate renamed the file) writes what came
-  before to the old file, then opens the path afresh. A file that cannot be
-  opened keeps the old one in use, and the open is tried again at most once a
+  PIPE_BUF bytes (a line is shorter, see proxy.accesslog), which the kernel
+  keeps whole when several processes write.
+- The path is the loop's (`target`); `reopen()` (SIGHUP after logrotate
+  renamed the file, or a reload naming another path) asks the thread to open
+  it: what came before goes to the old file. A file that cannot be opened
+  keeps the old one in use, and the open is tried again at most once a
   second. A file deleted under the writer is made again at its path.
 - `close()` (drain, or the log turned off) writes everything recorded, then
   stops the thread; a thread stuck in a write is given up after CLOSE_WAIT.
@@ -44,8 +52,8 @@ FLUSH_INTERVAL = 0.1  # seconds between two takes of the records (the contract: 
 SLICE = 256  # records formatted per turn of the loop: about a quarter of a millisecond
 QUEUE_BYTES = 16 << 20  # formatted bytes waiting for the writer; beyond, dropped
 CLOSE_WAIT = 5.0  # seconds close() waits for the writer to finish
-REOPEN_EVERY = 1.0  # seconds between two tries to open a file that would not open
-_WAKE = object()  # an item that only wakes the thread (to reopen)
+RETRY_EVERY = 1.0  # seconds between two tries to open a file, and between two checks
+FILE_MODE = 0o640  # client addresses and query strings are not for every local user
 _STOP = object()
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -62,7 +70,7 @@ def open_log(path: str) -> int:
     """
     if path == "-":
         return os.dup(1)
-    fd = os.open(path, _OPEN_FLAGS | os.O_NONBLOCK, 0o644)
+    fd = os.open(path, _OPEN_FLAGS | os.O_NONBLOCK, FILE_MODE)
     os.set_blocking(fd, True)
     return fd
 
@@ -80,29 +88,27 @@ class AccessWriter:
     def __init__(self, records: AccessLog, recorder: Recorder, path: str) -> None:
         self.records = records
         self.recorder = recorder
-        self.path = path
+        self.target = path  # the path the config names (the loop's)
         try:
-            self.fd = open_log(path)
+            fd = open_log(path)
         except OSError as exc:
             why = exc.strerror or exc
             raise LogOpenError(f"cannot open the access log {path}: {why}") from None
-        self.piped = is_pipe(self.fd)
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # guards want_open, which both threads change
+        self.want_open: str | None = None  # a path the thread is to open before writing
         # Bytes handed to the writer, and bytes it is done with (each counter is written
         # by one thread only): their difference is what waits.
         self.handed = 0
         self.handled = 0
-        self.want_open: str | None = None  # a path to open before the next write
-        self.open_failed_at = 0.0
-        self.failing = False  # writes fail: said once, until one succeeds
-        self.torn = False  # a failed write left a line unfinished
         self.formatter = Formatter()
         self.todo: deque[list[Record]] = deque()  # batches taken, not yet formatted
         self.at = 0  # where formatting is in todo[0]
         self.unformatted = 0  # records in todo past `at`
         self.formatting = False  # format_slice is scheduled
-        self.thread = threading.Thread(target=self.run, name="turnout-access-log", daemon=True)
         self.task: asyncio.Task | None = None
+        self.file = _File(fd, path, records)  # the thread's side
+        self.thread = threading.Thread(target=self.run, name="turnout-access-log", daemon=True)
 
     # -- the loop's side ----------------------------------------------------------------
 
@@ -130,32 +136,41 @@ class AccessWriter:
         self.recorder.access_log_dropped = self.records.lost()
 
     def format_slice(self) -> None:
-        """Format up to SLICE records and queue them for the writer; again next turn."""
+        """Format a slice and queue it for the writer; again next turn, until done."""
         if not self.todo:
             self.formatting = False
             return
-        batch, at = self.todo[0], self.at
-        stop = min(at + SLICE, len(batch))
-        data = self.formatter.lines(batch, at, stop, time.time() - time.monotonic())
-        self.unformatted -= stop - at
-        if stop == len(batch):
-            self.todo.popleft()
-            self.at = 0
-        else:
-            self.at = stop
-        if self.handed - self.handled >= QUEUE_BYTES:  # the writer is stuck: drop
-            self.records.dropped += stop - at
-        else:
-            self.handed += len(data)
-            self.queue.put(data)
+        try:
+            batch, at = self.todo[0], self.at
+            stop = min(at + max(SLICE, self.unformatted // 8), len(batch))
+            if self.handed - self.handled >= QUEUE_BYTES:  # the writer is stuck: drop
+                self.records.dropped += stop - at
+            else:
+                data = self.formatter.lines(batch, at, stop, time.time() - time.monotonic())
+                self.handed += len(data)
+                self.queue.put(data)
+            self.unformatted -= stop - at
+            if stop == len(batch):
+                self.todo.popleft()
+                self.at = 0
+            else:
+                self.at = stop
+        except Exception:  # a bug here must not stop the log for good
+            log.exception("access log: formatting failed: %d lines dropped", self.unformatted)
+            self.records.dropped += self.unformatted
+            self.todo.clear()
+            self.at = self.unformatted = 0
         asyncio.get_running_loop().call_soon(self.format_slice)
 
     def reopen(self, path: str | None = None) -> None:
-        """Open the file afresh (`path`: a new one); what was recorded so far may go
+        """Open the path afresh (`path`: a new one); what was recorded so far may go
         to either file, none is lost."""
         self.flush()
-        self.want_open = path or self.path
-        self.queue.put(_WAKE)  # the writer also looks at want_open before each write
+        if path is not None:
+            self.target = path
+        with self.lock:
+            self.want_open = self.target
+        self.queue.put(b"")  # wakes the thread
 
     async def close(self) -> None:
         """Write everything recorded (the loop formats it now: the proxy is stopping
@@ -167,13 +182,16 @@ class AccessWriter:
         offset = time.time() - time.monotonic()
         for i, batch in enumerate(self.todo):
             first = self.at if i == 0 else 0
-            self.queue.put(self.formatter.lines(batch, first, len(batch), offset))
+            data = self.formatter.lines(batch, first, len(batch), offset)
+            self.handed += len(data)
+            self.queue.put(data)
         self.todo.clear()
         self.unformatted = 0
         self.queue.put(_STOP)
         await asyncio.to_thread(self.thread.join, CLOSE_WAIT)
         if self.thread.is_alive():
-            log.warning("access log: the writer is stuck writing to %s: lines lost", self.path)
+            log.warning("access log: the writer is stuck writing to %s: %d bytes not written",
+                        self.file.path, self.handed - self.handled)  # fmt: skip
             return
         lost = self.recorder.access_log_dropped = self.records.lost()
         if lost:
@@ -182,40 +200,46 @@ class AccessWriter:
     # -- the writer thread ----------------------------------------------------------------
 
     def run(self) -> None:
-        try:
-            while True:
-                item = self.queue.get()
-                if item is _STOP:
+        stop = False
+        while not stop:
+            pieces = [self.queue.get()]
+            while True:  # everything queued, in one write
+                try:
+                    pieces.append(self.queue.get_nowait())
+                except queue.Empty:
                     break
-                if isinstance(item, bytes):
-                    self.write(item)
-                    self.handled += len(item)
-                elif self.want_open is not None:
-                    self.open_now()
-        finally:
-            os.close(self.fd)
+            if pieces[-1] is _STOP:
+                pieces.pop()
+                stop = True
+            chunks = [p for p in pieces if isinstance(p, bytes) and p]
+            try:
+                with self.lock:
+                    want = self.want_open
+                if self.file.open(want):
+                    with self.lock:
+                        if self.want_open == want:
+                            self.want_open = None
+                if chunks:
+                    self.file.write(b"".join(chunks))
+            except Exception:  # the thread must outlive any one failure
+                log.exception("access log: the writer failed")
+            finally:
+                self.handled += sum(len(c) for c in chunks)
+        self.file.close()
 
-    def open_now(self) -> None:
-        path = self.want_open
-        if path is None or time.monotonic() - self.open_failed_at < REOPEN_EVERY:
-            return  # the last try failed a moment ago: go on with the old file for now
-        try:
-            fd = open_log(path)
-        except OSError as exc:
-            if not self.open_failed_at:
-                log.error("access log: cannot open %s (%s): still writing to %s", path,
-                          exc.strerror or exc, self.path)  # fmt: skip
-            self.open_failed_at = time.monotonic()
-            return
-        if self.open_failed_at:
-            log.warning("access log: %s is open again", path)
-        os.close(self.fd)
+
+class _File:
+    """The descriptor written to, and what happened to it: the writer thread's only."""
+
+    def __init__(self, fd: int, path: str, records: AccessLog) -> None:
         self.fd = fd
-        self.piped = is_pipe(fd)
         self.path = path
-        if self.want_open == path:
-            self.want_open = None
+        self.records = records
+        self.piped = is_pipe(fd)
+        self.failing = False  # writes fail: said once, until one succeeds
+        self.torn = False  # a failed write left a line unfinished
         self.open_failed_at = 0.0
+        self.checked_at = time.monotonic()
 
     def removed(self) -> bool:
         """The file was deleted under us (no name links to it): lines would vanish."""
@@ -226,14 +250,46 @@ class AccessWriter:
         except OSError:
             return True
 
+    def open(self, want: str | None) -> bool:
+        """Open `want` (or the path again, if the file was deleted), at most once per
+        RETRY_EVERY after a failure. True when `want` is done with (opened)."""
+        now = time.monotonic()
+        if want is None:
+            if now - self.checked_at < RETRY_EVERY:
+                return False
+            self.checked_at = now
+            if not self.removed():
+                return False
+            want = self.path
+            log.warning("access log: %s was deleted: making it again", want)
+        if now - self.open_failed_at < RETRY_EVERY:
+            return False  # the last try failed a moment ago: the old file for now
+        try:
+            fd = open_log(want)
+        except OSError as exc:
+            if not self.open_failed_at:
+                log.error("access log: cannot open %s (%s): still writing to %s", want,
+                          exc.strerror or exc, self.path)  # fmt: skip
+            self.open_failed_at = now
+            return False
+        if self.open_failed_at:
+            log.warning("access log: %s is open", want)
+            self.open_failed_at = 0.0
+        self.close()
+        self.fd, self.path, self.piped = fd, want, is_pipe(fd)
+        return True
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError as exc:  # an NFS close may report a late write error
+            log.error("access log: closing %s: %s", self.path, exc.strerror or exc)
+
     def write(self, data: bytes) -> None:
-        if self.want_open is None and self.removed():
-            self.want_open = self.path  # made again where the operator looks for it
-        if self.want_open is not None:
-            self.open_now()
+        prefix = 0
         if self.torn:
             data = b"\n" + data  # the last write stopped mid-line: end that line first
-            self.torn = False
+            prefix = 1
         pos, total = 0, len(data)
         try:
             while pos < total:
@@ -243,8 +299,9 @@ class AccessWriter:
                     end = cut + 1 if cut >= pos else data.find(b"\n", pos) + 1
                 pos += os.write(self.fd, data[pos:end])
         except OSError as exc:
-            lost = data.count(b"\n", pos)
-            self.torn = pos > 0 and data[pos - 1] != 0x0A
+            if pos:
+                self.torn = data[pos - 1] != 0x0A
+            lost = data.count(b"\n", max(pos, prefix))
             self.records.write_dropped += lost
             if not self.failing:
                 self.failing = True
@@ -252,6 +309,7 @@ class AccessWriter:
                 log.error("access log: writing to %s failed (%s): %d lines dropped, and more "
                           "until writes succeed", self.path, why, lost)  # fmt: skip
             return
+        self.torn = False
         if self.failing:
             self.failing = False
             log.warning("access log: writing to %s succeeds again", self.path)

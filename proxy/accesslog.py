@@ -11,8 +11,9 @@ Rules:
   from the client (method, path) are written as received when they are plain
   printable ASCII; otherwise bytes outside it are percent-encoded (as a URL
   would carry them) and quotes and backslashes are escaped, so no request can
-  break a line or forge a field. A target is cut at TARGET_MAX bytes, so a
-  line stays short whatever max_header_bytes allows.
+  break a line or forge a field. A target is cut at TARGET_MAX bytes and a
+  method at METHOD_MAX, so a line stays short whatever max_header_bytes
+  allows, and a record holds no more of the request than its line shows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ REFUSED: Final = (None, None)  # the route of a request refused before routing
 PENDING_MAX: Final = 65536  # records kept between two flushes; then dropped and counted
 NAMES_MAX: Final = 4096  # encodings the formatter remembers; then it starts afresh
 REMEMBERED_MAX: Final = 256  # targets longer than this are encoded each time
-TARGET_MAX: Final = 4096  # a longer target is cut here in its line
+# A target (its text, once escaped) and a method are cut here, so that a line stays
+# shorter than PIPE_BUF (4096 bytes: what the kernel writes to a pipe whole).
+TARGET_MAX: Final = 2048
+METHOD_MAX: Final = 32
 
 
 class AccessLog:
@@ -72,6 +76,11 @@ class AccessLog:
         if len(pending) >= self.limit:
             self.dropped += 1
             return
+        # What a client sent is kept only as far as the line shows it.
+        if target is not None and len(target) > TARGET_MAX:
+            target = target[: TARGET_MAX + 1]  # one byte more: the line shows it was cut
+        if method is not None and len(method) > METHOD_MAX:
+            method = method[:METHOD_MAX]
         pending.append(
             (start, end, client, method, target, status, route, bytes_in, bytes_out, pool,
              error, shadow)
@@ -112,39 +121,73 @@ def quoted_bytes(raw: bytes | None) -> bytes:
 
 class Formatter:
     """Turns records into lines. What repeats from line to line is encoded once and
-    remembered: clients, routes, endpoints and errors, methods and targets seen
-    lately, status codes, and the clock's millisecond."""
+    remembered, apart by kind so that one kind's churn (routes under
+    `anonymous: cookie`, say) never evicts another's: clients, routes (by the
+    decision, then by its version and reason), endpoints, errors, methods and
+    short targets, status codes, and the clock's millisecond."""
 
     def __init__(self) -> None:
-        self.names: dict[object, bytes] = {}
-        self.targets: dict[bytes | None, bytes] = {}
+        self.clients: dict[str, bytes] = {}
+        self.routes: dict[object, bytes] = {}
+        self.route_names: dict[tuple[object, object], bytes] = {}
+        self.pools: dict[object, bytes] = {}
+        self.errors: dict[str | None, bytes] = {None: b"null"}
+        self.targets: dict[bytes | None, bytes] = {None: b"null"}
         self.codes: dict[int, bytes] = {}
         self.millisecond = -1
         self.stamp = b""
 
-    def name(self, value: object) -> bytes:
-        """The encoding of a client, an error kind, a route or a pool (see record)."""
-        names = self.names
-        found = names.get(value)
+    def client(self, value: str) -> bytes:
+        found = self.clients.get(value)
         if found is None:
-            if len(names) >= NAMES_MAX:
-                names.clear()
-            found = names[value] = _encode(value)
+            found = _remember(self.clients, value, _json(value))
+        return found
+
+    def error(self, value: str | None) -> bytes:
+        found = self.errors.get(value)
+        if found is None:
+            found = _remember(self.errors, value, _json(value))
+        return found
+
+    def pool(self, value: object) -> bytes:
+        """An upstream pool: its endpoint's host:port (duck-typed: this module is
+        below proxy.http.upstream)."""
+        found = self.pools.get(value)
+        if found is None:
+            key = None if value is None else getattr(value, "endpoint").key  # noqa: B009
+            found = _remember(self.pools, value, _json(key))
+        return found
+
+    def route(self, value: object) -> bytes:
+        """The "version" and "reason" fields of a routing decision or a tuple."""
+        found = self.routes.get(value)
+        if found is None:
+            if isinstance(value, tuple):
+                version, reason = value
+            else:  # a routing decision (duck-typed: this module is below proxy.routing)
+                version, reason = getattr(value, "version"), getattr(value, "reason")  # noqa: B009
+            names = (version, reason)
+            found = self.route_names.get(names)
+            if found is None:
+                found = b'"version":%b,"reason":%b' % (_json(version), _json(reason))
+                _remember(self.route_names, names, found)
+            _remember(self.routes, value, found)
         return found
 
     def target(self, raw: bytes | None) -> bytes:
-        """quoted_bytes(raw), cut at TARGET_MAX bytes (then ending "..."); short ones
-        are remembered (most traffic asks for a few paths)."""
-        targets = self.targets
-        found = targets.get(raw)
+        """quoted_bytes(raw), its text cut at TARGET_MAX bytes (then ending "...");
+        short ones are remembered (most traffic asks for a few paths)."""
+        found = self.targets.get(raw)
         if found is None:
-            if raw is not None and len(raw) > REMEMBERED_MAX:
-                if len(raw) > TARGET_MAX:
-                    raw = raw[:TARGET_MAX] + b"..."
-                return quoted_bytes(raw)
-            if len(targets) >= NAMES_MAX:
-                targets.clear()
-            found = targets[raw] = quoted_bytes(raw)
+            found = quoted_bytes(raw)
+            if len(found) > TARGET_MAX + 2:
+                body = found[1 : TARGET_MAX + 1]
+                backslashes = len(body) - len(body.rstrip(b"\\"))
+                if backslashes % 2:  # do not cut an escape in two
+                    body = body[:-1]
+                found = b'"%b..."' % body
+            if raw is not None and len(raw) <= REMEMBERED_MAX:
+                _remember(self.targets, raw, found)
         return found
 
     def code(self, status: int) -> bytes:
@@ -167,7 +210,6 @@ class Formatter:
         """The lines of batch[start:stop]; `offset`: wall-clock seconds minus monotonic
         seconds, now."""
         out: list[bytes] = []
-        name = self.name
         target = self.target
         for i in range(start, stop):
             (began, end, client, method, path, status, route, bytes_in, bytes_out, pool,
@@ -177,29 +219,21 @@ class Formatter:
                 b'"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"upstream":%b,'
                 b'"shadow":%b,"error":%b}\n'
                 % (
-                    self.time(began + offset), name(client), target(method), target(path),
-                    self.code(status), name(route), bytes_in, bytes_out,
-                    (end - began) * 1000.0, name(pool), b"true" if shadow else b"false",
-                    name(error),
+                    self.time(began + offset), self.client(client), target(method),
+                    target(path), self.code(status), self.route(route), bytes_in, bytes_out,
+                    (end - began) * 1000.0, self.pool(pool), b"true" if shadow else b"false",
+                    self.error(error),
                 )
             )  # fmt: skip
         return b"".join(out)
 
 
+def _remember(cache: dict, key: object, value: bytes) -> bytes:
+    if len(cache) >= NAMES_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _json(value: object) -> bytes:
     return b"null" if value is None else json.dumps(str(value)).encode()
-
-
-def _encode(value: object) -> bytes:
-    """A name as the line writes it: a route is two fields, a pool its endpoint's
-    host:port, a string (a client, an error) itself; None is null."""
-    if isinstance(value, tuple):
-        version, reason = value
-        return b'"version":%b,"reason":%b' % (_json(version), _json(reason))
-    # Duck-typed: this module is below proxy.routing and proxy.http.upstream.
-    if hasattr(value, "reason"):  # a routing decision
-        version, reason = getattr(value, "version"), getattr(value, "reason")  # noqa: B009
-        return b'"version":%b,"reason":%b' % (_json(version), _json(reason))
-    if hasattr(value, "endpoint"):  # an upstream pool
-        return _json(getattr(value, "endpoint").key)  # noqa: B009
-    return _json(value)

@@ -538,6 +538,7 @@ class Exchange(Forwarding):
             self.pending = b""
             expose = self.snap.expose_version
             answer = error_response(status, self.version, cause, expose, self.head_request)
+            self.resp_bytes = len(answer) - answer.find(b"\r\n\r\n") - 4
             self.client.send(answer)
         self.end(FAILED, status, kind)
 

@@ -160,9 +160,11 @@ class Server:
 
     async def log_to(self, cfg: AccessLogConfig | None) -> None:
         """Start, move or stop the access log as the config in force says."""
+        if self.shared.draining:
+            return  # the drain closes the log; a reload meanwhile changes nothing
         writer = self.access
         if writer is not None and cfg is not None:
-            if writer.path != cfg.path:
+            if writer.target != cfg.path:
                 writer.reopen(cfg.path)
             return
         if writer is not None:
@@ -294,9 +296,6 @@ class Server:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             abort(conn.transport)
-        if self.access is not None:  # what was served is written before the process goes
-            writer, self.shared.access, self.access = self.access, None, None
-            await writer.close()
         await self.reloader.stop()
         await self.controller.stop()
         await self.webhook.close()
@@ -307,6 +306,13 @@ class Server:
         if self.fleet is not None:
             await self.fleet.close()
         self.runtime.snapshot.upstreams.close()
+        if self.access is not None:  # what was served is written before the process goes
+            # Aborted exchanges and the copies their upstreams' close ends are
+            # recorded as their connections' losses are delivered: a turn or two.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            writer, self.shared.access, self.access = self.access, None, None
+            await writer.close()
         flush()
         self.stopped.set()
         log.info("stopped")

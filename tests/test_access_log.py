@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.accesslog import REFUSED, TARGET_MAX, AccessLog, Formatter, quoted_bytes
+from proxy.accesslog import METHOD_MAX, REFUSED, TARGET_MAX, AccessLog, Formatter, quoted_bytes
 from proxy.config import Endpoint
 from proxy.http.upstream import Pool
 from proxy.routing import Decision
@@ -99,17 +100,38 @@ def test_a_record_becomes_one_line_with_every_field():
 
 
 @pytest.mark.unit
-def test_a_long_target_is_cut_and_a_line_stays_short():
+@pytest.mark.parametrize("fill", [b"a", b'"', b"\\", b"\xff"])
+def test_a_long_target_is_cut_and_a_line_stays_shorter_than_pipe_buf(fill):
     log = AccessLog()
-    long = b"/" + b"a" * (TARGET_MAX * 4)
+    long = b"/" + fill * (TARGET_MAX * 4)
     for _ in range(2):
-        log.record(0.0, 0.0, "c", b"GET", long, 200, ("blue", "weight"), 0, 0, None, None,
-                   False)  # fmt: skip
+        log.record(0.0, 0.0, "c" * 45, b"M" * 1000, long, 200, ("blue", "weight"), 0, 0,
+                   None, "refused: " + "x" * 200, False)  # fmt: skip
+    assert len(log.pending[0][4]) == TARGET_MAX + 1  # a record keeps no more than that
+    f = Formatter()
+    batch = log.take()
+    data = f.lines(batch, 0, len(batch), 0.0)
+    docs = parse_lines(data)
+    assert all(len(line) < select.PIPE_BUF for line in data.splitlines())
+    path = docs[0]["path"]
+    assert path.endswith("...") and docs[1]["path"] == path
+    assert path.startswith("/" + {b"a": "a", b'"': '"', b"\\": "\\", b"\xff": "%FF"}[fill] * 8)
+    assert docs[0]["method"] == "M" * METHOD_MAX
+    assert list(f.targets) == [None, b"M" * METHOD_MAX]  # long targets are not remembered
+
+
+@pytest.mark.unit
+def test_routes_are_encoded_once_per_version_and_reason():
+    """`anonymous: cookie` makes a decision per request: each is a new object."""
+    log = AccessLog()
+    for i in range(3):
+        log.record(0.0, 0.0, "c", b"GET", b"/", 200, Decision("blue", "random", 7, f"id{i}"),
+                   0, 0, None, None, False)  # fmt: skip
     f = Formatter()
     batch = log.take()
     docs = parse_lines(f.lines(batch, 0, len(batch), 0.0))
-    assert [d["path"] for d in docs] == ["/" + "a" * (TARGET_MAX - 1) + "..."] * 2
-    assert list(f.targets) == [b"GET"]  # long targets are not remembered
+    assert {(d["version"], d["reason"]) for d in docs} == {("blue", "random")}
+    assert list(f.route_names) == [("blue", "random")]
 
 
 @pytest.mark.unit
@@ -217,6 +239,7 @@ async def test_failures_and_refusals_are_logged_with_their_cause(
     failed = next(d for d in docs if d["path"] == "/x")
     assert failed["status"] == 502 and failed["version"] == "green"
     assert failed["error"] == "connect" and failed["upstream"] == dead.removeprefix("http://")
+    assert failed["bytes_out"] > 0  # the proxy's own JSON answer
     refused = next(d for d in docs if d["status"] == 400)
     assert refused["error"].startswith("refused: ") and refused["upstream"] is None
     assert "/smuggle" not in blue.paths()
@@ -363,6 +386,39 @@ async def test_a_stuck_log_never_stalls_a_request(proxies, blue, green, tmp_path
 
 
 @pytest.mark.live
+async def test_a_deleted_file_is_made_again(proxies, blue, green, tmp_path):
+    path = tmp_path / "access.log"
+    proxy = await proxies.start(logged_config(blue, green, path))
+    async with aiohttp.ClientSession() as s:
+        assert await get(s, proxy.url + "/before") == 200
+        await logged(path, 1)
+        path.unlink()
+
+        async def made_again():
+            assert await get(s, proxy.url + "/after") == 200
+            return read_log(path) or None
+
+        docs = await eventually(made_again, timeout=10, interval=0.2)
+    assert {d["path"] for d in docs} == {"/after"}
+    assert "was deleted: making it again" in proxy.log()
+
+
+@pytest.mark.live
+async def test_the_drain_writes_the_exchanges_it_cuts_off(proxies, blue, green, tmp_path):
+    path = tmp_path / "access.log"
+    cfg = logged_config(blue, green, path)
+    cfg["limits"] = {"drain_timeout": "0.5s"}
+    proxy = await proxies.start(cfg)
+    client = await RawClient.connect(proxy.port)
+    await client.send(request("GET", "/slow?delay=5"))
+    await eventually(lambda: "/slow?delay=5" in blue.paths() or None, timeout=5)
+    assert await proxy.stop() == 0
+    await client.close()
+    (doc,) = read_log(path)
+    assert doc["path"] == "/slow?delay=5" and doc["status"] == 499
+
+
+@pytest.mark.live
 async def test_a_dash_writes_to_standard_output(proxies, blue, green):
     proxy = await proxies.start(logged_config(blue, green, "-"))
     async with aiohttp.ClientSession() as s:
@@ -402,7 +458,13 @@ async def test_a_reload_turns_the_log_on_moves_it_and_a_bad_path_is_refused(
         await eventually(lambda: proxy_generation_above(proxy, generation), timeout=10)
         assert await get(s, proxy.url + "/two") == 200
         assert [d["path"] for d in await logged(second, 1)] == ["/two"]
+        generation = await proxy.generation()
+        proxy.write_config(plain)  # off again: what was recorded is written first
+        await eventually(lambda: proxy_generation_above(proxy, generation), timeout=10)
+        await eventually(lambda: "access log off" in proxy.log() or None, timeout=5)
+        assert await get(s, proxy.url + "/unlogged-again") == 200
     assert [d["path"] for d in read_log(first)] == ["/one", "/still-one"]
+    assert [d["path"] for d in read_log(second)] == ["/two"]
     assert "/unlogged" not in first.read_text()
 
 
