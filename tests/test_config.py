@@ -304,8 +304,8 @@ def test_unknown_nested_keys_are_errors_with_a_suggestion(tmp_path: Path) -> Non
 
 
 def test_sections_not_supported_yet_are_unknown(tmp_path: Path) -> None:
-    [problem] = problems(tmp_path, MINIMAL + "tls: {}\n")
-    assert problem.startswith("tls: unknown key")
+    [problem] = problems(tmp_path, MINIMAL + "http2: {cleartext: true}\n")
+    assert problem.startswith("http2: unknown key")
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ The modules, each with its own rules, depend on each other in this order only:
 
 from __future__ import annotations
 
+from .certs import PairError, load_pair
 from .loader import SECTIONS, load, parse
 from .model import (
     COMPARED_BY_DEFAULT,
@@ -30,6 +31,7 @@ from .model import (
     VIEWER,
     AccessLogConfig,
     Admin,
+    Certificate,
     Compare,
     Config,
     Endpoint,
@@ -42,6 +44,7 @@ from .model import (
     StateBackend,
     Step,
     Sticky,
+    Tls,
     Token,
     Version,
 )
@@ -58,6 +61,7 @@ __all__ = [
     "VIEWER",
     "AccessLogConfig",
     "Admin",
+    "Certificate",
     "Compare",
     "Config",
     "ConfigError",
@@ -65,6 +69,7 @@ __all__ = [
     "Limits",
     "Match",
     "Mirror",
+    "PairError",
     "Problem",
     "RolloutConfig",
     "Routing",
@@ -72,11 +77,13 @@ __all__ = [
     "StateBackend",
     "Step",
     "Sticky",
+    "Tls",
     "Token",
     "Version",
     "digest",
     "file_digest",
     "load",
+    "load_pair",
     "parse",
     "render_problems",
 ]

@@ -31,7 +31,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from . import parsers
+from . import parsers, transport
 from .model import MAX_CONFIG_BYTES, Admin, Config, Routing
 from .values import boolean, file_path, host_port, string
 from .walker import (
@@ -184,4 +184,5 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "mirror": _as("mirror", parse=parsers.mirror),
     "state": _as("state", parse=parsers.state_backend),
     "access_log": _as("access_log", parse=parsers.access_log),
+    "tls": _as("tls", parse=transport.tls),
 }

@@ -8,10 +8,10 @@ Rules:
 - Paths (`Config.path`, `Config.state_file`, `Routing.cohort_files`) are
   absolute: relative ones were resolved against the config file's folder.
 - Limits: the config file may hold at most `MAX_CONFIG_BYTES` (4 MiB), a
-  cohort file at most `MAX_COHORT_BYTES` (64 MiB); the reloader reads files
+  cohort, certificate or key file at most `MAX_COHORT_BYTES` (64 MiB); the reloader reads files
   with the same limits.
-- `Config.sources` maps each file a load read (the config, then its cohort
-  files) to the SHA-256 of the exact bytes parsed (or to why it could not be
+- `Config.sources` maps each file a load read (the config, then its cohort,
+  certificate and key files) to the SHA-256 of the exact bytes parsed (or to why it could not be
   read), so a reloader can tell what it has seen without reading the files a
   second time.
 - "viewer" is implied for every token: `Token.roles` always holds `VIEWER`.
@@ -136,6 +136,29 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """One certificate served on `listen` (proxy.tls), with the bytes read for it."""
+
+    cert: str  # absolute path of the PEM chain, leaf first
+    key: str  # absolute path of the PEM private key
+    chain: bytes = field(repr=False)  # what was read and checked: a renewal is a new config
+    secret: bytes = field(repr=False)
+    names: tuple[str, ...] = ()  # lower-case DNS names it serves; "*." covers one label
+    not_after: float = 0.0  # UNIX time it expires
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """`tls:` terminate TLS on `listen`. SNI picks the first certificate whose names
+    match; the first is the default (no SNI, or no match)."""
+
+    certificates: tuple[Certificate, ...]  # at least one
+    alpn: tuple[str, ...] = ("http/1.1",)
+    min_version: str = "1.2"  # "1.2" or "1.3"
+    handshake_timeout: float = 10.0  # seconds from accept to the end of the handshake
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     weight: int  # 0..100, never below the previous step's
     approve: str | None = None  # the role whose `promote` enters this step
@@ -200,6 +223,7 @@ class Config:
     mirror: Mirror | None = None  # None: no shadow traffic
     state: StateBackend = StateBackend()
     access_log: AccessLogConfig | None = None  # None: no access log
+    tls: Tls | None = None  # None: cleartext on `listen`
     # file -> digest of the bytes parsed (see walker.digest); compare=False: two loads of
     # the same settings are the same config whatever bytes they came from
     sources: Mapping[str, str] = field(

@@ -1,0 +1,125 @@
+"""Parsers of the transport sections: `tls` on the listener.
+
+Rules:
+- Every certificate and key file is read once, with the side-file limit, and
+  its digest goes into `Ctx.sources`: the reloader then watches it, so a
+  renewed certificate is a changed config (and a broken one a rejected reload,
+  the pair in force kept).
+- A pair is checked here, as OpenSSL will serve it (`certs.check_pair`): a key
+  that does not match its certificate, an encrypted key or a file that is not
+  PEM is an error at its key path. An expired or not yet valid certificate is a
+  warning (it is served: clients decide).
+- `alpn` lists what the listener offers, in order of preference; only
+  `http/1.1` is served, so `h2` is an error that says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+from yaml.nodes import Node
+
+from .certs import PairError, check_pair
+from .model import MAX_COHORT_BYTES, Certificate, Tls
+from .values import duration, file_path, string
+from .walker import (
+    BAD,
+    Bad,
+    Ctx,
+    Parser,
+    digest,
+    parse_fields,
+    parse_list,
+    read_limited,
+    unreadable,
+)
+
+SERVED_ALPN = ("http/1.1",)
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+def tls(ctx: Ctx, node: Node, path: str) -> Tls | Bad:
+    fields = parse_fields(ctx, node, path, TLS_FIELDS, ("certificates",))
+    if "certificates" not in fields:
+        return BAD
+    return Tls(**fields)
+
+
+def certificates(ctx: Ctx, node: Node, path: str) -> tuple[Certificate, ...] | Bad:
+    found = parse_list(ctx, node, path, certificate, "certificates ({cert: FILE, key: FILE})")
+    return BAD if found is BAD or not found else tuple(found)
+
+
+def certificate(ctx: Ctx, node: Node, path: str) -> Certificate | Bad:
+    fields = parse_fields(ctx, node, path, CERTIFICATE_FIELDS, ("cert", "key"))
+    if "cert" not in fields or "key" not in fields:
+        return BAD
+    (cert, chain), (key, secret) = fields["cert"], fields["key"]
+    try:
+        leaf = check_pair(chain, secret)
+    except PairError as e:
+        return ctx.error(path, node, f"cannot serve {cert} with {key}: {e}")
+    now = time.time()
+    if leaf.not_after < now:
+        ctx.warn(path, node, f"{cert} expired {_ago(now - leaf.not_after)} ago")
+    elif leaf.not_before > now:
+        ctx.warn(path, node, f"{cert} is not valid for another {_ago(leaf.not_before - now)}")
+    if not leaf.names:
+        ctx.warn(path, node, f"{cert} names no host (no DNS subjectAltName or common name)")
+    return Certificate(cert, key, chain, secret, leaf.names, leaf.not_after)
+
+
+def _ago(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def pem_file(what: str) -> Parser:
+    """(absolute path, bytes) of a PEM file, digested for the reloader."""
+
+    def parse(ctx: Ctx, node: Node, path: str) -> tuple[str, bytes] | Bad:
+        if (resolved := file_path(ctx, node, path)) is BAD:
+            return BAD
+        try:
+            data = read_limited(resolved, MAX_COHORT_BYTES)
+        except (OSError, ValueError) as e:
+            ctx.sources[resolved] = unreadable(e)
+            why = e.strerror if isinstance(e, OSError) else e
+            return ctx.error(path, node, f"cannot read {what} {resolved}: {why}")
+        ctx.sources[resolved] = digest(data)
+        return resolved, data
+
+    return parse
+
+
+def alpn(ctx: Ctx, node: Node, path: str) -> tuple[str, ...] | Bad:
+    found = parse_list(ctx, node, path, string, "protocol names", key=lambda name: name)
+    if found is BAD:
+        return BAD
+    for i, name in enumerate(found):
+        if name not in SERVED_ALPN:
+            why = f"must be 'http/1.1', got {name!r}"
+            if name == "h2":
+                why = "HTTP/2 is not served on this listener: list http/1.1 only"
+            return ctx.error(f"{path}[{i}]", node.value[i], why)
+    return tuple(found)
+
+
+def min_version(ctx: Ctx, node: Node, path: str) -> str | Bad:
+    text = string(ctx, node, path)  # "1.2", quoted or not (a YAML float is read as written)
+    if text is not BAD and text not in TLS_VERSIONS:
+        return ctx.error(path, node, f"must be '1.2' or '1.3', got {text!r}")
+    return text
+
+
+TLS_FIELDS: dict[str, Parser] = {
+    "certificates": certificates,
+    "alpn": alpn,
+    "min_version": min_version,
+    "handshake_timeout": duration,
+}
+CERTIFICATE_FIELDS: dict[str, Parser] = {
+    "cert": pem_file("certificate file"),
+    "key": pem_file("key file"),
+}
