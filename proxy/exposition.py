@@ -105,6 +105,14 @@ class _Collector(Collector):
         for result, n in sorted(rec.reloads.items()):
             r.add_metric([result], n)
         yield r
+        t = CounterMetricFamily(
+            "turnout_tls_handshake_failures",
+            "TLS handshakes on the listener that failed, by reason",
+            labels=["reason"],
+        )
+        for reason, n in rec.tls_failures.items():
+            t.add_metric([reason], n)
+        yield t
         for family, name, text, attr in _SCALARS:
             yield family(name, text, value=getattr(rec, attr))
 

@@ -91,6 +91,10 @@ class ClientSide(Protocol):
 
     def peer_address(self) -> str: ...
 
+    def secure(self) -> bool:
+        """The client came over TLS (cookies the proxy sets are then `Secure`)."""
+        ...
+
 
 class Shadow(Protocol):
     """A copy in flight that compares: fed the primary's answer."""
@@ -378,9 +382,10 @@ class Exchange(Forwarding):
         if self.snap.expose_version:
             lines += decision.version_header
         if decision.set_cookie is not None:
+            secure = b"; Secure" if self.client.secure() else b""
             lines += (
-                b"Set-Cookie: turnout_id=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000\r\n"
-                % decision.set_cookie.encode()
+                b"Set-Cookie: turnout_id=%s; Path=/; HttpOnly; SameSite=Lax; Max-Age=31536000%s\r\n"
+                % (decision.set_cookie.encode(), secure)
             )
         return b"".join((status_line, rh.block, lines, b"\r\n", body))
 

@@ -246,11 +246,12 @@ def _scan_special(head: RequestHead, low: bytes, options: frozenset[bytes]) -> N
 
 
 def upstream_request(
-    method: bytes, target: bytes, head: RequestHead, peer: bytes, upgrade: bool
+    method: bytes, target: bytes, head: RequestHead, peer: bytes, scheme: bytes, upgrade: bool
 ) -> bytes:
-    """Serialize the request head sent to the upstream (always HTTP/1.1)."""
+    """Serialize the request head sent to the upstream (always HTTP/1.1); `scheme` is
+    the listener's, b"http" or b"https"."""
     xff = peer if head.xff is None else head.xff + b", " + peer
-    extra = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n" % xff
+    extra = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (xff, scheme)
     if head.host is not None:
         extra += b"X-Forwarded-Host: %s\r\n" % head.host
     if head.te_trailers:

@@ -21,6 +21,17 @@ from .guard import LATENCY_BUCKETS, UPPER_MS, quantile_ms
 # the hot path records each request once (exposition.py exports coarser bounds).
 _FINE_S: Final = tuple(ms / 1000.0 for ms in UPPER_MS)
 
+# Why a TLS handshake on the listener failed (proxy.tls.failure_reason), a fixed set:
+# timeout (handshake_timeout), closed (the client went away), http_request (plain
+# HTTP to the TLS port), protocol_version (no version both accept, or not TLS at all),
+# no_shared_cipher, certificate_rejected (the client refused the certificate served),
+# client_alert (any other alert from the client), max_connections (refused before the
+# handshake: limits.max_connections), other.
+TLS_FAILURE_REASONS: Final = (
+    "timeout", "closed", "http_request", "protocol_version", "no_shared_cipher",
+    "certificate_rejected", "client_alert", "max_connections", "other",
+)  # fmt: skip
+
 
 class Histogram:
     __slots__ = ("counts", "total", "count")
@@ -81,6 +92,7 @@ class Recorder:
         self.guard_source_up = 1  # 0 while the guard's source cannot answer (sources.py)
         self.state_backend_up = 1  # 0 while the state backend (Redis) cannot be reached
         self.access_log_dropped = 0  # access log lines lost (proxy.accessfile keeps it)
+        self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)  # handshakes, by reason
 
     # -- hot path -----------------------------------------------------------------
 
@@ -230,6 +242,7 @@ class Recorder:
             "reloads": self.reloads,
             "in_flight": self.in_flight(),
             "access_log_dropped": self.access_log_dropped,
+            "tls_failures": self.tls_failures,
         }
 
     def add_counts(self, doc: dict) -> None:
@@ -250,7 +263,9 @@ class Recorder:
         for version, (counts, total, count) in doc.get("shadow_durations", {}).items():
             self.shadow_durations.setdefault(version, Histogram()).add(counts, total, count)
         self.access_log_dropped += doc.get("access_log_dropped", 0)
-        for field in ("shadow_requests", "shadow_failures", "mirror", "comparisons", "reloads"):
+        fields = ("shadow_requests", "shadow_failures", "mirror", "comparisons", "reloads",
+                  "tls_failures")  # fmt: skip
+        for field in fields:
             counts = getattr(self, field)
             for name, n in doc.get(field, {}).items():
                 counts[name] = counts.get(name, 0) + n

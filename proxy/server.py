@@ -33,6 +33,7 @@ from .config import AccessLogConfig, Config
 from .controller import Controller
 from .history import History
 from .http.downstream import ClientConnection
+from .http.handshake import Acceptor
 from .http.outbox import abort, flush
 from .metrics import Recorder
 from .mirror import Mirroring
@@ -40,6 +41,7 @@ from .notify import Webhook
 from .reload import Reloader
 from .runtime import Runtime
 from .store import Redis
+from .tls import Terminator
 from .workers import LEDGER_GUARD, LEDGER_STATE, Channel, Fleet, Ledger, role_from_env
 
 log = logging.getLogger("turnout")
@@ -107,6 +109,7 @@ class Server:
         self.history = History()  # what /status and the dashboard show as recent traffic
         self.records = AccessLog()  # the access log's records, kept across writers
         self.access: AccessWriter | None = None  # access_log on
+        self.acceptor: Acceptor | None = None  # tls on: the listener's handshakes
         self.stopped = asyncio.Event()
         self.ready = False
 
@@ -141,6 +144,9 @@ class Server:
         """The counters to show: this process's, or the whole fleet's on the leader."""
         return self.fleet.merged() if self.fleet is not None else self.runtime.recorder
 
+    def terminator(self) -> Terminator | None:
+        return self.acceptor.terminator if self.acceptor is not None else None
+
     def webhook_url(self) -> str | None:
         guard = self.runtime.config.guard
         return guard.webhook if guard is not None else None
@@ -157,6 +163,12 @@ class Server:
             log.warning("state (the backend) changed: restart to apply")
         if old.access_log != new.access_log:
             self.loop.create_task(self.log_to(new.access_log))
+        if (self.acceptor is None) != (new.tls is None):
+            log.warning("tls %s: restart to apply", "added" if new.tls else "removed")
+        elif self.acceptor is not None and new.tls is not None and new.tls != old.tls:
+            self.acceptor.use(Terminator(new.tls))
+            names = ", ".join(c.names[0] if c.names else c.cert for c in new.tls.certificates)
+            log.info("tls: new handshakes get %s", names)
 
     async def log_to(self, cfg: AccessLogConfig | None) -> None:
         """Start, move or stop the access log as the config in force says."""
@@ -207,8 +219,15 @@ class Server:
             self.access = AccessWriter(self.records, self.runtime.recorder, cfg.access_log.path)
             self.access.start()
             self.shared.access = self.records
+        factory = lambda: ClientConnection(self.shared, self.mirroring, self.connections, False)  # noqa: E731
+        if cfg.tls is not None:
+            self.acceptor = Acceptor(
+                Terminator(cfg.tls), self.shared, self.connections,
+                lambda: ClientConnection(self.shared, self.mirroring, self.connections, True),
+            )  # fmt: skip
+            factory = self.acceptor  # type: ignore[assignment]
         self.listener = await loop.create_server(
-            lambda: ClientConnection(self.shared, self.mirroring, self.connections),  # type: ignore[arg-type, return-value]  # see its class
+            factory,  # type: ignore[arg-type]  # see ClientConnection's class
             cfg.listen_host,
             cfg.listen_port,
             backlog=2048,
@@ -232,9 +251,9 @@ class Server:
         self.ready = True
         role = self.role
         log.info(
-            "turnout%s listening on %s:%s, admin on %s (config %s, generation %d, %s)",
+            "turnout%s listening on %s:%s%s, admin on %s (config %s, generation %d, %s)",
             f" worker {role.index} of {role.count}" if role else "",
-            cfg.listen_host, cfg.listen_port,
+            cfg.listen_host, cfg.listen_port, " (TLS)" if self.acceptor else "",
             f"{cfg.admin.host}:{cfg.admin.port}" if self.admin else "the leading worker",
             cfg.path, self.runtime.snapshot.generation,
             "compiled" if native.build() == "mypyc" else "pure Python",
@@ -288,6 +307,8 @@ class Server:
         log.info("draining %d connections", len(self.connections))
         if self.listener is not None:
             self.listener.close()
+        if self.acceptor is not None:
+            self.acceptor.abort_pending()
         for conn in list(self.connections):
             if conn.idle():
                 conn.close()  # a clean close: a request already on its way meets no reset

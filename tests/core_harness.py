@@ -258,7 +258,7 @@ class FakeClient(_Peer):
 
     def __init__(self, harness: Harness, peer: tuple[str, int]) -> None:
         self.h = harness
-        self.conn = ClientConnection(harness.shared, harness.tap, harness.registry)
+        self.conn = ClientConnection(harness.shared, harness.tap, harness.registry, False)
         self.transport = FakeTransport(self.conn, peer)
         self.conn.connection_made(self.transport)
 

@@ -34,7 +34,7 @@ def test_plain_request_keeps_every_header_and_adds_forwarding():
     head = scan([(b"Host", b"shop.example"), (b"X-User-Id", b"alice"), (b"Accept", b"*/*")])
     assert head.host == b"shop.example"
     assert head.routing == {"x-user-id": "alice"}
-    out = upstream_request(b"GET", b"/a?b=1", head, b"10.1.2.3", False)
+    out = upstream_request(b"GET", b"/a?b=1", head, b"10.1.2.3", b"http", False)
     assert out.startswith(b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\n")
     assert b"X-User-Id: alice\r\nAccept: */*\r\n" in out
     assert b"X-Forwarded-For: 10.1.2.3\r\n" in out
@@ -59,7 +59,7 @@ def test_hop_by_hop_and_connection_listed_headers_are_removed():
             (b"X-Keep", b"yes"),
         ]
     )
-    out = upstream_request(b"GET", b"/", head, b"127.0.0.1", False).lower()
+    out = upstream_request(b"GET", b"/", head, b"127.0.0.1", b"http", False).lower()
     for gone in (
         b"x-secret",
         b"keep-alive:",
@@ -77,7 +77,7 @@ def test_hop_by_hop_and_connection_listed_headers_are_removed():
 def test_te_trailers_is_kept_and_chunked_reframed():
     head = scan([(b"Host", b"h"), (b"TE", b"trailers"), (b"Transfer-Encoding", b"chunked")])
     assert head.chunked
-    out = upstream_request(b"POST", b"/", head, b"p", False)
+    out = upstream_request(b"POST", b"/", head, b"p", b"http", False)
     assert b"TE: trailers\r\n" in out and b"Transfer-Encoding: chunked\r\n" in out
 
 
@@ -101,7 +101,7 @@ def test_unsafe_requests_are_refused(headers):
 
 def test_upgrade_keeps_upgrade_and_sets_connection():
     head = scan([(b"Host", b"h"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")])
-    out = upstream_request(b"GET", b"/ws", head, b"p", True)
+    out = upstream_request(b"GET", b"/ws", head, b"p", b"http", True)
     assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in out
 
 

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ..mirror import Mirroring
     from ..reload import Reloader
     from ..runtime import Runtime
+    from ..tls import Terminator
     from ..workers import Fleet
 
 
@@ -76,6 +77,10 @@ class Proxy(Protocol):
 
     def counts(self) -> Recorder:
         """The counters to show: this process's, or the whole fleet's on the leader."""
+        ...
+
+    def terminator(self) -> Terminator | None:
+        """The TLS settings new handshakes on the listener get; None: cleartext."""
         ...
 
 
@@ -132,7 +137,23 @@ def status_document(server: Proxy) -> dict:
             "path": cfg.access_log.path,
             "lines_dropped": rec.access_log_dropped,
         },
+        "tls": _tls(server, rec),
         "build": native.build(),
+    }
+
+
+def _tls(server: Proxy, rec: Recorder) -> dict | None:
+    term = server.terminator()
+    if term is None:
+        return None
+    return {
+        "certificates": [
+            {"cert": c.cert, "names": list(c.names), "not_after": _iso(c.not_after)}
+            for c in term.served
+        ],
+        "min_version": term.tls.min_version,
+        "alpn": list(term.tls.alpn),
+        "handshake_failures": dict(rec.tls_failures),
     }
 
 

@@ -44,7 +44,9 @@ class ClientConnection(RequestReader):
     native class (see proxy/native.py). It is the `ClientSide` its exchanges talk to.
 
     Made with what it shares with every connection of its listener: the
-    process's state, the mirror tap, and the set of open connections it joins.
+    process's state, the mirror tap, the set of open connections it joins, and
+    whether the listener is TLS (its transport then is the TLS one, made after
+    the handshake: proxy.http.handshake).
     """
 
     __slots__ = (
@@ -53,9 +55,13 @@ class ClientConnection(RequestReader):
     )  # fmt: skip
 
     def __init__(
-        self, shared: Shared, tap: MirrorTap | None, registry: set[ClientConnection]
+        self,
+        shared: Shared,
+        tap: MirrorTap | None,
+        registry: set[ClientConnection],
+        secure: bool,
     ) -> None:
-        super().__init__(shared, tap)
+        super().__init__(shared, tap, secure)
         self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.current: Exchange | None = None
@@ -154,6 +160,9 @@ class ClientConnection(RequestReader):
 
     def peer_address(self) -> str:
         return self.peer
+
+    def secure(self) -> bool:
+        return self.scheme == b"https"
 
     def tunnel_bytes(self, data: bytes) -> None:
         if self.tunnel is not None:

@@ -58,13 +58,14 @@ class RequestReader(ClientSide):
     """The reading half of a client connection (see the module's rules)."""
 
     __slots__ = (
-        "shared", "tap", "peer", "peer_bytes", "buf", "phase", "left", "chunks", "last",
-        "head_since",
+        "shared", "tap", "scheme", "peer", "peer_bytes", "buf", "phase", "left", "chunks",
+        "last", "head_since",
     )  # fmt: skip
 
-    def __init__(self, shared: Shared, tap: MirrorTap | None) -> None:
+    def __init__(self, shared: Shared, tap: MirrorTap | None, secure: bool) -> None:
         self.shared = shared
         self.tap = tap
+        self.scheme = b"https" if secure else b"http"  # X-Forwarded-Proto
         self.peer = ""
         self.peer_bytes = b""
         self.buf = bytearray()  # a request head still being received, over several reads
@@ -257,7 +258,7 @@ class RequestReader(ClientSide):
                 self.peer,
             )
             decision = decide(view, snap.table)
-        head_bytes = upstream_request(method, target, head, self.peer_bytes, upgrade)
+        head_bytes = upstream_request(method, target, head, self.peer_bytes, self.scheme, upgrade)
         keep_alive = keep_alive and not self.shared.draining
         return Exchange(
             self, self.shared, self.tap, snap, decision, method, target, head_bytes, head,

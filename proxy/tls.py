@@ -1,0 +1,117 @@
+"""TLS termination: the server contexts of a `tls` config, and why a handshake failed.
+
+Rules:
+- One `ssl.SSLContext` per certificate, all with the same protocol settings
+  (`min_version`, ALPN, no renegotiation, no compression). The first
+  certificate's is the front context every handshake starts on; its SNI
+  callback moves the handshake to the first certificate naming the host, exact
+  names before wildcards (`*.example.com` covers one label), and keeps the
+  first certificate when nothing matches or no name was sent.
+- A `Terminator` is made whole from one `Tls` config and never changes: a
+  reload makes a new one, and handshakes already begun finish on the old.
+- `failure_reason` maps a failed handshake to one of `TLS_FAILURE_REASONS`
+  (proxy.metrics), a fixed set of label values; what OpenSSL said beyond that
+  is for debug logging only (a failing client must not flood the log).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from .config import Certificate, Tls, load_pair
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_context(tls: Tls, cert: Certificate) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(list(tls.alpn))
+    load_pair(ctx, cert.chain, cert.secret)
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What /status says of one certificate in force."""
+
+    cert: str
+    names: tuple[str, ...]
+    not_after: float
+
+
+class Terminator:
+    """The contexts of one `Tls` config; `front` is the one to hand to a handshake."""
+
+    def __init__(self, tls: Tls) -> None:
+        self.tls = tls
+        self.timeout = tls.handshake_timeout
+        contexts = [server_context(tls, cert) for cert in tls.certificates]
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wild: dict[str, ssl.SSLContext] = {}  # "example.com" for "*.example.com"
+        for cert, ctx in zip(tls.certificates, contexts, strict=True):
+            for name in cert.names:
+                if name.startswith("*."):
+                    self.wild.setdefault(name[2:], ctx)
+                else:
+                    self.exact.setdefault(name, ctx)
+        self.front = contexts[0]
+        self.front.sni_callback = self._pick
+        self.served = tuple(Served(c.cert, c.names, c.not_after) for c in tls.certificates)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        if not server_name:
+            return self.front
+        name = server_name.lower().rstrip(".")
+        found = self.exact.get(name)
+        if found is None:
+            label, dot, parent = name.partition(".")
+            if label and dot:
+                found = self.wild.get(parent)
+        return self.front if found is None else found
+
+    def _pick(self, sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        chosen = self.context_for(server_name)
+        if chosen is not self.front:
+            sslobj.context = chosen
+
+
+# Mapped from OpenSSL's reason codes (ssl.SSLError.reason).
+_BY_CODE = {
+    "HTTP_REQUEST": "http_request",
+    "HTTPS_PROXY_REQUEST": "http_request",
+    "WRONG_VERSION_NUMBER": "protocol_version",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "VERSION_TOO_LOW": "protocol_version",
+    "UNKNOWN_PROTOCOL": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_cipher",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "certificate_rejected",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "certificate_rejected",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "certificate_rejected",
+    "TLSV1_ALERT_UNKNOWN_CA": "certificate_rejected",
+    "UNEXPECTED_EOF_WHILE_READING": "closed",
+}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The label value of a failed handshake (see TLS_FAILURE_REASONS)."""
+    if isinstance(exc, ssl.SSLError):
+        code = getattr(exc, "reason", None) or ""
+        found = _BY_CODE.get(code)
+        if found is not None:
+            return found
+        if isinstance(exc, ssl.SSLEOFError):
+            return "closed"
+        if code.startswith(("SSLV3_ALERT_", "TLSV1_ALERT_")):
+            return "client_alert"
+        return "other"
+    if isinstance(exc, ConnectionAbortedError | TimeoutError):  # uvloop: handshake too long
+        return "timeout"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "closed"
+    return "other"
