@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -47,6 +48,37 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+# ---------------------------------------------------------------------- certificates
+
+
+class Authority:
+    """A certificate authority made for one test (trustme) and the pairs it issues,
+    written as PEM files; `trust()` is a client context that trusts it."""
+
+    def __init__(self, folder: Path) -> None:
+        import trustme
+
+        self.ca = trustme.CA()
+        self.folder = folder
+
+    def issue(self, name: str, *hosts: str, **kw: Any) -> tuple[Path, Path]:
+        """Write `name`.pem (leaf, then the chain) and `name`.key for `hosts`, each file
+        replaced by rename; `kw` goes to trustme (not_before, not_after, ...)."""
+        issued = self.ca.issue_cert(*hosts, **kw)
+        chain = b"".join(blob.bytes() for blob in issued.cert_chain_pems)
+        paths = self.folder / f"{name}.pem", self.folder / f"{name}.key"
+        for path, data in zip(paths, (chain, issued.private_key_pem.bytes()), strict=True):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return paths
+
+    def trust(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
 
 
 # ------------------------------------------------------------------------- upstream
