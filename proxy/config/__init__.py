@@ -46,6 +46,7 @@ from .model import (
     Sticky,
     Tls,
     Token,
+    UpstreamTls,
     Version,
 )
 from .walker import MAX_DEPTH, ConfigError, Problem, digest, file_digest, render_problems
@@ -79,6 +80,7 @@ __all__ = [
     "Sticky",
     "Tls",
     "Token",
+    "UpstreamTls",
     "Version",
     "digest",
     "file_digest",

@@ -110,6 +110,16 @@ def _check_key(key: bytes) -> None:
         raise PairError(f"not a usable private key ({e})") from None
 
 
+def check_ca(pem: bytes) -> None:
+    """PairError unless `pem` holds CA certificates a client context can trust."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise PairError("no PEM certificate in it")
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
+        raise PairError(f"not PEM certificates OpenSSL accepts ({e})") from None
+
+
 def check_pair(chain: bytes, key: bytes) -> CertFacts:
     """The certificate's facts; PairError unless a TLS server could serve this
     certificate with this key (each file parsed first, for a precise reason)."""

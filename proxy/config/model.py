@@ -40,6 +40,7 @@ class Endpoint:
     url: str  # as written, e.g. "http://127.0.0.1:9001"
     host: str  # "127.0.0.1"
     port: int  # 9001
+    tls: bool = False  # https://: TLS to the upstream (Version.tls says how)
 
     @property
     def key(self) -> str:
@@ -47,10 +48,28 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """`versions.<name>.tls`: how the version's https:// endpoints are spoken to."""
+
+    ca: str | None = None  # absolute path: trust only these CAs; None: the system's store
+    ca_pem: bytes | None = field(default=None, repr=False)
+    cert: str | None = None  # a client certificate (mTLS), with its key
+    chain: bytes | None = field(default=None, repr=False)
+    key: str | None = None
+    secret: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None  # SNI and the name verified; None: the endpoint's host
+    verify: bool = True  # False: any certificate is accepted (a warning at load)
+
+
+DEFAULT_UPSTREAM_TLS = UpstreamTls()
+
+
+@dataclass(frozen=True, slots=True)
 class Version:
     name: str
     endpoints: tuple[Endpoint, ...]
     release: str | None = None
+    tls: UpstreamTls = DEFAULT_UPSTREAM_TLS  # used by its https:// endpoints only
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,9 @@ from types import MappingProxyType
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from ..guard import EXPORTED_MS, FleetCounts, Policy
+from . import transport
 from .model import (
+    DEFAULT_UPSTREAM_TLS,
     NEVER_COMPARED,
     NEVER_COMPARED_PREFIX,
     VIEWER,
@@ -165,7 +167,16 @@ def versions(ctx: Ctx, node: Node, path: str) -> Mapping[str, Version]:
         if not _VERSION_NAME.fullmatch(name):
             ctx.error(sub, knode, f"version names must match {_VERSION_NAME.pattern}")
         fields = parse_fields(ctx, vnode, sub, VERSION_FIELDS, ("endpoints",))
-        out[name] = Version(name, tuple(fields.get("endpoints", ())), fields.get("release"))
+        eps = tuple(fields.get("endpoints", ()))
+        tls = fields.get("tls", DEFAULT_UPSTREAM_TLS)
+        if "tls" in fields and eps and not any(ep.tls for ep in eps):
+            ctx.warn(join(sub, "tls"), child(vnode, "tls") or vnode,
+                     "is unused: no endpoint of this version is https://")  # fmt: skip
+        if not tls.verify and any(ep.tls for ep in eps):
+            ctx.warn(join(sub, "tls.verify"), child(vnode, "tls") or vnode,
+                     "false: any certificate is accepted from these upstreams (no protection "
+                     "against an impostor)")  # fmt: skip
+        out[name] = Version(name, eps, fields.get("release"), tls)
     if isinstance(node, MappingNode) and not node.value:
         ctx.error(path, node, "must name at least one version")
     return MappingProxyType(out)
@@ -428,7 +439,11 @@ COMPARE_FIELDS: dict[str, Parser] = {
     # both sides are held in memory up to this while a shadow copy is in flight
     "max_body_bytes": size(0, 64 << 20, "between 0 and 64MiB (67108864) bytes"),
 }
-VERSION_FIELDS: dict[str, Parser] = {"endpoints": endpoints, "release": string}
+VERSION_FIELDS: dict[str, Parser] = {
+    "endpoints": endpoints,
+    "release": string,
+    "tls": transport.upstream_tls,
+}
 ROUTING_FIELDS: dict[str, Parser] = {
     "weight": percent,
     "sticky": _sticky,

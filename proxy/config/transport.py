@@ -1,4 +1,4 @@
-"""Parsers of the transport sections: `tls` on the listener.
+"""Parsers of the transport settings: `tls` on the listener, `versions.<name>.tls`.
 
 Rules:
 - Every certificate and key file is read once, with the side-file limit, and
@@ -9,19 +9,23 @@ Rules:
   that does not match its certificate, an encrypted key or a file that is not
   PEM is an error at its key path. An expired or not yet valid certificate is a
   warning (it is served: clients decide).
+- `versions.<name>.tls`: `ca` (trust only it), `cert` and `key` (a client
+  certificate, the two together), `server_name`, `verify`. The CA file must
+  hold at least one PEM certificate OpenSSL accepts.
 - `alpn` lists what the listener offers, in order of preference; only
   `http/1.1` is served, so `h2` is an error that says so.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 from yaml.nodes import Node
 
-from .certs import PairError, check_pair
-from .model import MAX_COHORT_BYTES, Certificate, Tls
-from .values import duration, file_path, string
+from .certs import PairError, check_ca, check_pair
+from .model import MAX_COHORT_BYTES, Certificate, Tls, UpstreamTls
+from .values import boolean, duration, file_path, string
 from .walker import (
     BAD,
     Bad,
@@ -113,6 +117,49 @@ def min_version(ctx: Ctx, node: Node, path: str) -> str | Bad:
     return text
 
 
+def upstream_tls(ctx: Ctx, node: Node, path: str) -> UpstreamTls | Bad:
+    fields = parse_fields(ctx, node, path, UPSTREAM_TLS_FIELDS)
+    kw: dict[str, object] = {}
+    if "ca" in fields:
+        ca, pem = fields["ca"]
+        try:
+            check_ca(pem)
+        except PairError as e:
+            return ctx.error(f"{path}.ca", node, f"cannot trust {ca}: {e}")
+        kw.update(ca=ca, ca_pem=pem)
+    if ("cert" in fields) != ("key" in fields):
+        missing = "key" if "cert" in fields else "cert"
+        return ctx.error(f"{path}.{missing}", node, "is required with a client certificate")
+    if "cert" in fields:
+        (cert, chain), (key, secret) = fields["cert"], fields["key"]
+        try:
+            check_pair(chain, secret)
+        except PairError as e:
+            return ctx.error(path, node, f"cannot present {cert} with {key}: {e}")
+        kw.update(cert=cert, chain=chain, key=key, secret=secret)
+    if "server_name" in fields:
+        kw["server_name"] = fields["server_name"]
+    if "verify" in fields:
+        kw["verify"] = fields["verify"]
+    return UpstreamTls(**kw)  # type: ignore[arg-type]
+
+
+def server_name(ctx: Ctx, node: Node, path: str) -> str | Bad:
+    text = string(ctx, node, path)
+    if text is not BAD and not _HOSTNAME.fullmatch(text):
+        return ctx.error(path, node, f"must be a host name, got {text!r}")
+    return text
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")  # fmt: skip
+UPSTREAM_TLS_FIELDS: dict[str, Parser] = {
+    "ca": pem_file("CA file"),
+    "cert": pem_file("certificate file"),
+    "key": pem_file("key file"),
+    "server_name": server_name,
+    "verify": boolean,
+}
 TLS_FIELDS: dict[str, Parser] = {
     "certificates": certificates,
     "alpn": alpn,

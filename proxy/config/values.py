@@ -194,7 +194,7 @@ def http_url(ctx: Ctx, node: Node, path: str) -> str | Bad:
 
 
 def endpoints(ctx: Ctx, node: Node, path: str) -> list[Endpoint] | Bad:
-    what = "http://HOST:PORT URLs"
+    what = "http://HOST:PORT or https://HOST:PORT URLs"
     return parse_list(ctx, node, path, _endpoint, what, lambda e: f"endpoint {e.key}")
 
 
@@ -206,7 +206,11 @@ def _endpoint(ctx: Ctx, node: Node, path: str) -> Endpoint | Bad:
     if isinstance(hostport, str):
         like = "a URL like http://127.0.0.1:9001"
         return ctx.error(path, node, f"must be {like}, got {url!r} ({hostport})")
-    return Endpoint(url, *hostport)
+    host, port = hostport
+    return Endpoint(url, host, port, url.lower().startswith("https:"))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _split_url(url: str) -> tuple[str, int] | str:
@@ -218,15 +222,16 @@ def _split_url(url: str) -> tuple[str, int] | str:
         port = parts.port
     except ValueError as e:
         return str(e)
-    if parts.scheme != "http":
-        return f"only http is supported, not {parts.scheme}"
+    if parts.scheme not in _DEFAULT_PORTS:
+        return f"only http and https are supported, not {parts.scheme}"
     if parts.username is not None or parts.password is not None:
         return "user info is not allowed"
     if not parts.hostname:
         return "the host is missing"
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         return "a path, query or fragment is not allowed"
-    return (parts.hostname, port or 80) if port != 0 else "port 0 is not a valid port"
+    default = _DEFAULT_PORTS[parts.scheme]
+    return (parts.hostname, port or default) if port != 0 else "port 0 is not a valid port"
 
 
 # ------------------------------------------------------------------------------- routing
