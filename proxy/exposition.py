@@ -29,7 +29,7 @@ from .metrics import Histogram, Recorder
 # The Prometheus bounds (s); each is one of the fine edges the Recorder counts in.
 BUCKETS = tuple(ms / 1000.0 for ms in EXPORTED_MS)
 _EXPORT = tuple(UPPER_MS.index(round(b * 1000.0, 6)) for b in BUCKETS)  # fine index per bound
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol")  # PRODUCT.md §8
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "protocol", "tls")  # PRODUCT.md §8
 
 
 def registry(rec: Recorder) -> CollectorRegistry:

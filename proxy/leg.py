@@ -4,8 +4,10 @@ Rules:
 - Only endpoints from the config are dialled: an endpoint of the version is
   picked round-robin, skipping those backing off; a pooled connection is
   taken when there is one, else a fresh one is dialled (the only coroutine).
-- A refused or timed-out dial is retried once on another endpoint of the same
-  version (nothing was sent); a version with no endpoint to try fails at once.
+- A refused or timed-out dial, or a failed TLS handshake, is retried once on
+  another endpoint of the same version (nothing was sent); a version with no
+  endpoint to try fails at once. A TLS failure is a 502 of kind `tls`, its
+  cause what OpenSSL said (`tls: certificate verify failed: ...`).
 - A request without Host gets the dialled endpoint's (HTTP/1.1 upstreams
   require one, RFC 9112 §3.2).
 - A pooled connection that closes before one byte of an answer was probably
@@ -28,6 +30,7 @@ from .framing import LENGTH, RESPONSE_HEAD, FramingError, response_framing
 from .headers import ResponseHead, scan_response
 from .http.upstream import Pool, ResponseSink, UpstreamConnection, VersionPools
 from .shared import Deadline, Shared
+from .tls import TlsFailure
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -108,6 +111,10 @@ class UpstreamLeg(ResponseSink, Deadline):
         except TimeoutError:
             pool.refused()
             self.connect_failed(pool, 504, "timeout", "upstream connect timeout")
+            return
+        except TlsFailure as exc:  # an https:// endpoint whose handshake failed
+            pool.refused()
+            self.connect_failed(pool, 502, "tls", f"tls: {exc}")
             return
         except OSError as exc:
             pool.refused()

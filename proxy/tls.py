@@ -1,4 +1,4 @@
-"""TLS termination: the server contexts of a `tls` config, and why a handshake failed.
+"""TLS: the listener's server contexts, the upstreams' client contexts, and failures.
 
 Rules:
 - One `ssl.SSLContext` per certificate, all with the same protocol settings
@@ -9,6 +9,12 @@ Rules:
   first certificate when nothing matches or no name was sent.
 - A `Terminator` is made whole from one `Tls` config and never changes: a
   reload makes a new one, and handshakes already begun finish on the old.
+- A client context (`client_context`, for a version's https:// endpoints)
+  verifies the upstream's certificate and name unless `verify: false`: against
+  `ca` alone when it is given, else the system's store; it presents the client
+  certificate when one is configured; TLS 1.2 at least, ALPN `http/1.1`.
+- `describe` says why an upstream's TLS failed, for the 502's `cause`
+  (`tls: certificate verify failed: ...`).
 - `failure_reason` maps a failed handshake to one of `TLS_FAILURE_REASONS`
   (proxy.metrics), a fixed set of label values; what OpenSSL said beyond that
   is for debug logging only (a failing client must not flood the log).
@@ -19,7 +25,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from .config import Certificate, Tls, load_pair
+from .config import Certificate, Tls, UpstreamTls, load_pair
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -76,6 +82,38 @@ class Terminator:
         chosen = self.context_for(server_name)
         if chosen is not self.front:
             sslobj.context = chosen
+
+
+def client_context(tls: UpstreamTls) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and checks the name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(["http/1.1"])
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif tls.ca_pem is not None:
+        ctx.load_verify_locations(cadata=tls.ca_pem.decode("ascii"))
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if tls.chain is not None and tls.secret is not None:
+        load_pair(ctx, tls.chain, tls.secret)
+    return ctx
+
+
+class TlsFailure(OSError):
+    """A TLS handshake with an upstream failed; `str()` says why, in words. (Here,
+    not beside the dialer: a compiled module cannot define an OSError subclass.)"""
+
+
+def describe(exc: ssl.SSLError) -> str:
+    """`exc` in words, without OpenSSL's source locations."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    code = getattr(exc, "reason", None)
+    if code:
+        return str(code).lower().replace("_", " ")
+    return str(exc.args[1] if len(exc.args) > 1 else exc)
 
 
 # Mapped from OpenSSL's reason codes (ssl.SSLError.reason).

@@ -17,10 +17,11 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Final, Protocol
 
-from ..config import Config, Endpoint
+from ..config import Config, Endpoint, UpstreamTls
 from ..framing import (
     CHUNKED,
     LENGTH,
@@ -35,6 +36,7 @@ from ..framing import (
     head_fault,
     response_framing,
 )
+from ..tls import TlsFailure, client_context, describe
 from .outbox import abort, send
 
 _monotonic: Final = time.monotonic  # bound once: a static, not a lookup per call
@@ -249,6 +251,11 @@ class UpstreamConnection:
         ex = self.exchange
         self.exchange = None
         if ex is not None:
+            if isinstance(exc, ssl.SSLError):
+                # TLS failed after the handshake: e.g. a TLS 1.3 upstream that wants
+                # a client certificate says so once the request has gone.
+                ex.upstream_failed("tls", f"tls: {describe(exc)}")
+                return
             # Whether the close ends the body is the framing's word, nobody else's.
             until_close = not self.want_head and self.mode == UNTIL_CLOSE
             ex.upstream_lost(self.want_head and not self.head_buf, until_close)
@@ -335,6 +342,46 @@ class TcpDialer(Dialer):
 
 
 TCP = TcpDialer()
+
+
+class TlsDialer(Dialer):
+    """TCP, then a TLS handshake (start_tls), both within the connect timeout: any
+    failure of the second step is a TlsFailure, told apart from a refused dial."""
+
+    def __init__(self, context: ssl.SSLContext, server_name: str | None) -> None:
+        self.context = context
+        self.server_name = server_name
+
+    async def dial(self, pool: Pool, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = await TCP.dial(pool, timeout)
+        left = max(deadline - loop.time(), 0.001)
+        try:
+            secured = await asyncio.wait_for(
+                loop.start_tls(
+                    conn.transport,
+                    conn,
+                    self.context,  # type: ignore[arg-type]
+                    server_hostname=self.server_name or pool.endpoint.host,
+                    ssl_handshake_timeout=left,
+                ),  # fmt: skip
+                left,
+            )
+        except TimeoutError:
+            conn.close()
+            raise
+        except ssl.SSLError as e:
+            conn.close()
+            raise TlsFailure(describe(e)) from None
+        except (ConnectionError, EOFError) as e:
+            conn.close()
+            why = "the upstream closed the connection during the handshake"
+            raise TlsFailure(f"{why} ({e.__class__.__name__})") from None
+        if secured is None:
+            raise TlsFailure("the upstream closed the connection during the handshake")
+        conn.connection_made(secured)
+        return conn
 
 
 class Pool:
@@ -434,17 +481,29 @@ class Upstreams:
         self, config: Config, previous: Upstreams | None = None, dialer: Dialer = TCP
     ) -> None:
         old = previous.by_endpoint if previous else {}
-        self.by_endpoint: dict[str, Pool] = {}
+        # One pool per endpoint and the way it is spoken to: an https:// endpoint's
+        # pool is kept across a reload only while its version's TLS settings are.
+        self.by_endpoint: dict[object, Pool] = {}
         self.versions: dict[str, VersionPools] = {}
+        contexts: dict[UpstreamTls, ssl.SSLContext] = {}
         for name, version in config.versions.items():
             pools = []
             for ep in version.endpoints:
-                pool = self.by_endpoint.get(ep.key) or old.get(ep.key) or Pool(ep, dialer)
-                self.by_endpoint[ep.key] = pool
+                key: object = (ep.key, version.tls) if ep.tls else ep.key
+                pool = self.by_endpoint.get(key) or old.get(key)
+                if pool is None:
+                    way = dialer
+                    if ep.tls:
+                        tls = version.tls
+                        if tls not in contexts:
+                            contexts[tls] = client_context(tls)
+                        way = TlsDialer(contexts[tls], tls.server_name)
+                    pool = Pool(ep, way)
+                self.by_endpoint[key] = pool
                 pools.append(pool)
             self.versions[name] = VersionPools(name, pools)
-        for key, pool in old.items():
-            if key not in self.by_endpoint:
+        for was, pool in old.items():
+            if was not in self.by_endpoint:
                 pool.retire()
 
     def sweep(self, idle_timeout: float) -> None:
