@@ -80,15 +80,33 @@ class Authority:
         self.ca.configure_trust(ctx)
         return ctx
 
+    def ca_file(self, name: str = "ca") -> Path:
+        path = self.folder / f"{name}.pem"
+        path.write_bytes(self.ca.cert_pem.bytes())
+        return path
+
+    def server(self, *hosts: str, clients: Authority | None = None) -> ssl.SSLContext:
+        """A server context with a certificate for `hosts`; with `clients`, it demands
+        a client certificate that authority issued (mTLS)."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert(*hosts).configure_cert(ctx)
+        if clients is not None:
+            clients.ca.configure_trust(ctx)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
 
 # ------------------------------------------------------------------------- upstream
 
 
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serve an aiohttp app on a free 127.0.0.1 port: (its runner, to clean up; the port)."""
+async def serve_app(
+    app: web.Application, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve an aiohttp app on a free 127.0.0.1 port (over TLS with `ssl_context`):
+    (its runner, to clean up; the port)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0, backlog=512)
+    site = web.TCPSite(runner, LOOPBACK, 0, backlog=512, ssl_context=ssl_context)
     await site.start()
     return runner, runner.addresses[0][1]
 
