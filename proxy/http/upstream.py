@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ..config import Config, Endpoint, UpstreamTls
 from ..framing import (
@@ -357,15 +357,14 @@ class TlsDialer(Dialer):
         deadline = loop.time() + timeout
         conn = await TCP.dial(pool, timeout)
         left = max(deadline - loop.time(), 0.001)
+        name = self.server_name or pool.endpoint.host
+        raw: Any = conn.transport  # a TCP transport; conn: a Protocol by its methods
+        proto: Any = conn
         try:
             secured = await asyncio.wait_for(
                 loop.start_tls(
-                    conn.transport,
-                    conn,
-                    self.context,  # type: ignore[arg-type]
-                    server_hostname=self.server_name or pool.endpoint.host,
-                    ssl_handshake_timeout=left,
-                ),  # fmt: skip
+                    raw, proto, self.context, server_hostname=name, ssl_handshake_timeout=left
+                ),
                 left,
             )
         except TimeoutError:
