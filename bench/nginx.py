@@ -96,12 +96,15 @@ def proxy_conf(
     weight: int,
     keepalive: bool = True,
     workers: int = 1,
+    tls: tuple[Path, Path] | None = None,
 ) -> str:
     """The reference proxy: `split_clients` on X-User-Id, `weight`% to `canary`.
 
     `keepalive`: pooled HTTP/1.1 upstream connections (`keepalive 64`), as a tuned
     production config has; without it, NGINX's stock proxy behaviour: a new
-    HTTP/1.0 upstream connection per request. `workers`: worker processes.
+    HTTP/1.0 upstream connection per request. `workers`: worker processes. `tls`:
+    (certificate, key) to listen with TLS (1.2 and 1.3, a session cache, as a
+    production edge would), the upstream side staying cleartext.
     """
     stable = next(name for name in upstreams if name != canary)
     pool_lines = "        keepalive 64;\n        keepalive_requests 1000000;\n" if keepalive else ""
@@ -120,14 +123,22 @@ def proxy_conf(
         split = f"* {canary};"
     else:
         split = f"{weight}% {canary}; * {stable};"
+    ssl, ssl_lines = "", ""
+    if tls is not None:
+        ssl = " ssl"
+        ssl_lines = (
+            f"        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            "        ssl_session_cache shared:SSL:10m;\n"
+        )
     body = f"""\
     split_clients "${{http_x_user_id}}" $backend {{ {split} }}
 
 {pools}
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
+        listen 127.0.0.1:{port}{ssl} backlog=4096;
+{ssl_lines}        location / {{
             proxy_pass http://$backend;
 {http11}            proxy_set_header Host $http_host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;

@@ -4,6 +4,7 @@
                         [--connections 64,1]
                         [--duration 5] [--rounds 3] [--body-bytes 100]
     python -m bench.run --targets mirror --connections 64          # the cost of mirroring
+    python -m bench.run --targets tls --connections 64             # the cost of TLS
     python -m bench.run --targets slow-canary --slow-canary 10     # a 10 s canary, mirrored
 
 It starts a fast upstream (nginx with one worker, or bench/upstream.py when
@@ -35,6 +36,7 @@ import os
 import platform
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ if not __package__:  # run as a script: python bench/run.py
 
 from bench import nginx as ngx  # noqa: E402
 from bench import report, wrk  # noqa: E402
+from bench.certs import self_signed  # noqa: E402
 from bench.procs import (  # noqa: E402
     BenchError,
     Processes,
@@ -87,6 +90,13 @@ class Bench:
     def endpoint(self, version: str) -> str:
         return f"http://127.0.0.1:{self.upstream_ports[version]}"
 
+    def certificate(self) -> tuple[Path, Path]:
+        """The TLS targets' certificate and key (made once per run)."""
+        folder = self.workdir / "tls"
+        if not (folder / "cert.pem").exists():
+            self_signed(folder)
+        return folder / "cert.pem", folder / "key.pem"
+
 
 # ---------------------------------------------------------------- the targets
 
@@ -96,28 +106,40 @@ class Target:
     start: Callable[[Bench], str]  # starts what the target needs; returns the URL to drive
     needs_nginx: bool = False
     routed: bool = False  # its responses should carry X-Turnout-Version
+    # wrk's extra headers: ("Connection: close",) makes every request a new connection
+    # (over TLS, a full handshake: wrk resumes no session)
+    headers: tuple[str, ...] = ()
 
 
 def start_direct(b: Bench) -> str:
     return b.endpoint(STABLE) + "/"
 
 
-def nginx_target(name: str, keepalive: bool, workers: bool = False) -> Target:
-    """`workers`: one worker process per `--workers` (else one)."""
+def nginx_target(
+    name: str, keepalive: bool, workers: bool = False, tls: bool = False, close: bool = False
+) -> Target:
+    """`workers`: one worker process per `--workers` (else one); `tls`: listen with TLS
+    (the certificate Turnout's TLS targets serve); `close`: a new connection a request."""
 
     def start(b: Bench) -> str:
         assert b.nginx is not None
         (port,) = free_ports(1)
         prefix = b.workdir / name
         n = b.args.workers if workers else 1
-        conf = ngx.proxy_conf(prefix, port, b.upstream_ports, CANARY, b.args.weight, keepalive, n)
+        pair = b.certificate() if tls else None
+        conf = ngx.proxy_conf(
+            prefix, port, b.upstream_ports, CANARY, b.args.weight, keepalive, n, pair
+        )
         ngx.write_conf(prefix, conf)
         proc, log = b.procs.start(name, ngx.command(b.nginx, prefix))
         b.watched[name] = (proc, log)
         wait_for_port(proc, port, log, f"{name} (proxy)", 10)
-        return f"http://127.0.0.1:{port}/"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
 
-    return Target(start, needs_nginx=True, routed=True)
+    return Target(start, needs_nginx=True, routed=True, headers=CLOSE if close else ())
+
+
+CLOSE = ("Connection: close",)
 
 
 def turnout_config(b: Bench, port: int, admin: int, state_dir: Path) -> dict[str, object]:
@@ -159,11 +181,18 @@ def scenario_extra(b: Bench, extra: dict[str, object]) -> dict[str, object]:
 
 
 def turnout_target(
-    name: str, extra: dict[str, object], workers: bool = False, pure: bool = False
+    name: str,
+    extra: dict[str, object],
+    workers: bool = False,
+    pure: bool = False,
+    tls: bool = False,
+    close: bool = False,
 ) -> Target:
     """Turnout as a subprocess (`python -m proxy run -c FILE`), `extra` YAML merged in;
     `workers`: with `--workers` processes (else one); `pure`: the pure Python build
-    (TURNOUT_PURE=1: the sources run, not the compiled modules)."""
+    (TURNOUT_PURE=1: the sources run, not the compiled modules); `tls`: TLS on the
+    listener (the certificate NGINX's TLS targets serve); `close`: a new connection
+    a request."""
 
     def start(b: Bench) -> str:
         port, admin = free_ports(2)
@@ -171,6 +200,9 @@ def turnout_target(
         folder.mkdir()
         path = folder / "turnout.yaml"
         doc = merged(turnout_config(b, port, admin, folder), extra)
+        if tls:
+            cert, key = b.certificate()
+            doc["tls"] = {"certificates": [{"cert": str(cert), "key": str(key)}]}
         doc = merged(doc, scenario_extra(b, extra))
         path.write_text(dump_yaml(doc))
         b.admin_ports[name] = admin
@@ -186,9 +218,9 @@ def turnout_target(
         wait_for_port(proc, port, log, name, 2)
         if workers:
             wait_for_workers(proc, admin, b.args.workers, log, name, b.args.ready_timeout)
-        return f"http://127.0.0.1:{port}/"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
 
-    return Target(start, routed=True)
+    return Target(start, routed=True, headers=CLOSE if close else ())
 
 
 def wait_for_workers(
@@ -240,6 +272,14 @@ TARGETS: dict[str, Target] = {
     "turnout-workers": turnout_target("turnout-workers", {}, workers=True),
     "turnout-pure": turnout_target("turnout-pure", {}, pure=True),  # TURNOUT_PURE=1
     "nginx-workers": nginx_target("nginx-workers", keepalive=True, workers=True),
+    # TLS on the listener (cleartext to the upstream), keep-alive, and a new connection
+    # (a full handshake) for every request
+    "turnout-tls": turnout_target("turnout-tls", {}, tls=True),
+    "nginx-tls": nginx_target("nginx-tls", keepalive=True, tls=True),
+    "turnout-tls-handshake": turnout_target("turnout-tls-handshake", {}, tls=True, close=True),
+    "nginx-tls-handshake": nginx_target(
+        "nginx-tls-handshake", keepalive=True, tls=True, close=True
+    ),
 }
 
 # names `--targets` accepts for a whole list
@@ -257,6 +297,15 @@ TARGET_PRESETS: dict[str, list[str]] = {
     ],  # fmt: skip
     "mirror": ["turnout", "turnout-mirror", "turnout-mirror-compare"],  # the cost of mirroring
     "slow-canary": ["turnout", "turnout-mirror"],  # with --slow-canary N: mirror off vs on
+    # the cost of TLS on the listener, against NGINX doing the same
+    "tls": [
+        "turnout",
+        "turnout-tls",
+        "nginx",
+        "nginx-tls",
+        "turnout-tls-handshake",
+        "nginx-tls-handshake",
+    ],
     "all": list(TARGETS),
 }
 
@@ -328,7 +377,16 @@ def mirror_counts(admin: int) -> dict[str, object] | None:
 def probe(url: str, routed: bool, users: int = 200) -> str:
     """A few requests with distinct user ids: all must be 200; returns the version split."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    conn: http.client.HTTPConnection = http.client.HTTPConnection(
+        parts.hostname, parts.port, timeout=5
+    )
+    if parts.scheme == "https":  # the run's own self-signed certificate
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(
+            parts.hostname or "127.0.0.1", parts.port, timeout=5, context=unverified
+        )
     seen: Counter[str] = Counter()
     try:
         for n in range(users):
@@ -426,7 +484,8 @@ class Session:
                 return run
             pid = proc.pid
         before = cpu_ticks(pid) if pid else None
-        run = wrk.execute(self.wrk, self.urls[name], run, self.args.users)
+        headers = TARGETS[name].headers
+        run = wrk.execute(self.wrk, self.urls[name], run, self.args.users, headers)
         after = cpu_ticks(pid) if pid else None
         if before and after and run.ok and run.requests:
             tick_us = 1e6 / os.sysconf("SC_CLK_TCK")

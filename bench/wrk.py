@@ -91,10 +91,18 @@ def parse(run: WrkRun, text: str) -> WrkRun:
 
 
 def command(
-    wrk: str, url: str, connections: int, threads: int, duration: float, users: int
+    wrk: str,
+    url: str,
+    connections: int,
+    threads: int,
+    duration: float,
+    users: int,
+    headers: tuple[str, ...] = (),
 ) -> list[str]:
+    """`headers` ("Name: value") go on every request (bench/users.lua keeps them)."""
     return [
         wrk,
+        *(arg for h in headers for arg in ("-H", h)),
         f"-t{min(threads, connections)}",
         f"-c{connections}",
         f"-d{duration:g}s",
@@ -109,9 +117,11 @@ def command(
     ]
 
 
-def execute(wrk: str, url: str, result: WrkRun, users: int) -> WrkRun:
+def execute(
+    wrk: str, url: str, result: WrkRun, users: int, headers: tuple[str, ...] = ()
+) -> WrkRun:
     """One wrk run against `url`; a failed run is recorded in `result`, never raised."""
-    argv = command(wrk, url, result.connections, result.threads, result.duration_s, users)
+    argv = command(wrk, url, result.connections, result.threads, result.duration_s, users, headers)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=result.duration_s + 30)
