@@ -25,7 +25,7 @@ from typing import Final, Protocol
 from .answers import CHUNKED, NONE, client_framing, error_response
 from .config import Mirror
 from .framing import Framing
-from .headers import RequestHead, ResponseHead, scan_response
+from .headers import RequestHead, ResponseHead, relayed_trailers, scan_response
 from .leg import UpstreamLeg
 from .phases import (
     AWAITING,
@@ -324,6 +324,7 @@ class Exchange(Forwarding):
     resp_mode = NONE
     resp_keep_alive = True
     pending = b""  # HEAD_HELD: the client's head, to go out with the first body bytes
+    trailers = b""  # the upstream's trailer lines, relayed at the end of a chunked body
     tunnel_buf = b""
     up_seen = 0  # the upstream connection's `progress` at the last change seen
     up_seen_at = 0.0
@@ -428,13 +429,19 @@ class Exchange(Forwarding):
             self.pending = b""
         self.client.send(data)
 
+    def response_trailers(self, block: bytes) -> None:
+        # Relayed only to a client that said it takes them (TE: trailers), on a
+        # chunked response; otherwise dropped, as RFC 9110 §6.5.1 allows.
+        if self.resp_mode == CHUNKED and self.head.te_trailers:
+            self.trailers = relayed_trailers(block)
+
     def response_complete(self) -> None:
         if self.resp >= ENDED or self.status == 101:
             return  # 101 completes via upgraded()
         out = self.pending
         self.pending = b""
         if self.resp_mode == CHUNKED:
-            out += b"0\r\n\r\n"
+            out += b"0\r\n%s\r\n" % self.trailers
         if out:
             self.client.send(out)
         self.release()

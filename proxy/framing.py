@@ -212,7 +212,7 @@ def head_fault(head: bytes) -> str:
 class ChunkedReader:
     """Decodes one chunked body, strictly, as its bytes arrive."""
 
-    __slots__ = ("state", "left", "line", "trailers", "status", "limit", "declared")
+    __slots__ = ("state", "left", "line", "trailers", "status", "limit", "declared", "kept")
 
     def __init__(self, status: int, limit: int = 0) -> None:
         self.limit = limit  # the most body bytes its chunk sizes may add up to; 0: no limit
@@ -221,6 +221,7 @@ class ChunkedReader:
         self.left = 0  # bytes of the current chunk still to come
         self.line = b""  # a size or trailer line still being received
         self.trailers = 0
+        self.kept = b""  # the trailer lines, each with its CRLF (checked as each arrives)
         self.status = status  # answered on a fault: 400 (request) or 502 (response)
 
     def feed(self, data: bytes, out: list[bytes]) -> bytes | None:
@@ -271,6 +272,8 @@ class ChunkedReader:
                 # Framing fields may not be trailers (RFC 9110 §6.5.1): no reader may
                 # take one for the framing of anything.
                 raise FramingError(self.status, "a framing field among the trailers")
+            else:
+                self.kept += line
         return None
 
     def done(self) -> bool:

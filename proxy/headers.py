@@ -245,6 +245,13 @@ def _scan_special(head: RequestHead, low: bytes, options: frozenset[bytes]) -> N
     head.block = _drop_named(block, frozenset(drop))
 
 
+def relayed_trailers(block: bytes) -> bytes:
+    """Trailer lines (each ending CRLF, checked by the chunked reader) as they are
+    relayed: without hop-by-hop fields or X-Turnout-Version."""
+    kept = _RESP_HOP.sub(b"", b"\r\n" + block[:-2])
+    return kept[2:] + b"\r\n" if kept else b""
+
+
 def upstream_request(
     method: bytes, target: bytes, head: RequestHead, peer: bytes, scheme: bytes, upgrade: bool
 ) -> bytes:

@@ -85,6 +85,9 @@ class UpstreamLeg(ResponseSink, Deadline):
         """No connection could be had: end the exchange with this failure."""
         raise NotImplementedError
 
+    def response_trailers(self, block: bytes) -> None:
+        """Trailers are dropped unless the side above relays them (a primary does)."""
+
     # -- dialling ----------------------------------------------------------------------
 
     def dial(self, exclude: Pool | None) -> None:

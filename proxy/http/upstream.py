@@ -89,6 +89,10 @@ class ResponseSink(Protocol):
 
     def upstream_failed(self, kind: str, cause: str, status: int = 502) -> None: ...
 
+    def response_trailers(self, block: bytes) -> None:
+        """A chunked body's trailer lines (each ending CRLF), just before it completes."""
+        ...
+
     def upstream_lost(self, silent: bool = False, until_close: bool = False) -> None:
         """The connection closed under the sink (`silent`: before one byte of a response;
         `until_close`: the response's framing ends with the close)."""
@@ -176,12 +180,16 @@ class UpstreamConnection:
                 return
             elif self.mode == CHUNKED:
                 pieces: list[bytes] = []
-                rest = self.chunks.feed(data, pieces)  # type: ignore[union-attr]
+                chunks = self.chunks
+                assert chunks is not None
+                rest = chunks.feed(data, pieces)
                 for piece in pieces:
                     if self.exchange is not ex:
                         return
                     ex.response_body(piece)
                 if rest is not None and self.exchange is ex:
+                    if chunks.kept:
+                        ex.response_trailers(chunks.kept)
                     self.body_ended(ex, rest)
                 return
             else:  # UNTIL_CLOSE
