@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.framing import FramingError, response_framing
+from proxy.framing import ChunkedReader, FramingError, response_framing
 from proxy.headers import (
     HeaderError,
     header_block,
+    relayed_trailers,
     request_scanner,
     scan_request,
     scan_response,
@@ -232,3 +233,25 @@ def test_a_name_is_judged_the_same_however_it_is_spelled_and_the_memory_is_bound
         assert len(scanner.spellings) <= SPELLINGS_MAX
     head = scan_request(b"\r\nCoNNection: close\r\nHost: a\r\n", scanner)
     assert head.special and head.framing.options == frozenset({b"close"})
+
+
+def test_relayed_trailers_drop_hop_by_hop_fields_and_the_version_header() -> None:
+    block = (
+        b"grpc-status: 0\r\nConnection: close\r\nTE: trailers\r\n"
+        b"X-Turnout-Version: forged\r\nX-Checksum: abc\r\n"
+    )
+    assert relayed_trailers(block) == b"grpc-status: 0\r\nX-Checksum: abc\r\n"
+    assert relayed_trailers(b"Keep-Alive: 5\r\n") == b""
+    assert relayed_trailers(b"grpc-message: a b\r\n") == b"grpc-message: a b\r\n"
+
+
+def test_the_chunked_reader_keeps_checked_trailer_lines() -> None:
+    reader = ChunkedReader(502)
+    out: list[bytes] = []
+    rest = reader.feed(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nX-A: b\r\n\r\nNEXT", out)
+    assert out == [b"abc"] and rest == b"NEXT"
+    assert reader.kept == b"grpc-status: 0\r\nX-A: b\r\n"
+    split = ChunkedReader(502)
+    for piece in (b"0\r\ngrpc-sta", b"tus: 2\r", b"\n\r\n"):
+        split.feed(piece, out)
+    assert split.done() and split.kept == b"grpc-status: 2\r\n"
