@@ -2,8 +2,8 @@
 #
 #   make demo       create .venv if needed, then play a release on 127.0.0.1 (turnout demo)
 #   make test       create .venv if needed, then run the whole test suite (installs what
-#                   the fleet and dashboard tests run, prometheus, redis-server and
-#                   chromium, when root)
+#                   the fleet, dashboard and TLS tests run, prometheus, redis-server,
+#                   chromium and openssl, when root)
 #   make test-unit  only the unit tests: in-process, no subprocess, socket or network
 #   make test-live  only the live tests: real loopback sockets and processes
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
@@ -48,7 +48,7 @@ demo: venv
 
 # The fleet tests (tests/test_fleet*.py) run a real Prometheus and a real Redis, and the
 # dashboard's (tests/test_dashboard.py) a real Chromium: Debian's.
-TEST_TOOLS := prometheus redis-server chromium
+TEST_TOOLS := prometheus redis-server chromium openssl
 
 test-tools:
 	@missing=""; for t in $(TEST_TOOLS); do \

@@ -45,9 +45,15 @@ WATCH_RETRY = 1.0  # seconds before watching again after the watcher failed
 
 
 class Reloader:
-    def __init__(self, runtime: Runtime, on_swap: Callable[[Config, Config], None] | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        on_swap: Callable[[Config, Config], None] | None = None,
+        prepare: Callable[[Config], None] | None = None,
+    ):
         self.runtime = runtime
         self.on_swap = on_swap
+        self.prepare = prepare  # readies what a config needs besides the snapshot; may raise
         self.path = runtime.config.path
         self.seen: dict[str, str] = dict(runtime.config.sources)  # file -> digest last parsed
         self.lock = asyncio.Lock()
@@ -76,6 +82,11 @@ class Reloader:
             log.exception("reload (%s): loading failed", reason)
             return self._rejected(reason, f"cannot load the config: {exc!r}", None)
         old = self.runtime.config
+        if self.prepare is not None:
+            try:
+                self.prepare(new)
+            except Exception as exc:  # noqa: BLE001 -- e.g. TLS contexts OpenSSL refuses: keep the old
+                return self._rejected(reason, f"cannot apply the config: {exc}", new.sources)
         try:
             snap = self.runtime.swap(new)
         except Exception as exc:  # a config that validates but cannot be put in force

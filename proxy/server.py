@@ -105,11 +105,12 @@ class Server:
         self.controller.restore(shared)
         if self.fleet is not None and self.ledger is not None:
             self.controller.take_over(self.ledger.read(LEDGER_GUARD))
-        self.reloader = Reloader(self.runtime, on_swap=self.applied)
+        self.reloader = Reloader(self.runtime, on_swap=self.applied, prepare=self.prepare)
         self.history = History()  # what /status and the dashboard show as recent traffic
         self.records = AccessLog()  # the access log's records, kept across writers
         self.access: AccessWriter | None = None  # access_log on
         self.acceptor: Acceptor | None = None  # tls on: the listener's handshakes
+        self.terminator_next: Terminator | None = None  # built by `prepare`, used by `applied`
         self.stopped = asyncio.Event()
         self.ready = False
 
@@ -151,6 +152,14 @@ class Server:
         guard = self.runtime.config.guard
         return guard.webhook if guard is not None else None
 
+    def prepare(self, new: Config) -> None:
+        """Before a reload is put in force: build its TLS contexts (a failure rejects
+        the reload, and the contexts in force keep serving)."""
+        self.terminator_next = None
+        acceptor = self.acceptor
+        if acceptor is not None and new.tls is not None and new.tls != acceptor.terminator.tls:
+            self.terminator_next = Terminator(new.tls)
+
     def applied(self, old: Config, new: Config) -> None:
         self.controller.reloaded(old, new)
         if (old.listen_host, old.listen_port) != (new.listen_host, new.listen_port):
@@ -165,9 +174,10 @@ class Server:
             self.loop.create_task(self.log_to(new.access_log))
         if (self.acceptor is None) != (new.tls is None):
             log.warning("tls %s: restart to apply", "added" if new.tls else "removed")
-        elif self.acceptor is not None and new.tls is not None and new.tls != old.tls:
-            self.acceptor.use(Terminator(new.tls))
-            names = ", ".join(c.names[0] if c.names else c.cert for c in new.tls.certificates)
+        elif self.acceptor is not None and self.terminator_next is not None:
+            term, self.terminator_next = self.terminator_next, None
+            self.acceptor.use(term)
+            names = ", ".join(c.names[0] if c.names else c.cert for c in term.tls.certificates)
             log.info("tls: new handshakes get %s", names)
 
     async def log_to(self, cfg: AccessLogConfig | None) -> None:

@@ -6,7 +6,9 @@ Rules:
   certificate's is the front context every handshake starts on; its SNI
   callback moves the handshake to the first certificate naming the host, exact
   names before wildcards (`*.example.com` covers one label), and keeps the
-  first certificate when nothing matches or no name was sent.
+  first certificate when nothing matches or no name was sent. With one
+  certificate there is no callback. A name that is not ASCII fails the
+  handshake (CPython cannot decode it for the callback; its report is dropped).
 - A `Terminator` is made whole from one `Tls` config and never changes: a
   reload makes a new one, and handshakes already begun finish on the old.
 - A client context (`client_context`, for a version's https:// endpoints)
@@ -23,7 +25,9 @@ Rules:
 from __future__ import annotations
 
 import ssl
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .config import Certificate, Tls, UpstreamTls, load_pair
 
@@ -64,7 +68,9 @@ class Terminator:
                 else:
                     self.exact.setdefault(name, ctx)
         self.front = contexts[0]
-        self.front.sni_callback = self._pick
+        if len(contexts) > 1:  # one certificate needs no choosing
+            quiet_bad_server_names()
+            self.front.sni_callback = self._pick
         self.served = tuple(Served(c.cert, c.names, c.not_after) for c in tls.certificates)
 
     def context_for(self, server_name: str | None) -> ssl.SSLContext:
@@ -114,6 +120,24 @@ def describe(exc: ssl.SSLError) -> str:
     if code:
         return str(code).lower().replace("_", " ")
     return str(exc.args[1] if len(exc.args) > 1 else exc)
+
+
+def quiet_bad_server_names() -> None:
+    """A server name that is not ASCII never reaches an SNI callback: CPython reports
+    its UnicodeDecodeError through sys.unraisablehook (a traceback on stderr per
+    connection, whatever the log level) and the handshake fails (counted). Drop those
+    reports, and only those; installed once per process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "turnout_sni", False):
+        return
+
+    def hook(report: Any) -> None:
+        if isinstance(report.exc_value, UnicodeDecodeError) and isinstance(report.object, bytes):
+            return
+        previous(report)
+
+    hook.turnout_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 # Mapped from OpenSSL's reason codes (ssl.SSLError.reason).

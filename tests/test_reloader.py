@@ -71,3 +71,33 @@ async def test_a_failure_of_any_kind_while_reloading_keeps_the_old_config(
     monkeypatch.setattr(reload_module, "load", load)
     ok, error = await reloader.reload_now("test")
     assert ok and error is None and rt.config.routing.weight == 20 and rt.last_error is None
+
+
+async def test_a_config_its_server_cannot_prepare_is_rejected_and_the_old_kept(
+    tmp_path: Path,
+):
+    """What a config needs besides the snapshot (the listener's TLS contexts) is
+    built before it is put in force: a failure there rejects the reload whole."""
+    path = tmp_path / "turnout.yaml"
+    path.write_text(_valid(0))
+    calls: list[int] = []
+
+    def prepare(cfg) -> None:
+        calls.append(cfg.routing.weight)
+        if cfg.routing.weight == 20:
+            raise ValueError("OpenSSL refused the context")
+
+    swapped: list[int] = []
+    reloader = Reloader(
+        Runtime(load(str(path))), on_swap=lambda old, new: swapped.append(new.routing.weight),
+        prepare=prepare,
+    )  # fmt: skip
+    path.write_text(_valid(20))
+    ok, error = await reloader.reload_now("test")
+    rt = reloader.runtime
+    assert not ok and error == "cannot apply the config: OpenSSL refused the context"
+    assert rt.snapshot.generation == 1 and rt.config.routing.weight == 0
+    assert rt.last_error == error and swapped == []
+    path.write_text(_valid(30))
+    ok, error = await reloader.reload_now("test")
+    assert ok and rt.config.routing.weight == 30 and swapped == [30] and calls == [20, 30]

@@ -10,6 +10,7 @@ import contextlib
 import signal
 import socket
 import ssl
+import threading
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,113 @@ async def test_drain_finishes_a_request_in_flight_over_tls(
     answer = await client.response()
     assert answer.status == 200
     assert await proxy.wait(10) == 0
+
+
+async def test_many_handshakes_in_a_row_all_complete(proxies, blue, green, authority):
+    """A client's first bytes often reach the proxy before the TLS protocol takes the
+    connection over: they must be handed to it, or the handshake stalls until its
+    timeout. Every one of these handshakes completes at once."""
+    authority.issue("shop", SHOP)
+    config = tls_config(blue, green, "shop", handshake_timeout="5s")
+    proxy = await proxies.start(config)
+    trust = authority.trust()
+    for _ in range(40):
+        client = await asyncio.wait_for(tls_client(proxy, trust), 2)
+        assert (await get(client)).status == 200
+        await client.close()
+    assert (await failures(proxy)) == dict.fromkeys(await failures(proxy), 0)
+
+
+async def test_a_server_name_that_is_not_ascii_fails_quietly(proxies, blue, green, authority):
+    authority.issue("shop", SHOP)
+    authority.issue("api", "api.example")
+    proxy = await proxies.start(tls_config(blue, green, "shop", "api"))
+    proc = await asyncio.create_subprocess_exec(
+        "openssl", "s_client", "-connect", f"{LOOPBACK}:{proxy.port}",
+        "-servername", b"sh\xffop.example",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.wait_for(proc.wait(), 10)
+
+    async def counted() -> bool:
+        m = await proxy.metrics()
+        return m.get("turnout_tls_handshake_failures_total", reason="other") == 1
+
+    await eventually(counted, timeout=5)
+    client = await tls_client(proxy, authority.trust(), "api.example")
+    assert served_names(client) == {"api.example"}
+    log = proxy.log()
+    assert "Traceback" not in log and "UnicodeDecodeError" not in log, log
+
+
+async def test_a_client_close_notify_ends_its_connection_without_a_warning(
+    proxies, blue, green, authority
+):
+    authority.issue("shop", SHOP)
+    proxy = await proxies.start(tls_config(blue, green, "shop"))
+    client = await tls_client(proxy, authority.trust())
+    await client.send(f"GET /slow?delay=1 HTTP/1.1\r\nHost: {SHOP}\r\n\r\n".encode())
+    await eventually(lambda: "/slow?delay=1" in blue.paths())
+    client.writer.close()  # close_notify while the answer is on its way
+
+    async def gone() -> bool:
+        m = await proxy.metrics()
+        return m.get("turnout_requests_total", version="blue", code="499") == 1
+
+    await eventually(gone, timeout=5)
+    assert "WARNING" not in proxy.log(), proxy.log()
+
+
+def hold_silently(port: int, ctx: ssl.SSLContext, served: threading.Event, done: threading.Event):
+    """A blocking client (run it in a thread): one request answered, then it keeps the
+    connection open and reads nothing more (so it never answers a close_notify)."""
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=SHOP) as tls,
+    ):
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {SHOP}\r\n\r\n".encode())
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+        served.set()
+        done.wait(15)
+
+
+async def test_a_drain_does_not_wait_for_idle_tls_clients(proxies, blue, green, authority):
+    """An idle TLS connection is closed at once: the drain waits at most the TLS close's
+    own bound (2 s) for a client that never answers the close_notify."""
+    authority.issue("shop", SHOP)
+    config = tls_config(blue, green, "shop")
+    config["limits"] = {"drain_timeout": "20s"}
+    proxy = await proxies.start(config)
+    served, done = threading.Event(), threading.Event()
+    holder = asyncio.create_task(
+        asyncio.to_thread(hold_silently, proxy.port, authority.trust(), served, done)
+    )
+    try:
+        assert await asyncio.to_thread(served.wait, 10)
+        proxy.signal(signal.SIGTERM)
+        assert await proxy.wait(8) == 0, proxy.log()
+    finally:
+        done.set()
+        await holder
+
+
+async def test_a_reload_changes_the_protocol_settings_of_new_handshakes(
+    proxies, blue, green, authority
+):
+    authority.issue("shop", SHOP)
+    proxy = await proxies.start(tls_config(blue, green, "shop"))
+    old = authority.trust()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    before = await tls_client(proxy, old)
+    assert before.writer.get_extra_info("ssl_object").version() == "TLSv1.2"
+    generation = await proxy.generation()
+    proxy.write_config(tls_config(blue, green, "shop", min_version="1.3"))
+
+    async def newer() -> bool:
+        return await proxy.generation() > generation
+
+    await eventually(newer, timeout=5)
+    refused = await asyncio.to_thread(handshake, proxy.port, old)
+    assert isinstance(refused, ssl.SSLError), refused
+    assert (await get(before)).status == 200  # the connection made before goes on

@@ -164,6 +164,9 @@ def test_sni_picks_exact_names_then_one_label_wildcards_then_the_first(tmp_path,
     ]:
         assert term.context_for(name) is expected, name
     assert term.front.sni_callback is not None
+    authority.issue("one", "one.example")
+    single = load(str(write(tmp_path, "tls:\n  certificates: [{cert: one.pem, key: one.key}]\n")))
+    assert single.tls is not None and Terminator(single.tls).front.sni_callback is None
     assert [s.names for s in term.served] == [
         ("shop.example", "*.shop.example"),
         ("api.example", "www.shop.example"),

@@ -101,7 +101,10 @@ def _check_key(key: bytes) -> None:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        load_pem_private_key(key, password=None)
+        # Whether the key matches its certificate OpenSSL checks next; the RSA
+        # validation skipped here holds the interpreter lock for tens of ms a key
+        # (every reload re-checks every pair).
+        load_pem_private_key(key, password=None, unsafe_skip_rsa_key_validation=True)
     except TypeError:  # "Password was not given but private key is encrypted"
         _no_passphrase()
     except ValueError as e:

@@ -120,9 +120,10 @@ class ClientConnection(RequestReader):
         if self.phase in (BODY_LENGTH, BODY_CHUNKED):
             self.stop(Reject(400, "the client closed the connection mid-request"))
             return None
-        # A half-closed client may still be waiting for its answer.
+        # A half-closed client may still be waiting for its answer. Not over TLS: a
+        # TLS transport closes on the client's close_notify whatever this returns.
         self.eof = True
-        return True if self.current is not None else None
+        return True if self.current is not None and self.scheme == b"http" else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -17,6 +17,7 @@ Rules:
   (reason `max_connections`).
 - Draining: handshakes in progress are aborted, and one that finishes after
   the drain began is closed (a clean TLS close) without reading a request.
+- A TLS close waits at most `SHUTDOWN` seconds for the client's close_notify.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ from ..tls import Terminator, failure_reason
 from .downstream import ClientConnection
 
 log = logging.getLogger("turnout.tls")
+
+# Seconds a TLS close waits for the client's close_notify before it drops the
+# connection (uvloop's default is 30): as long as a cleartext close lingers, so an
+# idle or refused TLS connection frees its place as soon, and a drain ends as soon.
+SHUTDOWN = 2.0
 
 
 class Acceptor:
@@ -103,9 +109,12 @@ class Handshake(asyncio.Protocol):
         pass  # the handshake's task sees the failure
 
     def abort(self) -> None:
+        """The drain: end this handshake now (its task may not have started yet, and a
+        task cancelled before it starts runs nothing, so the transport goes here)."""
+        self.acceptor.pending.discard(self)
         if self.task is not None:
             self.task.cancel()
-        elif self.transport is not None:
+        if self.transport is not None:
             self.transport.abort()
 
     async def run(self, terminator: Terminator) -> None:
@@ -117,13 +126,15 @@ class Handshake(asyncio.Protocol):
             acc.pending.discard(self)
             acc.failed("closed")
             return
-        # Runs after start_tls has put its protocol on the transport and before that
-        # protocol reads (start_tls pauses reading and resumes it in a later callback).
+        # Runs once start_tls has put its TLS protocol on the transport: before that
+        # protocol's connection_made (which starts the handshake on what it holds) and
+        # before reading resumes (start_tls pauses it, and resumes it in a callback
+        # queued after this one). A TLS protocol takes data before connection_made.
         loop.call_soon(self.hand_over)
         try:
             secured = await loop.start_tls(
                 transport, self, terminator.front, server_side=True,
-                ssl_handshake_timeout=terminator.timeout,
+                ssl_handshake_timeout=terminator.timeout, ssl_shutdown_timeout=SHUTDOWN,
             )  # fmt: skip
         except asyncio.CancelledError:  # the drain: nothing was asked yet
             transport.abort()
