@@ -14,6 +14,7 @@ from setuptools import setup
 # The modules every request passes through, and what they call per request.
 COMPILED = [
     "proxy/http/downstream.py",
+    "proxy/http/h2.py",
     "proxy/http/reading.py",
     "proxy/http/upstream.py",
     "proxy/http/outbox.py",

@@ -3,7 +3,8 @@
 Rules:
 - `turnout run` = `Server.run()`: load or exit 2, listen, serve until SIGTERM
   or SIGINT, then drain: stop accepting, close idle keep-alive connections,
-  let exchanges in flight finish up to `limits.drain_timeout`, exit 0.
+  send GOAWAY on HTTP/2 ones, let exchanges in flight finish up to
+  `limits.drain_timeout`, exit 0.
 - SIGHUP reloads, and reopens the access log (proxy.accessfile). `listen`
   and `admin.listen` are read at start only; a reload that changes them is
   applied otherwise and the log says a restart is needed for the new address.
@@ -32,7 +33,8 @@ from .admin.app import AdminServer
 from .config import AccessLogConfig, Config
 from .controller import Controller
 from .history import History
-from .http.downstream import ClientConnection
+from .http.downstream import ClientConnection, Served
+from .http.h2 import H2Client
 from .http.handshake import Acceptor
 from .http.outbox import abort, flush
 from .metrics import Recorder
@@ -84,7 +86,7 @@ class Server:
         self.runtime = Runtime(config)
         self.shared = self.runtime.shared
         self.loop = asyncio.get_running_loop()
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Served] = set()
         self.listener: asyncio.base_events.Server | None = None
         self.admin: AdminServer | None = None
         self.runtime.recorder.in_flight = self.in_flight
@@ -136,8 +138,7 @@ class Server:
         """Exchanges in progress per version, counted over the open connections."""
         counts: dict[str, int] = {}
         for conn in self.connections:
-            ex = conn.tunnel or conn.current
-            if ex is not None and (conn.tunnel is not None or not ex.over()):
+            for ex in conn.exchanges():
                 counts[ex.version] = counts.get(ex.version, 0) + 1
         return counts
 
@@ -229,11 +230,17 @@ class Server:
             self.access = AccessWriter(self.records, self.runtime.recorder, cfg.access_log.path)
             self.access.start()
             self.shared.access = self.records
-        factory = lambda: ClientConnection(self.shared, self.mirroring, self.connections, False)  # noqa: E731
+        process, tap, registry = self.shared, self.mirroring, self.connections
+
+        def prior_knowledge(transport: asyncio.Transport, data: bytes) -> None:
+            H2Client(process, tap, registry, False).adopt(transport, data)
+
+        factory = lambda: ClientConnection(process, tap, registry, False, prior_knowledge)  # noqa: E731
         if cfg.tls is not None:
             self.acceptor = Acceptor(
-                Terminator(cfg.tls), self.shared, self.connections,
-                lambda: ClientConnection(self.shared, self.mirroring, self.connections, True),
+                Terminator(cfg.tls), process, registry,
+                lambda: ClientConnection(process, tap, registry, True),
+                lambda: H2Client(process, tap, registry, True),
             )  # fmt: skip
             factory = self.acceptor  # type: ignore[assignment]
         self.listener = await loop.create_server(
@@ -320,8 +327,7 @@ class Server:
         if self.acceptor is not None:
             self.acceptor.abort_pending()
         for conn in list(self.connections):
-            if conn.idle():
-                conn.close()  # a clean close: a request already on its way meets no reset
+            conn.wind_down()  # idle: closed now; HTTP/2: GOAWAY, closed once its streams end
         deadline = time.monotonic() + self.runtime.config.limits.drain_timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

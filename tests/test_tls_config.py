@@ -71,15 +71,19 @@ def test_settings_are_parsed_and_checked(tmp_path, authority):
     authority.issue("shop", "shop.example")
     pair = "  certificates: [{cert: shop.pem, key: shop.key}]\n"
     ok = load(str(write(tmp_path, "tls:\n" + pair + """\
-  alpn: [http/1.1]
+  alpn: [h2, http/1.1]
   min_version: 1.3
   handshake_timeout: 500ms
+http2: {cleartext: true, max_concurrent_streams: 8}
 """)))  # fmt: skip
     assert ok.tls is not None and ok.tls.min_version == "1.3"
-    assert ok.tls.handshake_timeout == 0.5
+    assert ok.tls.handshake_timeout == 0.5 and ok.tls.alpn == ("h2", "http/1.1")
+    assert ok.http2.cleartext and ok.http2.max_concurrent_streams == 8
     for extra, expected in [
-        ("  alpn: [h2]\n", "tls.alpn[0]: HTTP/2 is not served on this listener"),
-        ("  alpn: [spdy/3]\n", "tls.alpn[0]: must be 'http/1.1', got 'spdy/3'"),
+        ("  alpn: [spdy/3]\n", "tls.alpn[0]: must be 'h2' or 'http/1.1', got 'spdy/3'"),
+        ("  alpn: [h2, h2]\n", "tls.alpn[1]"),
+        ("http2: {max_concurrent_streams: 0}\n", "http2.max_concurrent_streams: must be"),
+        ("http2: {push: true}\n", "http2.push: unknown key"),
         ("  alpn: []\n", "tls.alpn: must be a non-empty list"),
         ("  min_version: 1.1\n", "tls.min_version: must be '1.2' or '1.3', got '1.1'"),
         ("  handshake_timeout: 0s\n", "tls.handshake_timeout: must be a duration greater"),

@@ -185,4 +185,5 @@ SECTIONS: dict[str, Parser] = {  # top-level key -> parser of Config keyword arg
     "state": _as("state", parse=parsers.state_backend),
     "access_log": _as("access_log", parse=parsers.access_log),
     "tls": _as("tls", parse=transport.tls),
+    "http2": _as("http2", parse=transport.http2),
 }

@@ -178,6 +178,15 @@ class Tls:
 
 
 @dataclass(frozen=True, slots=True)
+class Http2:
+    """`http2:` HTTP/2 on the listener, for clients that choose it (ALPN `h2` over TLS,
+    or prior knowledge in cleartext with `cleartext: true`)."""
+
+    cleartext: bool = False  # accept h2c prior knowledge on a plain listener
+    max_concurrent_streams: int = 100  # streams one client may have open at once
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     weight: int  # 0..100, never below the previous step's
     approve: str | None = None  # the role whose `promote` enters this step
@@ -243,6 +252,7 @@ class Config:
     state: StateBackend = StateBackend()
     access_log: AccessLogConfig | None = None  # None: no access log
     tls: Tls | None = None  # None: cleartext on `listen`
+    http2: Http2 = Http2()
     # file -> digest of the bytes parsed (see walker.digest); compare=False: two loads of
     # the same settings are the same config whatever bytes they came from
     sources: Mapping[str, str] = field(

@@ -12,8 +12,10 @@ Rules:
 - `versions.<name>.tls`: `ca` (trust only it), `cert` and `key` (a client
   certificate, the two together), `server_name`, `verify`. The CA file must
   hold at least one PEM certificate OpenSSL accepts.
-- `alpn` lists what the listener offers, in order of preference; only
-  `http/1.1` is served, so `h2` is an error that says so.
+- `alpn` lists what the listener offers, in order of preference: `h2`
+  (HTTP/2) and `http/1.1`, each at most once.
+- `http2`: `cleartext` (h2c prior knowledge on a plain listener) and
+  `max_concurrent_streams` (1 to 10,000).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import time
 from yaml.nodes import Node
 
 from .certs import PairError, check_ca, check_pair
-from .model import MAX_COHORT_BYTES, Certificate, Tls, UpstreamTls
-from .values import boolean, duration, file_path, string
+from .model import MAX_COHORT_BYTES, Certificate, Http2, Tls, UpstreamTls
+from .values import boolean, duration, file_path, size, string
 from .walker import (
     BAD,
     Bad,
@@ -38,7 +40,7 @@ from .walker import (
     unreadable,
 )
 
-SERVED_ALPN = ("http/1.1",)
+SERVED_ALPN = ("h2", "http/1.1")
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -103,11 +105,13 @@ def alpn(ctx: Ctx, node: Node, path: str) -> tuple[str, ...] | Bad:
         return BAD
     for i, name in enumerate(found):
         if name not in SERVED_ALPN:
-            why = f"must be 'http/1.1', got {name!r}"
-            if name == "h2":
-                why = "HTTP/2 is not served on this listener: list http/1.1 only"
+            why = f"must be 'h2' or 'http/1.1', got {name!r}"
             return ctx.error(f"{path}[{i}]", node.value[i], why)
     return tuple(found)
+
+
+def http2(ctx: Ctx, node: Node, path: str) -> Http2 | Bad:
+    return Http2(**parse_fields(ctx, node, path, HTTP2_FIELDS))
 
 
 def min_version(ctx: Ctx, node: Node, path: str) -> str | Bad:
@@ -159,6 +163,10 @@ UPSTREAM_TLS_FIELDS: dict[str, Parser] = {
     "key": pem_file("key file"),
     "server_name": server_name,
     "verify": boolean,
+}
+HTTP2_FIELDS: dict[str, Parser] = {
+    "cleartext": boolean,
+    "max_concurrent_streams": size(1, 10_000, "between 1 and 10000"),
 }
 TLS_FIELDS: dict[str, Parser] = {
     "certificates": certificates,

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Protocol
 
-from ..accesslog import REFUSED
 from ..answers import error_response
 from ..forward import Exchange, MirrorTap
 from ..framing import FramingError
@@ -38,6 +38,34 @@ PAUSE_PIPELINE: Final = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUS
 LINGER: Final = 2.0  # seconds a closed connection's late bytes are read and dropped
 
 
+# What takes a cleartext connection over when it opens with the HTTP/2 preface (h2c
+# prior knowledge, with `http2.cleartext`): given the transport and the bytes read.
+PriorKnowledge = Callable[[asyncio.Transport, bytes], None]
+
+
+class Served(Protocol):
+    """What the server's sweep and drain need of any client connection, whatever it
+    speaks (this module's HTTP/1.1 one, proxy.http.h2's HTTP/2 one)."""
+
+    transport: asyncio.Transport
+    idle_since: float
+    head_since: float
+
+    def idle(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def wind_down(self) -> None:
+        """The drain began: close now if idle, else once what is in flight is over."""
+        ...
+
+    def overdue(self, now: float, limits: Limits) -> None: ...
+
+    def exchanges(self) -> list[Exchange]:
+        """The exchanges in progress (a tunnel counts while it is open)."""
+        ...
+
+
 class ClientConnection(RequestReader):
     """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
     the loop only calls the methods, and a class with no Python base compiles to a
@@ -52,17 +80,20 @@ class ClientConnection(RequestReader):
     __slots__ = (
         "registry", "transport", "current", "queue", "paused", "tunnel", "closed",
         "idle_since", "reject", "eof", "progress", "seen", "seen_at", "write_paused",
+        "prior_knowledge",
     )  # fmt: skip
 
     def __init__(
         self,
         shared: Shared,
         tap: MirrorTap | None,
-        registry: set[ClientConnection],
+        registry: set[Served],
         secure: bool,
+        prior_knowledge: PriorKnowledge | None = None,
     ) -> None:
         super().__init__(shared, tap, secure)
         self.registry = registry
+        self.prior_knowledge = prior_knowledge
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.current: Exchange | None = None
         # Pipelined requests waiting their turn: a list, made only when one waits
@@ -97,6 +128,9 @@ class ClientConnection(RequestReader):
 
     def data_received(self, data: bytes) -> None:
         self.progress += 1
+        if self.progress == 1 and data[:3] == b"PRI" and self.h2c():
+            self.hand_over(data)
+            return
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
@@ -147,6 +181,19 @@ class ClientConnection(RequestReader):
         ex = self.tunnel or self.current
         if ex is not None:
             ex.client_paused(False)
+
+    def h2c(self) -> bool:
+        """HTTP/2 in cleartext is taken (`http2.cleartext`, read as the bytes come)."""
+        return self.prior_knowledge is not None and self.shared.snapshot.config.http2.cleartext
+
+    def hand_over(self, data: bytes) -> None:
+        """The client speaks HTTP/2 (its first bytes begin the preface): leave the
+        transport to the HTTP/2 connection, which reads `data` again."""
+        assert self.prior_knowledge is not None
+        self.closed = True
+        self.phase = STOPPED
+        self.registry.discard(self)
+        self.prior_knowledge(self.transport, data)
 
     # -- ClientSide: what its exchanges call ------------------------------------------------
 
@@ -233,18 +280,6 @@ class ClientConnection(RequestReader):
         send(self.transport, answer)
         self.close()
 
-    def refused(self, status: int, cause: str) -> None:
-        """Count (and log) a request answered before it was routed."""
-        shared = self.shared
-        shared.recorder.rejected(status)
-        log = shared.access
-        if log is not None:
-            now = _monotonic()
-            log.record(
-                now, now, self.peer, None, None, status, REFUSED, 0, 0, None,
-                "refused: " + cause, False,
-            )  # fmt: skip
-
     # -- flow control and lifecycle --------------------------------------------------------
 
     def pause_reading(self, reason: int) -> None:
@@ -309,3 +344,14 @@ class ClientConnection(RequestReader):
 
     def idle(self) -> bool:
         return self.current is None and self.tunnel is None and not self.queue
+
+    def wind_down(self) -> None:
+        if self.idle():
+            self.close()  # a clean close: a request already on its way meets no reset
+        # else: exchange_done closes the connection, as the process is draining
+
+    def exchanges(self) -> list[Exchange]:
+        ex = self.tunnel or self.current
+        if ex is not None and (self.tunnel is not None or not ex.over()):
+            return [ex]
+        return []

@@ -7,8 +7,10 @@ Rules:
   taken the transport over (uvloop starts reading when `connection_made`
   returns): they are kept, reading pauses, and they are handed to the TLS
   protocol, in order, before it reads anything more. Only a finished handshake
-  makes a `ClientConnection`, on the TLS transport: the exchange above never
-  knows what it runs on, except that `X-Forwarded-Proto` is `https`.
+  makes the client connection, on the TLS transport: an HTTP/2 one
+  (proxy.http.h2) when ALPN chose `h2`, else a `ClientConnection`. The
+  exchange above never knows what it runs on, except that `X-Forwarded-Proto`
+  is `https`.
 - A handshake must end within the terminator's `timeout`; failures are counted
   by reason (`turnout_tls_handshake_failures_total`) and logged at debug level
   only: a scanner or a broken client must not flood the log.
@@ -25,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..shared import Shared
 from ..tls import Terminator, failure_reason
-from .downstream import ClientConnection
+from .downstream import ClientConnection, Served
 
 log = logging.getLogger("turnout.tls")
 
@@ -39,22 +41,31 @@ log = logging.getLogger("turnout.tls")
 SHUTDOWN = 2.0
 
 
+class Multiplexed(Protocol):
+    """A connection that serves HTTP/2 (proxy.http.h2): an asyncio Protocol by its methods."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+
 class Acceptor:
     """What every handshake of one listener shares: the terminator in force (replaced
     on reload with `use`), the handshakes in progress, and how to make the client
-    connection a finished handshake serves."""
+    connection a finished handshake serves: an HTTP/2 one when the client chose `h2`
+    by ALPN, else an HTTP/1.1 one."""
 
     def __init__(
         self,
         terminator: Terminator,
         shared: Shared,
-        registry: set[ClientConnection],
+        registry: set[Served],
         connection: Callable[[], ClientConnection],
+        multiplexed: Callable[[], Multiplexed],
     ) -> None:
         self.terminator = terminator
         self.shared = shared
         self.registry = registry
         self.connection = connection
+        self.multiplexed = multiplexed
         self.pending: set[Handshake] = set()
 
     def use(self, terminator: Terminator) -> None:
@@ -152,8 +163,10 @@ class Handshake(asyncio.Protocol):
         if acc.shared.draining:
             secured.close()
             return
-        conn = acc.connection()
-        secured.set_protocol(conn)  # type: ignore[arg-type]  # see ClientConnection's class
+        ssl_object = secured.get_extra_info("ssl_object")
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        conn: Any = acc.multiplexed() if chosen == "h2" else acc.connection()
+        secured.set_protocol(conn)  # a Protocol by its methods (see ClientConnection's class)
         conn.connection_made(secured)
 
     def hand_over(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
+from ..accesslog import REFUSED
 from ..forward import ClientSide, Exchange, MirrorTap
 from ..framing import (
     CHUNKED,
@@ -59,7 +60,7 @@ class RequestReader(ClientSide):
 
     __slots__ = (
         "shared", "tap", "scheme", "peer", "peer_bytes", "buf", "phase", "left", "chunks",
-        "last", "head_since",
+        "last", "head_since", "multiplexed",
     )  # fmt: skip
 
     def __init__(self, shared: Shared, tap: MirrorTap | None, secure: bool) -> None:
@@ -74,6 +75,9 @@ class RequestReader(ClientSide):
         self.chunks: ChunkedReader | None = None
         self.last: Exchange | None = None  # the exchange whose request is being read
         self.head_since = 0.0  # monotonic time the head being received began; 0: none
+        # One stream of a multiplexed connection (proxy.http.h2): a drain ends the
+        # connection with GOAWAY, not its exchanges' keep-alive.
+        self.multiplexed = False
 
     # -- hooks of the connection -------------------------------------------------------
 
@@ -91,6 +95,18 @@ class RequestReader(ClientSide):
     def bad_request(self, reject: Reject) -> None:
         """Answer a request that cannot be read or forwarded, then close."""
         raise NotImplementedError
+
+    def refused(self, status: int, cause: str) -> None:
+        """Count (and log) a request answered before it was routed."""
+        shared = self.shared
+        shared.recorder.rejected(status)
+        log = shared.access
+        if log is not None:
+            now = time.monotonic()
+            log.record(
+                now, now, self.peer, None, None, status, REFUSED, 0, 0, None,
+                "refused: " + cause, False,
+            )  # fmt: skip
 
     def stop(self, reject: Reject) -> None:
         """Read nothing more; answer `reject`."""
@@ -259,7 +275,7 @@ class RequestReader(ClientSide):
             )
             decision = decide(view, snap.table)
         head_bytes = upstream_request(method, target, head, self.peer_bytes, self.scheme, upgrade)
-        keep_alive = keep_alive and not self.shared.draining
+        keep_alive = keep_alive and (self.multiplexed or not self.shared.draining)
         return Exchange(
             self, self.shared, self.tap, snap, decision, method, target, head_bytes, head,
             keep_alive, http11, upgrade,
