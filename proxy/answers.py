@@ -64,6 +64,17 @@ def error_response(
     ) % (status, REASONS[status], len(data), extra, b"" if head_only else data)
 
 
+# A gRPC call answered without a gRPC status (a proxy-made error, an upstream that
+# answered plain HTTP): its code, as gRPC's own HTTP-to-gRPC table gives it. A
+# client that went away (499) is CANCELLED; anything else is UNKNOWN.
+_GRPC_FOR_HTTP: Final = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 499: 1, 502: 14, 503: 14,
+                         504: 14}  # fmt: skip
+
+
+def grpc_for_http(status: int) -> int:
+    return _GRPC_FOR_HTTP.get(status, 2)
+
+
 def client_framing(
     status: int,
     sized: bool,

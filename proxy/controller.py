@@ -670,6 +670,9 @@ class Controller:
         policy = self.runtime.config.guard
         assert policy is not None
         reasons = ", ".join(v.reasons)
+        grpc = self.grpc_evidence()
+        if grpc:
+            v = Verdict(v.state, v.reasons, v.evidence | {"grpc_status": grpc})
         if policy.on_breach == "rollback":
             self.rollback(f"guard: canary breached ({reasons})", "guard", v.evidence)
         elif policy.on_breach == "pause":
@@ -686,6 +689,16 @@ class Controller:
                 self.alert(v, wall, "pause")
         elif not self.alerting:
             self.alert(v, wall, "alert")
+
+    def grpc_evidence(self) -> dict[str, dict[str, int]]:
+        """The gRPC answers so far of the canary and the stable, by grpc-status (none when
+        the release serves no gRPC)."""
+        cfg = self.runtime.config
+        out: dict[str, dict[str, int]] = {}
+        for (version, code), n in sorted(self.counts().grpc.items()):
+            if version in (cfg.canary, cfg.stable):
+                out.setdefault(version, {})[str(code)] = n
+        return out
 
     def alert(self, v: Verdict, wall: float, action: str) -> None:
         self.alerting = True

@@ -113,6 +113,13 @@ class _Collector(Collector):
         for reason, n in rec.tls_failures.items():
             t.add_metric([reason], n)
         yield t
+        grpc = CounterMetricFamily(
+            "turnout_grpc_responses", "gRPC answers, by version and grpc-status",
+            labels=["version", "grpc_status"],
+        )  # fmt: skip
+        for (version, code), n in sorted(rec.grpc.items()):
+            grpc.add_metric([version, str(code)], n)
+        yield grpc
         for family, name, text, attr in _SCALARS:
             yield family(name, text, value=getattr(rec, attr))
 

@@ -12,6 +12,11 @@ Rules:
   version and the cause (proxy.answers), and are counted like upstream answers.
 - Exactly one `Recorder.finished` per exchange: when its response phase
   reaches an ending (proxy.phases); with the access log on, one record too.
+  A gRPC call's outcome is its `grpc-status` (trailers, or a trailers-only
+  head; a proxy-made answer's code maps as gRPC's HTTP table says), counted
+  too (`Recorder.grpc_finished`); a gRPC call to a version without an HTTP/2
+  upstream is never forwarded (502 `protocol`, which its client reads as
+  UNAVAILABLE).
 - The exchange knows its client only as a `ClientSide` and the mirror only
   as a `MirrorTap`, both declared here and implemented above; it is handed
   both, and the shared state, when it is made.
@@ -22,10 +27,10 @@ from __future__ import annotations
 import time
 from typing import Final, Protocol
 
-from .answers import CHUNKED, NONE, client_framing, error_response
+from .answers import CHUNKED, NONE, client_framing, error_response, grpc_for_http
 from .config import Mirror
 from .framing import Framing
-from .headers import RequestHead, ResponseHead, relayed_trailers, scan_response
+from .headers import RequestHead, ResponseHead, grpc_status, relayed_trailers, scan_response
 from .leg import UpstreamLeg
 from .phases import (
     AWAITING,
@@ -138,6 +143,8 @@ class Forwarding(UpstreamLeg):
     shadow_body: list[bytes] | None = None  # the request body, teed for the copy
     shadow_bytes = 0
     paused_client = False  # this exchange paused its client's reading (upstream or buffer)
+    grpc = False  # a gRPC call (content-type application/grpc*): its outcome is grpc-status
+    grpc_code = -1  # the answer's grpc-status (its trailers, or a trailers-only head); -1: none
 
     def __init__(
         self,
@@ -191,6 +198,10 @@ class Forwarding(UpstreamLeg):
     # -- start ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.grpc and not self.pools.h2:
+            cause = f"gRPC needs an HTTP/2 upstream: version {self.version} speaks HTTP/1.1"
+            self.fail(502, "protocol", cause)  # a gRPC client reads UNAVAILABLE (14)
+            return
         length = self.head.content_length
         if length is not None and length > self.snap.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
@@ -253,8 +264,8 @@ class Forwarding(UpstreamLeg):
     # -- request body (client -> upstream) ----------------------------------------------
 
     def request_body(self, data: bytes) -> None:
-        if self.resp >= ENDED:
-            return
+        if self.resp >= ENDED or not data:
+            return  # an empty piece would end a chunked body towards the upstream
         self.req_bytes += len(data)
         if self.req_bytes > self.snap.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
@@ -352,6 +363,8 @@ class Exchange(Forwarding):
                 self.client.send(status_line + b"\r\n\r\n")
             return
         self.stop_waiting()
+        if self.grpc:
+            self.grpc_code = grpc_status(head)  # a trailers-only answer's
         upgrading = status == 101 and self.upgrade
         if self.shadow is not None:
             self.shadow.primary_head(status, head[sle:])
@@ -392,7 +405,7 @@ class Exchange(Forwarding):
 
     def whole_response(self, data: bytes, end: int) -> bool:
         """Relay a complete, plainly formed response read in one piece, in one call."""
-        if self.upgrade:
+        if self.upgrade or self.grpc:
             return False
         found = self.sized(data, end)
         if found is None:
@@ -430,6 +443,8 @@ class Exchange(Forwarding):
         self.client.send(data)
 
     def response_trailers(self, block: bytes) -> None:
+        if self.grpc:
+            self.grpc_code = grpc_status(block)
         # Relayed only to a client that said it takes them (TE: trailers), on a
         # chunked response; otherwise dropped, as RFC 9110 §6.5.1 allows.
         if self.resp_mode == CHUNKED and self.head.te_trailers:
@@ -586,6 +601,10 @@ class Exchange(Forwarding):
             now = _clock()
         shared = self.shared
         shared.recorder.finished(self.decision.label, status, now - self.t0, error)
+        if self.grpc:
+            code = self.grpc_code if self.grpc_code >= 0 else grpc_for_http(status)
+            failed = error is not None or status >= 500
+            shared.recorder.grpc_finished(self.version, code, failed)
         log = shared.access
         if log is not None:
             log.record(

@@ -318,3 +318,18 @@ def scan_response(block: bytes, keep_upgrade: bool, framing: Framing) -> Respons
             block = block + b"Upgrade: %s\r\n" % upgrade
         head.block = block
     return head
+
+
+_GRPC_STATUS: Final = re.compile(
+    rb"(?:^|\r\n)grpc-status[ \t]*:[ \t]*([0-9]{1,3})[ \t]*(?=\r\n)", re.I
+)
+
+
+def grpc_status(block: bytes) -> int:
+    """The `grpc-status` of a head's or a trailer section's lines; -1 when none. A code
+    outside gRPC's (0 to 16) is UNKNOWN (2)."""
+    m = _GRPC_STATUS.search(block)
+    if m is None:
+        return -1
+    code = int(m.group(1))
+    return code if code <= 16 else 2

@@ -5,7 +5,8 @@ Rules:
   lookups in prometheus_client); a custom collector (exposition.py) turns them
   into Prometheus families when `/metrics` is scraped.
 - Label values are bounded: versions and reasons come from the config, codes
-  are HTTP status codes, kinds are a fixed set.
+  are HTTP status codes, kinds are a fixed set, `grpc_status` a gRPC code
+  (0 to 16; a value outside them is counted as 2, UNKNOWN).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ TLS_FAILURE_REASONS: Final = (
     "timeout", "closed", "http_request", "protocol_version", "no_shared_cipher",
     "certificate_rejected", "client_alert", "max_connections", "other",
 )  # fmt: skip
+
+
+# The gRPC status codes that count as errors for the guard (PRODUCT.md §14): UNKNOWN,
+# DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS. The others (NOT_FOUND,
+# INVALID_ARGUMENT, PERMISSION_DENIED, ...) are the caller's, as a 4xx is.
+GRPC_ERRORS: Final = frozenset({2, 4, 13, 14, 15})
 
 
 class Histogram:
@@ -93,6 +100,7 @@ class Recorder:
         self.state_backend_up = 1  # 0 while the state backend (Redis) cannot be reached
         self.access_log_dropped = 0  # access log lines lost (proxy.accessfile keeps it)
         self.tls_failures = dict.fromkeys(TLS_FAILURE_REASONS, 0)  # handshakes, by reason
+        self.grpc: dict[tuple[str, int], int] = {}  # (version, grpc-status) -> gRPC answers
 
     # -- hot path -----------------------------------------------------------------
 
@@ -122,6 +130,14 @@ class Recorder:
             t.failures += 1
         elif status >= 500:
             t.failures += 1
+
+    def grpc_finished(self, version: str, code: int, counted: bool) -> None:
+        """A gRPC exchange's outcome, its `grpc-status` (PRODUCT.md §14). `counted`: the
+        exchange was already a failure (a proxy-made error, a 5xx): not counted twice."""
+        key = (version, code)
+        self.grpc[key] = self.grpc.get(key, 0) + 1
+        if code in GRPC_ERRORS and not counted:
+            self.tally(version).failures += 1
 
     def rejected(self, status: int) -> None:
         """A request refused before routing (400, 431): no version served it."""
@@ -243,6 +259,7 @@ class Recorder:
             "in_flight": self.in_flight(),
             "access_log_dropped": self.access_log_dropped,
             "tls_failures": self.tls_failures,
+            "grpc": [[v, code, n] for (v, code), n in self.grpc.items()],
         }
 
     def add_counts(self, doc: dict) -> None:
@@ -256,6 +273,9 @@ class Recorder:
         for version, kind, n in doc.get("upstream_errors", ()):
             key = (version, kind)
             self.upstream_errors[key] = self.upstream_errors.get(key, 0) + n
+        for version, code, n in doc.get("grpc", ()):
+            key = (version, int(code))
+            self.grpc[key] = self.grpc.get(key, 0) + n
         for version, n in doc.get("failures", {}).items():
             self.tally(version).failures += n
         for version, (counts, total, count) in doc.get("durations", {}).items():

@@ -16,7 +16,7 @@ import time
 
 from . import rollout
 from .config import Config
-from .http.upstream import Upstreams
+from .http.pools import Upstreams
 from .metrics import Recorder
 from .rollout import Progress
 from .routing import Table

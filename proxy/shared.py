@@ -20,7 +20,7 @@ from typing import Protocol
 
 from .accesslog import AccessLog
 from .config import Config, Mirror
-from .http.upstream import Upstreams
+from .http.pools import Upstreams
 from .metrics import Recorder
 from .routing import Table
 

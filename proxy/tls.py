@@ -14,7 +14,8 @@ Rules:
 - A client context (`client_context`, for a version's https:// endpoints)
   verifies the upstream's certificate and name unless `verify: false`: against
   `ca` alone when it is given, else the system's store; it presents the client
-  certificate when one is configured; TLS 1.2 at least, ALPN `http/1.1`.
+  certificate when one is configured; TLS 1.2 at least, ALPN `http/1.1` (or
+  `h2` for a version with `protocol: h2`).
 - `describe` says why an upstream's TLS failed, for the 502's `cause`
   (`tls: certificate verify failed: ...`).
 - `failure_reason` maps a failed handshake to one of `TLS_FAILURE_REASONS`
@@ -90,11 +91,11 @@ class Terminator:
             sslobj.context = chosen
 
 
-def client_context(tls: UpstreamTls) -> ssl.SSLContext:
+def client_context(tls: UpstreamTls, alpn: str = "http/1.1") -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and checks the name
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -43,7 +43,8 @@ from proxy.config import parse
 from proxy.forward import Exchange
 from proxy.http import outbox
 from proxy.http.downstream import ClientConnection
-from proxy.http.upstream import Pool, UpstreamConnection, Upstreams
+from proxy.http.pools import Upstreams
+from proxy.http.upstream import Pool, UpstreamConnection
 from proxy.metrics import Recorder
 from proxy.mirror import Mirroring
 from proxy.phases import REQUEST_NEXT, RESPONSE_NEXT, RequestPhase, ResponsePhase

@@ -268,7 +268,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "listen: must be HOST:PORT like 127.0.0.1:8080, [::1]:8080 or :8080, "
         "got 'nowhere' (line 1)",
         "versions.blue.endpoints[0]: must be a URL like http://127.0.0.1:9001, "
-        "got 'ftp://127.0.0.1:9001' (only http and https are supported, not ftp) (line 6)",
+        "got 'ftp://127.0.0.1:9001' (only http, https and h2c are supported, not ftp) (line 6)",
         "versions.green.endpoints: is required (line 7)",
         "routing.weight: must be an integer 0..100, got 150 (line 9)",
         "routing.sticky.key: must be header:NAME, cookie:NAME, query:NAME or ip, "
@@ -303,15 +303,15 @@ def test_unknown_nested_keys_are_errors_with_a_suggestion(tmp_path: Path) -> Non
     ]
 
 
-def test_sections_not_supported_yet_are_unknown(tmp_path: Path) -> None:
-    [problem] = problems(tmp_path, MINIMAL + "http2: {cleartext: true}\n")
-    assert problem.startswith("http2: unknown key")
+def test_unknown_sections_are_errors(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, MINIMAL + "http3: {enabled: true}\n")
+    assert problem.startswith("http3: unknown key")
 
 
 @pytest.mark.parametrize(
     ("url", "why"),
     [
-        ("ftp://127.0.0.1:9001", "only http and https are supported, not ftp"),
+        ("ftp://127.0.0.1:9001", "only http, https and h2c are supported, not ftp"),
         ("http://:9001", "the host is missing"),
         ("http://127.0.0.1:9001/api", "a path, query or fragment is not allowed"),
         ("http://127.0.0.1:9001/?a=1", "a path, query or fragment is not allowed"),
@@ -343,8 +343,8 @@ def test_endpoints_must_be_a_non_empty_list_without_duplicates(tmp_path: Path) -
         "[http://127.0.0.1:9002]", "[http://h:1, 'http://h:1/']"
     )
     assert problems(tmp_path, text) == [
-        "versions.blue.endpoints: must be a non-empty list of http://HOST:PORT or "
-        "https://HOST:PORT URLs, "
+        "versions.blue.endpoints: must be a non-empty list of http://, https:// or "
+        "h2c://HOST:PORT URLs, "
         "got a list (line 5)",
         "versions.green.endpoints[1]: duplicate endpoint h:1 (first on line 7) (line 7)",
     ]

@@ -13,6 +13,8 @@ import subprocess
 import pytest
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from .conftest import RawUpstream, eventually, versions_config
 from .h2client import H2Client
@@ -300,3 +302,94 @@ async def test_sigterm_sends_goaway_and_finishes_streams_in_flight(proxies, blue
     assert (await c.answer(late)).reset == ErrorCodes.REFUSED_STREAM
     assert await proxy.wait(10) == 0
     assert not any(r.path == "/late" for r in blue.requests)
+
+
+async def test_bodiless_answers_end_their_streams_and_an_idle_connection_goes_away(
+    proxies, blue, green
+):
+    proxy = await proxies.start(h2c_config(blue, green, limits={"idle_timeout": "1s"}))
+    c = await client(proxy)
+    head = await c.get("/x", method="HEAD")
+    assert head.status == 200 and head.ended and head.body == b""
+    assert head.header("content-length") is not None  # what a GET would carry
+    for code in (204, 304):
+        answer = await c.get(f"/status/{code}")
+        assert answer.status == code and answer.ended and answer.body == b""
+    # Every stream is over, so the connection is idle: after idle_timeout it is closed
+    # with GOAWAY(NO_ERROR), naming the last stream it read.
+    await c.until(lambda: c.goaway is not None, timeout=10)
+    assert c.goaway.error_code == ErrorCodes.NO_ERROR and c.goaway.last_stream_id == 5
+    await asyncio.wait_for(c.closed.wait(), 10)
+
+
+async def test_empty_data_frames_never_end_a_chunked_body_early(proxies, upstreams, green):
+    blue = await upstreams.raw("blue", recording(OK))
+    proxy = await proxies.start(h2c_config(blue, green))
+    c = await client(proxy)
+    sid = c.request("/up", "POST", end=False)
+    c.send(sid, b"")
+    c.send(sid, b"abc")
+    c.send(sid, b"")
+    c.send(sid, b"", end=True)  # how many clients end an upload
+    assert (await c.answer(sid)).status == 200
+    assert blue.requests[-1].body == b"3\r\nabc\r\n0\r\n\r\n"
+    # The upstream connection is in step: the next request gets its own answer.
+    assert (await c.get("/next")).status == 200
+    assert [r.path for r in blue.requests] == ["/up", "/next"]
+    assert len(blue.heads) == 2
+
+
+async def test_a_window_kept_shut_gives_the_stream_up(proxies, blue, green):
+    proxy = await proxies.start(h2c_config(blue, green, limits={"send_timeout": "1s"}))
+    c = await client(proxy)
+    c.read_window = False  # reads its socket, never reopens the window
+    sid = c.request("/download?size=4000000")
+    answer = await c.answer(sid, timeout=15)
+    assert answer.reset == ErrorCodes.CANCEL and len(answer.body) == 65_535
+    cancelled = _metric(proxy, "turnout_requests_total", version="blue", code="499")
+    assert await eventually(cancelled) == 1
+    in_flight = await proxy.metrics()
+    assert in_flight.get("turnout_in_flight_requests", version="blue") == 0
+
+
+async def test_refusals_count_towards_the_rapid_reset_rule(proxies, blue, green):
+    proxy = await proxies.start(h2c_config(blue, green))
+    c = await client(proxy, validate=False)
+    for _ in range(30):  # in batches, within the proxy's 100 concurrent streams
+        refused = []
+        for _ in range(10):
+            refused.append(c.request("noslash"))  # refused at once: 400, no upstream
+            sid = c.request("/slow?delay=5")
+            c.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        c.flush()
+        await c.until(lambda r=refused: c.goaway is not None or all(c.answers[s].over for s in r))
+        if c.goaway is not None:
+            break
+    await c.until(lambda: c.goaway is not None, timeout=20)
+    assert c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_a_head_in_endless_continuation_frames_ends_the_connection(proxies, blue, green):
+    proxy = await proxies.start(h2c_config(blue, green, limits={"max_header_bytes": 4096}))
+    c = await client(proxy)
+    head = HeadersFrame(1)  # no END_HEADERS: CONTINUATION frames follow
+    head.data = Encoder().encode([(b":method", b"GET"), (b":path", b"/")])
+    frames = [head.serialize()]
+    for _ in range(3):
+        more = ContinuationFrame(1)
+        more.data = b"\x00" * 4000
+        frames.append(more.serialize())
+    c.writer.write(b"".join(frames))
+    await c.until(lambda: c.goaway is not None, timeout=10)
+    assert c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert blue.requests == []
+
+
+async def test_a_method_that_begins_with_pri_is_still_http11(proxies, blue, green):
+    proxy = await proxies.start(h2c_config(blue, green))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"PRIVATE /p HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    # Forwarded as the HTTP/1.1 request it is (aiohttp itself refuses the method).
+    assert data.startswith(b"HTTP/1.1 ") and b"X-Turnout-Version: blue" in data, data

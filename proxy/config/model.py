@@ -41,6 +41,7 @@ class Endpoint:
     host: str  # "127.0.0.1"
     port: int  # 9001
     tls: bool = False  # https://: TLS to the upstream (Version.tls says how)
+    h2: bool = False  # HTTP/2 to the upstream: h2c://, or its version's `protocol: h2`
 
     @property
     def key(self) -> str:
@@ -70,6 +71,7 @@ class Version:
     endpoints: tuple[Endpoint, ...]
     release: str | None = None
     tls: UpstreamTls = DEFAULT_UPSTREAM_TLS  # used by its https:// endpoints only
+    protocol: str = "http/1.1"  # or "h2": every endpoint is spoken to in HTTP/2
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,7 +176,16 @@ def versions(ctx: Ctx, node: Node, path: str) -> Mapping[str, Version]:
             ctx.warn(join(sub, "tls.verify"), child(vnode, "tls") or vnode,
                      "false: any certificate is accepted from these upstreams (no protection "
                      "against an impostor)")  # fmt: skip
-        out[name] = Version(name, eps, fields.get("release"), tls)
+        protocol = fields.get("protocol", "http/1.1")
+        if protocol == "h2":
+            eps = tuple(replace(ep, h2=True) for ep in eps)
+        elif eps and any(ep.h2 for ep in eps):
+            if not all(ep.h2 for ep in eps):
+                ctx.error(join(sub, "endpoints"), child(vnode, "endpoints") or vnode,
+                          "mixes h2c:// with http:// or https://: a version's endpoints "
+                          "speak one protocol (protocol: h2 for HTTP/2 over TLS)")  # fmt: skip
+            protocol = "h2"
+        out[name] = Version(name, eps, fields.get("release"), tls, protocol)
     if isinstance(node, MappingNode) and not node.value:
         ctx.error(path, node, "must name at least one version")
     return MappingProxyType(out)
@@ -443,6 +452,7 @@ VERSION_FIELDS: dict[str, Parser] = {
     "endpoints": endpoints,
     "release": string,
     "tls": transport.upstream_tls,
+    "protocol": choice("http/1.1", "h2"),
 }
 ROUTING_FIELDS: dict[str, Parser] = {
     "weight": percent,

@@ -194,7 +194,7 @@ def http_url(ctx: Ctx, node: Node, path: str) -> str | Bad:
 
 
 def endpoints(ctx: Ctx, node: Node, path: str) -> list[Endpoint] | Bad:
-    what = "http://HOST:PORT or https://HOST:PORT URLs"
+    what = "http://, https:// or h2c://HOST:PORT URLs"
     return parse_list(ctx, node, path, _endpoint, what, lambda e: f"endpoint {e.key}")
 
 
@@ -207,10 +207,11 @@ def _endpoint(ctx: Ctx, node: Node, path: str) -> Endpoint | Bad:
         like = "a URL like http://127.0.0.1:9001"
         return ctx.error(path, node, f"must be {like}, got {url!r} ({hostport})")
     host, port = hostport
-    return Endpoint(url, host, port, url.lower().startswith("https:"))
+    scheme = url.split(":", 1)[0].lower()
+    return Endpoint(url, host, port, scheme == "https", scheme == "h2c")
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "h2c": 80}  # h2c: HTTP/2 in cleartext
 
 
 def _split_url(url: str) -> tuple[str, int] | str:
@@ -223,7 +224,7 @@ def _split_url(url: str) -> tuple[str, int] | str:
     except ValueError as e:
         return str(e)
     if parts.scheme not in _DEFAULT_PORTS:
-        return f"only http and https are supported, not {parts.scheme}"
+        return f"only http, https and h2c are supported, not {parts.scheme}"
     if parts.username is not None or parts.password is not None:
         return "user info is not allowed"
     if not parts.hostname:

@@ -36,6 +36,7 @@ _monotonic: Final = time.monotonic  # bound once: a static, not a lookup per cal
 
 PAUSE_PIPELINE: Final = 1  # other bits: proxy.forward's PAUSE_UPSTREAM and PAUSE_CONNECT
 LINGER: Final = 2.0  # seconds a closed connection's late bytes are read and dropped
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 
 
 # What takes a cleartext connection over when it opens with the HTTP/2 preface (h2c
@@ -128,7 +129,7 @@ class ClientConnection(RequestReader):
 
     def data_received(self, data: bytes) -> None:
         self.progress += 1
-        if self.progress == 1 and data[:3] == b"PRI" and self.h2c():
+        if self.progress == 1 and data[:3] == b"PRI" and self.h2c(data):
             self.hand_over(data)
             return
         if self.tunnel is not None:
@@ -182,8 +183,11 @@ class ClientConnection(RequestReader):
         if ex is not None:
             ex.client_paused(False)
 
-    def h2c(self) -> bool:
-        """HTTP/2 in cleartext is taken (`http2.cleartext`, read as the bytes come)."""
+    def h2c(self, data: bytes) -> bool:
+        """`data` (a first read, which begins "PRI") begins the HTTP/2 preface, and HTTP/2
+        in cleartext is taken (`http2.cleartext`, read as the bytes come)."""
+        if not (data.startswith(H2_PREFACE) or H2_PREFACE.startswith(data)):
+            return False  # a request whose method begins with PRI: HTTP/1.1
         return self.prior_knowledge is not None and self.shared.snapshot.config.http2.cleartext
 
     def hand_over(self, data: bytes) -> None:

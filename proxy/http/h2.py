@@ -5,7 +5,10 @@ Rules:
   frames, HPACK, the stream states, flow control's arithmetic, the content
   length of a request body. A connection error it reports ends the
   connection with the GOAWAY it prepared; nothing of a broken stream was
-  handed to an exchange before its head was whole and judged.
+  handed to an exchange before its head was whole and judged. The library
+  takes some malformed requests as connection errors where RFC 9113 §8.1.1
+  asks for a stream error (a body longer or shorter than its
+  `content-length`, a Host that differs from `:authority`): §5.4.1 allows it.
 - A request head is judged again here before it becomes an exchange, as the
   HTTP/1.1 grammar would judge it: the method a token, the path visible ASCII
   only (no space could split a request line towards the upstream), header
@@ -16,12 +19,14 @@ Rules:
   have sent, and read by the same code (proxy.http.reading): routing, the
   headers towards the upstream, the limits, the metrics and the access log
   are one code path for both protocols. A body without `content-length` goes
-  upstream chunked; a body longer or shorter than its `content-length`
-  resets the stream, and its upstream connection is closed, never reused.
+  upstream chunked, one chunk per non-empty DATA frame (an empty one would
+  end the body); a body longer or shorter than its `content-length` is
+  checked here too, resets the stream, and closes its upstream connection.
 - Each stream is a `StreamSide`: the `ClientSide` its exchange talks to. The
   exchange writes an HTTP/1.1 response (its own, well framed: proxy.answers);
-  `AnswerReader` reads it back into a head, data and trailers, without the
-  hop-by-hop fields, and the stream sends them as HTTP/2 frames.
+  a `PartsReader` (proxy.http.parts) reads it back into a head, data and
+  trailers, without the hop-by-hop fields, and the stream sends them as
+  HTTP/2 frames.
 - Flow control both ways, per stream: request data is acknowledged (the
   client's window reopened) only as its exchange takes it, so an upstream
   that does not read holds back only its own stream; response data waits for
@@ -29,18 +34,26 @@ Rules:
   connection stops being read. A client that does not read its socket pauses
   every stream's upstream, and frames are no longer read from it (a flood of
   PINGs or SETTINGS cannot make the answers pile up); past `send_timeout`
-  the connection is aborted.
+  the connection is aborted. A stream whose answer waits on a window the
+  client keeps shut, with no progress for `send_timeout`, is reset (CANCEL)
+  and its exchange ended.
 - Limits: `http2.max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STREAMS),
-  `max_body_bytes` (413 on the stream), at most 64 CONTINUATION frames per
-  head (the library's). Streams the client resets before their answer is
-  over are counted: past `RESETS` of them, and more than it completed, the
-  connection ends with ENHANCE_YOUR_CALM (the rapid reset attack,
-  CVE-2023-44487).
+  `max_body_bytes` (413 on the stream); a head in HEADERS and CONTINUATION
+  frames must arrive within `client_header_timeout` and twice
+  `max_header_bytes` (else ENHANCE_YOUR_CALM). Streams the client resets
+  before their answer, and streams refused without reaching an upstream, are
+  counted: past `RESETS` of them, and more than were answered, the connection
+  ends with ENHANCE_YOUR_CALM (the rapid reset attack, CVE-2023-44487).
 - Going away (drain, idle timeout): one GOAWAY with NO_ERROR naming the last
   stream that was read; streams opened after it are refused (REFUSED_STREAM:
   the client may retry them elsewhere); streams in flight are answered, and
   the connection closes when the last is over. The GOAWAY is sent as a bare
   frame: the library's `close_connection` would end the streams in flight.
+- gRPC (`content-type: application/grpc*`): the exchange's outcome is the
+  answer's `grpc-status` (proxy.forward); an answer that is not gRPC (a
+  proxy-made error, a plain HTTP upstream) reaches the client as a
+  trailers-only gRPC answer whose status gRPC's HTTP table gives (502, 503,
+  504: UNAVAILABLE), never as a broken stream.
 - Not served: server push (SETTINGS_ENABLE_PUSH is never used), priorities
   (read and ignored), request trailers (dropped), 101 upgrades.
 """
@@ -68,12 +81,13 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from ..answers import error_response
+from ..answers import error_response, grpc_for_http
 from ..forward import Exchange, MirrorTap
 from ..framing import FramingError
-from ..headers import HOP_BY_HOP, HeaderError
+from ..headers import HeaderError
 from ..shared import Shared
 from .outbox import abort, flush, linger
+from .parts import ANOTHER_HEAD, CHUNKED_BODY, NO_BODY, UNTIL_END, Fields, PartsReader, PartsSink
 from .reading import Reject, RequestReader
 
 if TYPE_CHECKING:
@@ -104,16 +118,6 @@ _VALUE: Final = re.compile(  # no CTL, no whitespace at either end (RFC 9113 §8
     rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
 )
 
-# What AnswerReader expects next of the exchange's bytes.
-A_HEAD: Final = 0
-A_LENGTH: Final = 1  # `left` bytes of a Content-Length body
-A_SIZE: Final = 2  # a chunk-size line
-A_DATA: Final = 3  # `left` bytes of a chunk
-A_CRLF: Final = 4  # the CRLF after a chunk
-A_TRAILERS: Final = 5  # the trailer section after the last chunk
-A_UNTIL: Final = 6  # a body that ends with the exchange
-A_DONE: Final = 7
-
 
 class StreamError(Exception):
     """A stream that must be reset with `code`, its request never forwarded."""
@@ -123,134 +127,7 @@ class StreamError(Exception):
         self.code = code
 
 
-class AnswerReader:
-    """Reads the HTTP/1.1 response an exchange writes back into HTTP/2's parts.
-
-    The bytes are the proxy's own (the exchange frames every response it relays:
-    Content-Length, chunked, or no body), so this is not a parser of hostile
-    input; it still stops at anything it does not expect rather than guess.
-    """
-
-    __slots__ = ("stream", "state", "left", "buf", "head_only")
-
-    def __init__(self, stream: StreamSide, head_only: bool) -> None:
-        self.stream = stream
-        self.state = A_HEAD
-        self.left = 0
-        self.buf = b""
-        self.head_only = head_only
-
-    def feed(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        pos = 0
-        size = len(buf)
-        while pos < size:
-            state = self.state
-            if state in (A_LENGTH, A_DATA):
-                n = min(self.left, size - pos)
-                self.stream.body(buf[pos : pos + n])
-                self.left -= n
-                pos += n
-                if not self.left:
-                    if state == A_DATA:
-                        self.state = A_CRLF
-                    else:
-                        self.state = A_DONE
-                        self.stream.ended(None)
-            elif state in (A_HEAD, A_TRAILERS):
-                if state == A_TRAILERS and buf.startswith(b"\r\n", pos):
-                    pos += 2
-                    self.state = A_DONE
-                    self.stream.ended(None)
-                    continue
-                end = buf.find(b"\r\n\r\n", pos)
-                if end == -1:
-                    break
-                block = buf[pos : end + 2]
-                pos = end + 4
-                if state == A_HEAD:
-                    self.head(block)
-                else:
-                    self.state = A_DONE
-                    self.stream.ended(fields(block, 0))
-            elif state == A_SIZE:
-                nl = buf.find(b"\r\n", pos)
-                if nl == -1:
-                    break
-                n = int(buf[pos:nl].split(b";", 1)[0], 16)
-                pos = nl + 2
-                self.state = A_DATA if n else A_TRAILERS
-                self.left = n
-            elif state == A_CRLF:
-                if size - pos < 2:
-                    break
-                pos += 2
-                self.state = A_SIZE
-            elif state == A_UNTIL:
-                self.stream.body(buf[pos:])
-                pos = size
-            else:
-                pos = size  # A_DONE: nothing more belongs to this answer
-        self.buf = buf[pos:]
-
-    def head(self, block: bytes) -> None:
-        """One head: the status line, then its fields (an interim head when 1xx)."""
-        status = int(block[9:12])
-        sle = block.find(b"\r\n")
-        found = fields(block, sle + 2)
-        if status < 200:
-            self.stream.interim(status, found)
-            return
-        mode = A_DONE
-        length = -1
-        for name, value in found:
-            if name == b"content-length":
-                length = int(value)
-        chunked = b"chunked" in block[sle:].lower() and _chunked(block, sle)
-        if self.head_only or status == 204 or status == 304:
-            mode = A_DONE
-        elif chunked:
-            mode = A_SIZE
-        elif length > 0:
-            mode = A_LENGTH
-            self.left = length
-        elif length == -1:
-            mode = A_UNTIL
-        self.state = mode
-        self.stream.head(status, found, mode == A_DONE)
-
-    def finish(self) -> None:
-        """The exchange is over: a body that ran until then ends here."""
-        if self.state == A_UNTIL:
-            self.state = A_DONE
-            self.stream.ended(None)
-
-
-def _chunked(block: bytes, start: int) -> bool:
-    for line in block[start:].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
-            return True
-    return False
-
-
-def fields(block: bytes, start: int) -> list[tuple[bytes, bytes]]:
-    """The fields of a head's lines (each ending CRLF) from `start`, named in lower
-    case, without the hop-by-hop ones."""
-    out: list[tuple[bytes, bytes]] = []
-    for line in block[start:].split(b"\r\n"):
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name and name not in HOP_BY_HOP:
-            out.append((name, value.strip()))
-    return out
-
-
-def request_block(
-    headers: list[tuple[bytes, bytes]], ended: bool, limit: int
-) -> tuple[bytes, bytes, bytes, int]:
+def request_block(headers: Fields, ended: bool, limit: int) -> tuple[bytes, bytes, bytes, int]:
     """(method, path, the head's fields as HTTP/1.1 lines, its content-length or -1)
     of a valid request (see the module's rules); `limit`: `max_header_bytes`.
 
@@ -297,6 +174,8 @@ def request_block(
             lines.insert(0, b"\r\nhost: " + authority)
     elif host is None:
         raise Reject(400, "missing :authority")
+    elif not _AUTHORITY.fullmatch(host):
+        raise Reject(400, "invalid Host")
     if ended and length > 0:
         raise StreamError(ErrorCodes.PROTOCOL_ERROR, "content-length without a body")
     if not ended and length == -1:
@@ -306,12 +185,32 @@ def request_block(
     return method, path, b"".join(lines), length
 
 
-class StreamSide(RequestReader):
+def _is_grpc(found: Fields) -> bool:
+    for name, value in found:
+        if name == b"content-type":
+            return value.startswith(b"application/grpc")
+    return False
+
+
+def grpc_error(status: int, found: Fields) -> Fields:
+    """A trailers-only gRPC answer for an HTTP answer `status` (with `found`'s version)."""
+    out = [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % grpc_for_http(status)),
+        (b"grpc-message", b"turnout: HTTP %d" % status),
+    ]
+    out.extend(field for field in found if field[0] == b"x-turnout-version")
+    return out
+
+
+class StreamSide(RequestReader, PartsSink):
     """One stream: the `ClientSide` of the exchange it carries (see the module's rules)."""
 
     __slots__ = (
-        "conn", "sid", "ex", "answer", "out", "ending", "trailer_fields", "held", "over",
-        "withheld", "length", "received", "request_ended", "seen_at", "paused",
+        "conn", "sid", "ex", "answer", "head_only", "out", "ending", "trailer_fields", "held",
+        "over", "withheld", "length", "received", "request_ended", "seen_at", "paused", "grpc",
+        "stuck_since",
     )  # fmt: skip
 
     def __init__(self, conn: H2Client, sid: int) -> None:
@@ -322,10 +221,11 @@ class StreamSide(RequestReader):
         self.conn = conn
         self.sid = sid
         self.ex: Exchange | None = None
-        self.answer = AnswerReader(self, False)
+        self.answer = PartsReader(self)  # the exchange's HTTP/1.1 answer, read back
+        self.head_only = False  # the request is a HEAD: its answer has no body
         self.out = bytearray()  # response data waiting for the client's window
         self.ending = False  # the answer is whole: end the stream once `out` is sent
-        self.trailer_fields: list[tuple[bytes, bytes]] | None = None
+        self.trailer_fields: Fields | None = None
         self.held = 0  # HELD_* bits: why this stream's upstream is not read
         self.over = False  # the stream is ended or reset on our side
         self.withheld = 0  # request bytes read but not acknowledged (the exchange paused us)
@@ -334,18 +234,22 @@ class StreamSide(RequestReader):
         self.request_ended = False
         self.seen_at = _monotonic()
         self.paused = 0  # why the exchange wants this stream's request held (its pause bits)
+        self.grpc = False  # a gRPC call: answers that are not gRPC become a grpc-status
+        self.stuck_since = 0.0  # since when `out` waits on a shut window without progress
 
     # -- the request ----------------------------------------------------------------------
 
-    def opened(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+    def opened(self, headers: Fields, ended: bool) -> None:
         """A request head: judge it, make its exchange and start it."""
         head_only = (b":method", b"HEAD") in headers
+        self.grpc = _is_grpc(headers)
         try:
             limit = self.shared.snapshot.max_header_bytes
             method, path, block, self.length = request_block(headers, ended, limit)
             ex = self.new_exchange(method, path, block, True)
         except StreamError as se:
             self.refused(400, str(se))
+            self.conn.charge()
             self.conn.reset(self, se.code)
             return
         except Reject as r:
@@ -358,7 +262,8 @@ class StreamSide(RequestReader):
             self.refuse(400, str(he), head_only)
             return
         self.ex = ex
-        self.answer.head_only = ex.head_request
+        self.head_only = ex.head_request
+        ex.grpc = self.grpc
         ex.start()
         if ended and self.ex is not None:
             self.request_ended = True
@@ -372,7 +277,8 @@ class StreamSide(RequestReader):
             self.broken("request body longer than its content-length")
             return
         ex = self.ex
-        if ex is not None and not ex.over():
+        if data and ex is not None and not ex.over():
+            # Never an empty piece: towards a chunked upstream it would be the last chunk.
             ex.request_body(data)
         if self.held_back():
             self.withheld += flow
@@ -393,7 +299,12 @@ class StreamSide(RequestReader):
     def broken(self, cause: str) -> None:
         """A stream whose body does not match its framing: reset it, and end its exchange
         as a client gone (its upstream connection closes, never reused)."""
-        self.conn.reset(self, ErrorCodes.PROTOCOL_ERROR)
+        self.abandon(ErrorCodes.PROTOCOL_ERROR)
+
+    def abandon(self, code: int) -> None:
+        """Give the stream up: reset it with `code`, and end its exchange (if still on) as
+        its client's loss."""
+        self.conn.reset(self, code)
         ex = self.ex
         if ex is not None:
             ex.client_lost()
@@ -401,7 +312,8 @@ class StreamSide(RequestReader):
     def refuse(self, status: int, cause: str, head_only: bool) -> None:
         """Answer a request that is not forwarded, on its stream (the connection stays)."""
         self.refused(status, cause)
-        self.answer.head_only = head_only
+        self.conn.charge()  # cheap for the client: not a completed stream (rapid reset)
+        self.head_only = head_only
         expose = self.shared.snapshot.expose_version
         self.send(error_response(status, None, cause, expose, head_only))
         self.conn.stream_over(self)
@@ -449,22 +361,38 @@ class StreamSide(RequestReader):
     def secure(self) -> bool:
         return self.scheme == b"https"
 
-    # -- the answer, as AnswerReader reads it --------------------------------------------
+    # -- the answer, as the PartsReader reads it back -----------------------------------
 
-    def interim(self, status: int, found: list[tuple[bytes, bytes]]) -> None:
-        self.conn.headers(self, [(b":status", b"%d" % status), *found], False)
-
-    def head(self, status: int, found: list[tuple[bytes, bytes]], end: bool) -> None:
-        self.conn.headers(self, [(b":status", b"%d" % status), *found], end)
-        if end:
+    def head(self, line: bytes, found: Fields, length: int, chunked: bool) -> int:
+        status = int(line[9:12])
+        if status < 200:
+            self.conn.headers(self, [(b":status", b"%d" % status), *found], False)
+            return ANOTHER_HEAD
+        if self.head_only or status == 204 or status == 304:
+            mode = NO_BODY
+        elif chunked:
+            mode = CHUNKED_BODY
+        elif length >= 0:
+            mode = length  # NO_BODY when 0
+        else:
+            mode = UNTIL_END
+        if self.grpc and not _is_grpc(found):
+            # Not a gRPC answer (a proxy-made error, an upstream speaking plain HTTP): a
+            # gRPC client gets a status it understands, as gRPC's HTTP table maps it.
             self.ending = True
+            self.conn.headers(self, grpc_error(status, found), True)
+            return mode  # what follows is read and dropped: the stream is over
+        if mode == NO_BODY:
+            self.ending = True
+        self.conn.headers(self, [(b":status", b"%d" % status), *found], mode == NO_BODY)
+        return mode
 
     def body(self, data: bytes) -> None:
-        if data:
+        if data and not self.over:
             self.out += data
             self.push()
 
-    def ended(self, trailer_fields: list[tuple[bytes, bytes]] | None) -> None:
+    def ended(self, trailer_fields: Fields | None) -> None:
         self.trailer_fields = trailer_fields
         self.ending = True
         self.push()
@@ -481,6 +409,10 @@ class StreamSide(RequestReader):
                 del out[:sent]
             if self.over:
                 return
+            if sent or not out:
+                self.stuck_since = _monotonic() if out else 0.0
+            elif not self.stuck_since:
+                self.stuck_since = _monotonic()
         if not out and self.ending:
             self.conn.finish(self, self.trailer_fields)
             return
@@ -502,6 +434,11 @@ class StreamSide(RequestReader):
             ex.client_lost()
 
     def overdue(self, now: float, limits: Limits) -> None:
+        if self.out and self.stuck_since and now - self.stuck_since > limits.send_timeout:
+            # The client keeps its window shut on this answer (it reads the socket, so
+            # the connection's send_timeout never sees it): give the stream up.
+            self.abandon(ErrorCodes.CANCEL)
+            return
         ex = self.ex
         if ex is None or ex.over():
             return
@@ -541,7 +478,7 @@ class Frames:
 
     # -- what the streams ask ---------------------------------------------------------
 
-    def headers(self, stream: StreamSide, found: list[tuple[bytes, bytes]], end: bool) -> None:
+    def headers(self, stream: StreamSide, found: Fields, end: bool) -> None:
         try:
             self.h2.send_headers(stream.sid, found, end_stream=end)
         except (StreamClosedError, ProtocolError):
@@ -549,6 +486,8 @@ class Frames:
             self.reset(stream, ErrorCodes.INTERNAL_ERROR)
             return
         self.later()
+        if end:
+            self.ended(stream)
 
     def data(self, stream: StreamSide, out: bytearray, last: bool) -> int:
         """Send as much of `out` as the windows allow, ending the stream with it when it
@@ -574,7 +513,7 @@ class Frames:
                 self.ended(stream)
         return sent
 
-    def finish(self, stream: StreamSide, trailer_fields: list[tuple[bytes, bytes]] | None) -> None:
+    def finish(self, stream: StreamSide, trailer_fields: Fields | None) -> None:
         """End the stream: with its trailers, or an empty DATA frame."""
         try:
             if trailer_fields:
@@ -591,7 +530,8 @@ class Frames:
     def ended(self, stream: StreamSide) -> None:
         """`stream`'s answer went out whole (END_STREAM sent)."""
         stream.over = True
-        self.completed += 1
+        if stream.ex is not None:
+            self.completed += 1  # a proxy-made refusal does not count (see charge)
         if not stream.request_ended:
             # Answered before the request was whole: the rest is not wanted (RFC 9113
             # §8.1: RST_STREAM with NO_ERROR after a complete response).
@@ -666,7 +606,7 @@ class H2Client(Frames):
         self.secure = secure
         self.going_away = False
         self.last_id = 0  # after GOAWAY: the last stream served
-        self.head_since = 0.0  # Served: no head is timed here (streams time their bodies)
+        self.head_since = 0.0  # a header block is being received since (CONTINUATION frames)
         self.write_paused = 0.0
         self.resets = 0  # streams the client reset before their answer was over
         self.peer = ""
@@ -711,6 +651,8 @@ class H2Client(Frames):
         except ProtocolError:
             self.fail()  # h2 prepared the GOAWAY with the error's code
             return
+        if self.header_block():
+            return
         for event in events:
             try:
                 self.event(event)
@@ -742,10 +684,8 @@ class H2Client(Frames):
         elif isinstance(event, StreamReset):
             gone = self.streams.pop(event.stream_id, None)
             if gone is not None and not gone.over:
-                self.resets += 1
                 gone.lost()
-                if self.resets > RESETS and self.resets > self.completed:
-                    self.fail(ErrorCodes.ENHANCE_YOUR_CALM)
+                if self.charge():
                     return
             self.settle()
         elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
@@ -764,6 +704,21 @@ class H2Client(Frames):
             self.going_away = True
             self.last_id = self.h2.highest_inbound_stream_id
             self.settle()
+
+    def header_block(self) -> bool:
+        """A head still being received (HEADERS, then CONTINUATION frames): timed like an
+        HTTP/1.1 head, and ended past twice `max_header_bytes` (the library would hold
+        64 frames of 16 KiB first). True when the connection ended."""
+        pending = getattr(self.h2.incoming_buffer, "_headers_buffer", None)
+        if not pending:
+            self.head_since = 0.0
+            return False
+        if not self.head_since:
+            self.head_since = _monotonic()
+        if sum(len(f.data) for f in pending) > 2 * self.shared.snapshot.max_header_bytes:
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM)
+            return True
+        return False
 
     def eof_received(self) -> bool | None:
         return None
@@ -830,6 +785,16 @@ class H2Client(Frames):
     def going(self) -> bool:
         return self.going_away
 
+    def charge(self) -> bool:
+        """A stream the client reset before its answer, or one refused without reaching an
+        upstream: past RESETS of them, and more than were answered, the connection ends
+        (ENHANCE_YOUR_CALM). True when it did."""
+        self.resets += 1
+        if self.resets > RESETS and self.resets > self.completed:
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM)
+            return True
+        return False
+
     # -- Served -------------------------------------------------------------------------
 
     def idle(self) -> bool:
@@ -847,6 +812,9 @@ class H2Client(Frames):
         if self.write_paused and now - self.write_paused > limits.send_timeout:
             self.closed = True
             abort(self.transport)
+            return
+        if self.head_since and now - self.head_since > limits.client_header_timeout:
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM)  # a head trickled in CONTINUATION frames
             return
         for stream in list(self.streams.values()):
             stream.overdue(now, limits)

@@ -21,7 +21,7 @@ import ssl
 import time
 from typing import Any, Final, Protocol
 
-from ..config import Config, Endpoint, UpstreamTls
+from ..config import Endpoint
 from ..framing import (
     CHUNKED,
     LENGTH,
@@ -36,7 +36,7 @@ from ..framing import (
     head_fault,
     response_framing,
 )
-from ..tls import TlsFailure, client_context, describe
+from ..tls import TlsFailure, describe
 from .outbox import abort, send
 
 _monotonic: Final = time.monotonic  # bound once: a static, not a lookup per call
@@ -457,12 +457,13 @@ class Pool:
 class VersionPools:
     """The endpoints of one version, used round-robin, skipping cooled-down ones."""
 
-    __slots__ = ("name", "pools", "next")
+    __slots__ = ("name", "pools", "next", "h2")
 
     def __init__(self, name: str, pools: list[Pool]) -> None:
         self.name = name
         self.pools = pools
         self.next = 0
+        self.h2 = False  # every endpoint speaks HTTP/2 (gRPC can be served)
 
     def pick(self, exclude: Pool | None = None) -> Pool | None:
         pools = self.pools
@@ -479,45 +480,3 @@ class VersionPools:
             if p is not exclude and p.down_until <= now:
                 return p
         return None
-
-
-class Upstreams:
-    """All pools of one config; built anew on reload, reusing unchanged endpoints."""
-
-    def __init__(
-        self, config: Config, previous: Upstreams | None = None, dialer: Dialer = TCP
-    ) -> None:
-        old = previous.by_endpoint if previous else {}
-        # One pool per endpoint and the way it is spoken to: an https:// endpoint's
-        # pool is kept across a reload only while its version's TLS settings are.
-        self.by_endpoint: dict[object, Pool] = {}
-        self.versions: dict[str, VersionPools] = {}
-        contexts: dict[UpstreamTls, ssl.SSLContext] = {}
-        for name, version in config.versions.items():
-            pools = []
-            for ep in version.endpoints:
-                key: object = (ep.key, version.tls) if ep.tls else ep.key
-                pool = self.by_endpoint.get(key) or old.get(key)
-                if pool is None:
-                    way = dialer
-                    if ep.tls:
-                        tls = version.tls
-                        if tls not in contexts:
-                            contexts[tls] = client_context(tls)
-                        way = TlsDialer(contexts[tls], tls.server_name)
-                    pool = Pool(ep, way)
-                self.by_endpoint[key] = pool
-                pools.append(pool)
-            self.versions[name] = VersionPools(name, pools)
-        for was, pool in old.items():
-            if was not in self.by_endpoint:
-                pool.retire()
-
-    def sweep(self, idle_timeout: float) -> None:
-        before = _monotonic() - idle_timeout
-        for pool in self.by_endpoint.values():
-            pool.sweep(before)
-
-    def close(self) -> None:
-        for pool in self.by_endpoint.values():
-            pool.retire()

@@ -1,0 +1,595 @@
+"""HTTP/2 to an upstream: a few multiplexed connections per endpoint instead of a pool
+of one-request ones (the way gRPC services are spoken to).
+
+Rules:
+- A version with `protocol: h2`, or whose endpoints are h2c://, speaks HTTP/2 to
+  its upstreams: over TLS with ALPN `h2` for https://, in cleartext with prior
+  knowledge otherwise. The framing is the `h2` library's, as on the listener.
+- An endpoint's `H2Pool` keeps its sessions (connections). An exchange takes a
+  stream on the first session with room under the upstream's
+  SETTINGS_MAX_CONCURRENT_STREAMS that is not going away; when none has room,
+  one session is dialled, and every exchange that needs one meanwhile waits for
+  that dial rather than making its own.
+- The exchange (or a shadow copy) sees an `H2Stream`, an UpstreamConnection:
+  it writes its request as HTTP/1.1 bytes (the head, then the body framed by
+  Content-Length or chunked), which a PartsReader (proxy.http.parts) reads back
+  into HEADERS and DATA frames (`Host` becomes `:authority`; hop-by-hop fields
+  are dropped, `te: trailers` kept). The response reaches its ResponseSink as
+  an HTTP/1.1 head made of the fields, body pieces, trailers and the end, with
+  the framing the fields say (Content-Length, else the end of the stream).
+- Flow control both ways, per stream: request data goes out as the upstream's
+  windows allow, and past `HOLD` bytes waiting the sink is told the upstream is
+  paused (its client stops being read); response data is acknowledged only
+  while the sink's client reads.
+- Failures: a stream the upstream reset with REFUSED_STREAM before answering,
+  or one above the last stream of its GOAWAY, was never processed, and is
+  delivered as a silent loss (the leg's one resend applies); any other reset
+  is a 502 of kind `reset`. A connection error or a lost connection fails
+  every stream on it. A TLS upstream that does not agree to `h2` is a failed
+  dial of kind `tls`.
+- Sessions without streams are closed by the sweep after `idle_timeout`; a
+  retired pool's sessions close once their last stream is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Final
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+
+from ..config import Endpoint
+from ..framing import PLAIN, FramingError, response_framing
+from ..tls import TlsFailure, describe
+from .outbox import flush
+from .parts import CHUNKED_BODY, NO_BODY, Fields, PartsReader, PartsSink
+from .upstream import TCP, Pool, UpstreamConnection
+
+WINDOW: Final = 1024 * 1024  # each stream's receive window
+CONNECTION_WINDOW: Final = 4 * 1024 * 1024
+HOLD: Final = 256 * 1024  # request bytes waiting on a stream before its client is paused
+
+_monotonic: Final = time.monotonic
+
+
+def _lines(found: Fields) -> bytes:
+    """HTTP/2 fields as HTTP/1.1 header lines ("\\r\\nname: value" each, then CRLF)."""
+    out = [b"\r\n" + name + b": " + value for name, value in found if name[:1] != b":"]
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _status(found: Fields) -> int:
+    for name, value in found:
+        if name == b":status":
+            return int(value)
+    raise FramingError(502, "no :status in the upstream's answer")
+
+
+class H2Stream(UpstreamConnection, PartsSink):
+    """One exchange's stream: an UpstreamConnection to the leg and the sink above."""
+
+    __slots__ = (
+        "session", "sid", "reader", "out", "ending", "request_done", "response_done",
+        "answered", "withheld", "blocked",
+    )  # fmt: skip
+
+    def __init__(self, pool: Pool, session: H2Session, sid: int) -> None:
+        super().__init__(pool)
+        self.session = session
+        self.sid = sid
+        self.transport = session.transport
+        self.reader = PartsReader(self)  # the exchange's HTTP/1.1 request, read back
+        self.out = bytearray()  # request data waiting for the upstream's window
+        self.ending = False  # the request is whole: END_STREAM once `out` is sent
+        self.request_done = False
+        self.response_done = False
+        self.answered = False  # a final head arrived
+        self.withheld = 0  # response bytes read but not acknowledged (the client is slow)
+        self.blocked = False  # the sink was told the upstream is paused
+
+    # -- what the leg and the sink call (UpstreamConnection's) ---------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.reader.feed(data)
+
+    def pause_reading(self) -> None:
+        self.held = True
+
+    def resume_reading(self) -> None:
+        self.held = False
+        if self.withheld and not self.closed:
+            withheld, self.withheld = self.withheld, 0
+            self.session.acknowledge(self.sid, withheld)
+
+    def close(self) -> None:
+        self.exchange = None
+        if not self.closed:
+            self.closed = True
+            if not (self.request_done and self.response_done):
+                self.session.reset(self.sid, ErrorCodes.CANCEL)
+            self.session.forget(self)
+
+    def reusable(self) -> bool:
+        return False  # a stream serves one exchange; its session serves the next
+
+    # -- the request, read back from the exchange's bytes (PartsSink) --------------------
+
+    def head(self, line: bytes, found: Fields, length: int, chunked: bool) -> int:
+        method, target, _ = line.split(b" ", 2)
+        authority = self.pool.endpoint.key.encode()
+        rest: Fields = []
+        for name, value in found:
+            if name == b"host":
+                authority = value
+            else:
+                rest.append((name, value))
+        scheme = b"https" if self.pool.endpoint.tls else b"http"
+        pseudo = [(b":method", method), (b":scheme", scheme), (b":authority", authority)]
+        pseudo.append((b":path", target))
+        mode = CHUNKED_BODY if chunked else max(length, NO_BODY)
+        self.session.headers(self, pseudo + rest, mode == NO_BODY)
+        if mode == NO_BODY:
+            self.request_done = True
+        return mode
+
+    def body(self, data: bytes) -> None:
+        if data:
+            self.out += data
+            self.push()
+
+    def ended(self, trailer_fields: Fields | None) -> None:
+        self.ending = True  # request trailers are not sent (see proxy.http.h2)
+        self.push()
+
+    def push(self) -> None:
+        if self.closed or self.request_done:
+            return
+        out = self.out
+        if out:
+            sent = self.session.data(self, out, self.ending)
+            if sent:
+                del out[:sent]
+        if not out and self.ending and not self.request_done:
+            self.request_done = True
+            self.session.end(self.sid)
+        blocked = len(out) > HOLD
+        if blocked != self.blocked:
+            self.blocked = blocked
+            sink = self.exchange
+            if sink is not None:
+                sink.upstream_paused(blocked)
+
+    # -- the answer, as the session reads it --------------------------------------------
+
+    def answer(self, found: Fields, ended: bool) -> None:
+        sink = self.exchange
+        if sink is None:
+            return
+        self.progress += 1
+        status = _status(found)
+        block = _lines(found)
+        head = b"HTTP/1.1 %d \r\n%s" % (status, block[2:])
+        if status < 200:
+            sink.response_head(status, head, True, PLAIN)
+            return
+        self.answered = True
+        if ended and not any(name == b"content-length" for name, _ in found):
+            # A head that ends the stream (gRPC's trailers-only answer) has no body: say
+            # so, or the exchange would frame it as one (chunked, an empty DATA frame).
+            block = block[:-2] + b"\r\ncontent-length: 0\r\n"
+            head = b"HTTP/1.1 %d \r\n%s" % (status, block[2:])
+        framing = response_framing(block, status, self.head_request)
+        sink.response_head(status, head, True, framing)
+        if ended:
+            self.finished()
+        elif self.exchange is sink:
+            sink.read_done()
+
+    def data(self, data: bytes, flow: int) -> None:
+        self.progress += 1
+        sink = self.exchange
+        if sink is not None:
+            sink.response_body(data)
+            if self.exchange is sink:
+                sink.read_done()
+        if self.held:
+            self.withheld += flow
+        else:
+            self.session.acknowledge(self.sid, flow)
+
+    def trailers(self, found: Fields) -> None:
+        sink = self.exchange
+        if sink is not None:
+            sink.response_trailers(_lines(found)[2:])
+
+    def finished(self) -> None:
+        self.response_done = True
+        sink = self.exchange
+        if sink is not None:
+            sink.response_complete()  # the sink closes or gives back this stream
+
+    def refused(self, code: int) -> None:
+        """The upstream reset this stream (or, going away, never read it)."""
+        sink = self.exchange
+        self.exchange = None
+        self.closed = True
+        self.session.forget(self)
+        if sink is None:
+            return
+        if not self.answered and code == ErrorCodes.REFUSED_STREAM:
+            sink.upstream_lost(True, False)  # never processed: it may go again
+        else:
+            name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else code
+            sink.upstream_failed("reset", f"upstream reset the stream ({name})")
+
+    def lost(self, kind: str, cause: str) -> None:
+        """The session is gone."""
+        sink = self.exchange
+        self.exchange = None
+        self.closed = True
+        if sink is None:
+            return
+        if not self.answered and not self.progress:
+            sink.upstream_lost(True, False)
+        else:
+            sink.upstream_failed(kind, cause)
+
+
+class H2Session:
+    """One HTTP/2 connection to an upstream: an asyncio Protocol by its methods."""
+
+    __slots__ = ("pool", "transport", "h2", "streams", "closed", "going_away", "pumping",
+                 "idle_since")  # fmt: skip
+
+    def __init__(self, pool: H2Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        config = H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = H2Connection(config=config)
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.going_away = False
+        self.pumping = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.idle_since = _monotonic()
+        h2 = self.h2
+        h2.local_settings = Settings(
+            client=True,
+            initial_values={
+                SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.MAX_CONCURRENT_STREAMS: 0,  # the upstream opens none
+            },
+        )
+        h2.initiate_connection()
+        h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.pump()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as exc:
+            self.pump()  # the GOAWAY h2 prepared
+            self.fail("protocol", f"upstream HTTP/2 error: {exc}")
+            return
+        for event in events:
+            try:
+                self.event(event)
+            except StreamClosedError:
+                pass
+            except FramingError as fe:  # an answer the exchange cannot relay
+                stream = self.streams.get(getattr(event, "stream_id", 0))
+                if stream is not None:
+                    self.reset(stream.sid, ErrorCodes.PROTOCOL_ERROR)
+                    stream.lost("protocol", f"malformed upstream response: {fe.cause}")
+                    self.forget(stream)
+        self.pump()
+
+    def event(self, event: object) -> None:
+        if isinstance(event, ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.answer(event.headers, event.stream_ended is not None)
+        elif isinstance(event, DataReceived):
+            receiving = self.streams.get(event.stream_id)
+            if receiving is not None:
+                receiving.data(event.data, event.flow_controlled_length)
+            else:
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, StreamEnded):
+            ending = self.streams.get(event.stream_id)
+            if ending is not None and not ending.response_done:
+                ending.finished()
+        elif isinstance(event, TrailersReceived):
+            trailing = self.streams.get(event.stream_id)
+            if trailing is not None:
+                trailing.trailers(event.headers)
+        elif isinstance(event, InformationalResponseReceived):
+            interim = self.streams.get(event.stream_id)
+            if interim is not None:
+                interim.answer(event.headers, False)
+        elif isinstance(event, StreamReset):
+            gone = self.streams.get(event.stream_id)
+            if gone is not None:
+                gone.refused(event.error_code)
+        elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            for stream in list(self.streams.values()):
+                if stream.out:
+                    stream.push()
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway(int(event.error_code or 0), event.last_stream_id or 0)
+
+    def goaway(self, code: int, last: int) -> None:
+        """The upstream's GOAWAY: no new streams here; those above `last` were never
+        read (they may go again); with NO_ERROR those up to it are still answered."""
+        self.going_away = True
+        if code != ErrorCodes.NO_ERROR:
+            self.fail("reset", f"upstream ended the connection ({ErrorCodes(code).name})")
+            return
+        # h2 takes any GOAWAY as the end: put it back in the open state a graceful
+        # one leaves the connection in (RFC 9113 §6.8), to read the answers due.
+        self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                stream.refused(ErrorCodes.REFUSED_STREAM)
+        self.settle()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        cause = "upstream closed the connection"
+        if isinstance(exc, ssl.SSLError):
+            cause = f"tls: {describe(exc)}"
+        for stream in list(self.streams.values()):
+            stream.lost("tls" if isinstance(exc, ssl.SSLError) else "reset", cause)
+        self.streams.clear()
+
+    def pause_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            sink = stream.exchange
+            if sink is not None:
+                sink.upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        for stream in list(self.streams.values()):
+            sink = stream.exchange
+            if sink is not None:
+                sink.upstream_paused(False)
+
+    # -- streams ------------------------------------------------------------------------
+
+    def room(self) -> bool:
+        """A new stream may open here."""
+        if self.closed or self.going_away:
+            return False
+        return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+
+    def open(self) -> H2Stream:
+        sid = self.h2.get_next_available_stream_id()
+        stream = H2Stream(self.pool, self, sid)
+        self.streams[sid] = stream
+        return stream
+
+    def forget(self, stream: H2Stream) -> None:
+        if self.streams.get(stream.sid) is stream:
+            del self.streams[stream.sid]
+        self.settle()
+
+    def settle(self) -> None:
+        if not self.streams:
+            self.idle_since = _monotonic()
+            if self.going_away or self.pool.retired:
+                self.close()
+
+    # -- frames ---------------------------------------------------------------------------
+
+    def headers(self, stream: H2Stream, found: Fields, end: bool) -> None:
+        try:
+            self.h2.send_headers(stream.sid, found, end_stream=end)
+        except (StreamClosedError, ProtocolError) as exc:
+            self.forget(stream)
+            stream.lost("protocol", f"the request cannot be sent in HTTP/2: {exc}")
+            return
+        self.later()
+
+    def data(self, stream: H2Stream, out: bytearray, last: bool) -> int:
+        h2 = self.h2
+        sid = stream.sid
+        size = len(out)
+        try:
+            room = min(h2.local_flow_control_window(sid), size)
+            frame = h2.max_outbound_frame_size
+            sent = 0
+            while sent < room:
+                n = min(frame, room - sent)
+                end = last and sent + n == size
+                h2.send_data(sid, bytes(out[sent : sent + n]), end_stream=end)
+                sent += n
+        except (StreamClosedError, ProtocolError):
+            return 0
+        if sent:
+            self.later()
+            if last and sent == size:
+                stream.request_done = True
+        return sent
+
+    def end(self, sid: int) -> None:
+        try:
+            self.h2.end_stream(sid)
+        except (StreamClosedError, ProtocolError):
+            return
+        self.later()
+
+    def reset(self, sid: int, code: int) -> None:
+        try:
+            self.h2.reset_stream(sid, code)
+        except (StreamClosedError, ProtocolError):
+            return
+        self.later()
+
+    def acknowledge(self, sid: int, flow: int) -> None:
+        if flow:
+            try:
+                self.h2.acknowledge_received_data(flow, sid)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self.later()
+
+    def later(self) -> None:
+        if not self.pumping and not self.closed:
+            self.pumping = True
+            asyncio.get_running_loop().call_soon(self.pump)
+
+    def pump(self) -> None:
+        self.pumping = False
+        data = self.h2.data_to_send()
+        if data and not self.closed and not self.transport.is_closing():
+            flush()
+            self.transport.write(data)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def fail(self, kind: str, cause: str) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self.close()
+        for stream in streams:
+            stream.lost(kind, cause)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.lost(self)
+            try:
+                self.h2.close_connection()
+            except ProtocolError:
+                pass
+            self.pump_anyway()
+            self.transport.close()
+
+    def pump_anyway(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class H2Dialer:
+    """TCP (then TLS with ALPN `h2`, for https://) to one endpoint, within the connect
+    timeout; a TLS failure, or an upstream that does not agree to h2, is a TlsFailure."""
+
+    def __init__(self, context: ssl.SSLContext | None, server_name: str | None) -> None:
+        self.context = context
+        self.server_name = server_name
+
+    async def dial(self, pool: H2Pool, timeout: float) -> H2Session:
+        loop = asyncio.get_running_loop()
+        ep = pool.endpoint
+        context = self.context
+        try:
+            transport, session = await asyncio.wait_for(
+                loop.create_connection(  # type: ignore[type-var]  # a Protocol by its methods
+                    lambda: H2Session(pool),
+                    ep.host, ep.port, ssl=context,
+                    server_hostname=(self.server_name or ep.host) if context else None,
+                ),
+                timeout,
+            )  # fmt: skip
+        except ssl.SSLError as e:
+            raise TlsFailure(describe(e)) from None
+        except (ConnectionResetError, EOFError) as e:
+            if context is None:
+                raise
+            why = "the upstream closed the connection during the handshake"
+            raise TlsFailure(f"{why} ({e.__class__.__name__})") from None
+        if context is not None:
+            tls = transport.get_extra_info("ssl_object")
+            if tls is None or tls.selected_alpn_protocol() != "h2":
+                transport.close()
+                raise TlsFailure("the upstream did not agree to HTTP/2 (ALPN h2)")
+        return session  # type: ignore[return-value]
+
+
+class H2Pool(Pool):
+    """The sessions to one endpoint (see the module's rules)."""
+
+    __slots__ = ("sessions", "dialing", "way")
+
+    def __init__(self, endpoint: Endpoint, way: H2Dialer) -> None:
+        super().__init__(endpoint, TCP)
+        self.way = way
+        self.sessions: list[H2Session] = []
+        self.dialing: asyncio.Future[H2Session] | None = None
+
+    def take(self) -> UpstreamConnection | None:
+        for session in self.sessions:
+            if session.room():
+                return session.open()
+        return None
+
+    def give(self, conn: UpstreamConnection, now: float = 0.0) -> None:
+        conn.close()  # the stream is over; its session stays for the next exchange
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        while True:
+            if self.dialing is None:
+                self.dialing = asyncio.ensure_future(self.dial_session(timeout))
+            session = await asyncio.shield(self.dialing)
+            if session.room():
+                return session.open()
+            taken = self.take()
+            if taken is not None:
+                return taken
+            if session.closed and self.dialing is None:
+                raise ConnectionResetError("the upstream closed the new connection")
+
+    async def dial_session(self, timeout: float) -> H2Session:
+        try:
+            session = await self.way.dial(self, timeout)
+        finally:
+            self.dialing = None
+        self.refusals = 0
+        self.down_until = 0.0
+        self.sessions.append(session)
+        return session
+
+    def lost(self, session: H2Session) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+
+    def sweep(self, idle_before: float) -> None:
+        for session in list(self.sessions):
+            if not session.streams and session.idle_since < idle_before:
+                session.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        for session in list(self.sessions):
+            if not session.streams:
+                session.close()
