@@ -9,8 +9,8 @@
 #   make fuzz       differential fuzzing of the HTTP/1.1 framing against h11, pure then compiled
 #   make build      compile the forwarding path again (after editing one of its modules)
 #   make lint       ruff check + ruff format --check + mypy over all of proxy/ + the layers contract
-#   make bench      Turnout vs NGINX with wrk at 256, 64 and 1 connections, then memory per connection
-#                   (installs nginx and wrk with apt-get when root)
+#   make bench      Turnout vs NGINX with wrk at 256, 64 and 1 connections, then memory per connection,
+#                   then HTTP/2 and gRPC with h2load (installs nginx, wrk and h2load when root)
 #   make soak       fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                   (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
 #   make guard      the guard's simulations: its calibration, then the comparison with
@@ -102,16 +102,19 @@ lint: venv
 BENCH_ARGS ?= --connections 256,64,1 --rounds 5
 
 bench: venv
-	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1; then \
+	@if ! command -v nginx >/dev/null 2>&1 || ! command -v wrk >/dev/null 2>&1 || \
+	    ! command -v h2load >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light wrk; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light wrk \
+	      nghttp2-client; \
 	  else \
-	    echo "bench: nginx and wrk are missing and this is not root;" \
-	         "install them (sudo apt-get install nginx-light wrk) for the full comparison"; \
+	    echo "bench: nginx, wrk or h2load is missing and this is not root; install them" \
+	         "(sudo apt-get install nginx-light wrk nghttp2-client) for the full comparison"; \
 	  fi; \
 	fi
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.h2
 
 soak: venv
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)

@@ -97,6 +97,7 @@ def proxy_conf(
     keepalive: bool = True,
     workers: int = 1,
     tls: tuple[Path, Path] | None = None,
+    http2: bool = False,
 ) -> str:
     """The reference proxy: `split_clients` on X-User-Id, `weight`% to `canary`.
 
@@ -104,7 +105,8 @@ def proxy_conf(
     production config has; without it, NGINX's stock proxy behaviour: a new
     HTTP/1.0 upstream connection per request. `workers`: worker processes. `tls`:
     (certificate, key) to listen with TLS (1.2 and 1.3, a session cache, as a
-    production edge would), the upstream side staying cleartext.
+    production edge would), the upstream side staying cleartext. `http2`: HTTP/2 to
+    clients (ALPN h2 with `tls`, else h2c with prior knowledge).
     """
     stable = next(name for name in upstreams if name != canary)
     pool_lines = "        keepalive 64;\n        keepalive_requests 1000000;\n" if keepalive else ""
@@ -137,7 +139,7 @@ def proxy_conf(
 {pools}
 
     server {{
-        listen 127.0.0.1:{port}{ssl} backlog=4096;
+        listen 127.0.0.1:{port}{ssl}{" http2" if http2 else ""} backlog=4096;
 {ssl_lines}        location / {{
             proxy_pass http://$backend;
 {http11}            proxy_set_header Host $http_host;
@@ -149,6 +151,28 @@ def proxy_conf(
         }}
     }}"""
     return _COMMON.format(prefix=prefix, body=body, workers=workers)
+
+
+def grpc_conf(prefix: Path, port: int, upstreams: dict[str, int], canary: str, weight: int) -> str:
+    """gRPC the NGINX way: h2c to clients, `grpc_pass` over pooled HTTP/2 connections to
+    the version `split_clients` picks on x-user-id."""
+    stable = next(name for name in upstreams if name != canary)
+    split = f"{weight}% {canary}; * {stable};" if 0 < weight < 100 else f"* {stable};"
+    pool = "    upstream {} {{\n        server 127.0.0.1:{};\n        keepalive 64;\n    }}"
+    pools = "\n".join(pool.format(name, up_port) for name, up_port in upstreams.items())
+    body = f"""\
+    split_clients "${{http_x_user_id}}" $backend {{ {split} }}
+
+{pools}
+
+    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        location / {{
+            grpc_pass grpc://$backend;
+            add_header X-Turnout-Version $backend always;
+        }}
+    }}"""
+    return _COMMON.format(prefix=prefix, body=body, workers=1)
 
 
 def command(nginx: str, prefix: Path) -> list[str]:

@@ -202,6 +202,8 @@ class Forwarding(UpstreamLeg):
             cause = f"gRPC needs an HTTP/2 upstream: version {self.version} speaks HTTP/1.1"
             self.fail(502, "protocol", cause)  # a gRPC client reads UNAVAILABLE (14)
             return
+        if self.grpc and self.mirror_cfg is not None:
+            self.copy_grpc()
         length = self.head.content_length
         if length is not None and length > self.snap.max_body_bytes:
             self.fail(413, None, "request body exceeds max_body_bytes")
@@ -212,6 +214,15 @@ class Forwarding(UpstreamLeg):
             self.req = request_to(self.req, HELD)
             return
         self.dial(None)
+
+    def copy_grpc(self) -> None:
+        """A gRPC call is copied only to a canary that speaks HTTP/2: to another, its
+        copy would fail as the call itself would."""
+        snap = self.snap
+        if not snap.upstreams.versions[snap.canary].h2 and self.tap is not None:
+            self.mirror_cfg = None
+            self.shadow_body = None
+            self.tap.drop()
 
     def request_whole(self) -> bool:
         return self.req == BUFFERED or self.req == SENT
@@ -603,8 +614,10 @@ class Exchange(Forwarding):
         shared.recorder.finished(self.decision.label, status, now - self.t0, error)
         if self.grpc:
             code = self.grpc_code if self.grpc_code >= 0 else grpc_for_http(status)
-            failed = error is not None or status >= 500
-            shared.recorder.grpc_finished(self.version, code, failed)
+            # Already a failure, or a proxy-made 4xx (a 413, a 431): not the version's.
+            made = self.grpc_code < 0 and status != 200
+            counted = error is not None or status >= 500 or made
+            shared.recorder.grpc_finished(self.version, code, counted)
         log = shared.access
         if log is not None:
             log.record(

@@ -372,17 +372,18 @@ async def test_refusals_count_towards_the_rapid_reset_rule(proxies, blue, green)
 async def test_a_head_in_endless_continuation_frames_ends_the_connection(proxies, blue, green):
     proxy = await proxies.start(h2c_config(blue, green, limits={"max_header_bytes": 4096}))
     c = await client(proxy)
-    head = HeadersFrame(1)  # no END_HEADERS: CONTINUATION frames follow
+    assert (await c.get("/warm")).status == 200  # SETTINGS exchanged (an ACK would cut in)
+    head = HeadersFrame(3)  # no END_HEADERS: CONTINUATION frames follow
     head.data = Encoder().encode([(b":method", b"GET"), (b":path", b"/")])
     frames = [head.serialize()]
     for _ in range(3):
-        more = ContinuationFrame(1)
+        more = ContinuationFrame(3)
         more.data = b"\x00" * 4000
         frames.append(more.serialize())
     c.writer.write(b"".join(frames))
     await c.until(lambda: c.goaway is not None, timeout=10)
     assert c.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-    assert blue.requests == []
+    assert [r.path for r in blue.requests] == ["/warm"]
 
 
 async def test_a_method_that_begins_with_pri_is_still_http11(proxies, blue, green):

@@ -186,9 +186,12 @@ def request_block(headers: Fields, ended: bool, limit: int) -> tuple[bytes, byte
 
 
 def _is_grpc(found: Fields) -> bool:
+    """`content-type: application/grpc`, `application/grpc+proto`, ... (not gRPC-Web,
+    whose trailers travel in the body)."""
     for name, value in found:
         if name == b"content-type":
-            return value.startswith(b"application/grpc")
+            kind = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/grpc" or kind.startswith(b"application/grpc+")
     return False
 
 

@@ -60,10 +60,14 @@ from ..framing import PLAIN, FramingError, response_framing
 from ..tls import TlsFailure, describe
 from .outbox import flush
 from .parts import CHUNKED_BODY, NO_BODY, Fields, PartsReader, PartsSink
-from .upstream import TCP, Pool, UpstreamConnection
+from .upstream import TCP, Pool, ResponseSink, UpstreamConnection
 
 WINDOW: Final = 1024 * 1024  # each stream's receive window
-CONNECTION_WINDOW: Final = 4 * 1024 * 1024
+# The connection's receive window: room for every stream's window, so that streams held
+# back for slow clients (their windows not reopened) never starve the others.
+CONNECTION_WINDOW: Final = 128 * 1024 * 1024
+STREAMS_BEFORE_SETTINGS: Final = 100  # streams opened before the upstream's SETTINGS came
+LAST_STREAM_ID: Final = 2**31 - 1
 HOLD: Final = 256 * 1024  # request bytes waiting on a stream before its client is paused
 
 _monotonic: Final = time.monotonic
@@ -79,8 +83,18 @@ def _lines(found: Fields) -> bytes:
 def _status(found: Fields) -> int:
     for name, value in found:
         if name == b":status":
-            return int(value)
-    raise FramingError(502, "no :status in the upstream's answer")
+            if len(value) == 3 and value.isdigit():
+                return int(value)
+            break
+    raise FramingError(502, "no valid :status in the upstream's answer")
+
+
+def _code_name(code: int) -> str:
+    """An HTTP/2 error code's name, or its number when it is not one h2 knows."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return str(code)
 
 
 class H2Stream(UpstreamConnection, PartsSink):
@@ -88,7 +102,7 @@ class H2Stream(UpstreamConnection, PartsSink):
 
     __slots__ = (
         "session", "sid", "reader", "out", "ending", "request_done", "response_done",
-        "answered", "withheld", "blocked",
+        "answered", "withheld", "blocked", "told",
     )  # fmt: skip
 
     def __init__(self, pool: Pool, session: H2Session, sid: int) -> None:
@@ -103,13 +117,27 @@ class H2Stream(UpstreamConnection, PartsSink):
         self.response_done = False
         self.answered = False  # a final head arrived
         self.withheld = 0  # response bytes read but not acknowledged (the client is slow)
-        self.blocked = False  # the sink was told the upstream is paused
+        self.blocked = False  # request data waits past HOLD on the upstream's windows
+        self.told = False  # the sink was told the upstream is paused (blocked, or the socket)
 
     # -- what the leg and the sink call (UpstreamConnection's) ---------------------------
+
+    def bind(self, sink: ResponseSink, head_request: bool) -> None:
+        super().bind(sink, head_request)
+        self.signal()  # the session's socket may be full already
 
     def send(self, data: bytes) -> None:
         if not self.closed:
             self.reader.feed(data)
+
+    def signal(self) -> None:
+        """Tell the sink whether the upstream takes no more for now: this stream's data
+        waits past HOLD, or the session's socket is full (one bit towards the client)."""
+        paused = self.blocked or self.session.write_paused
+        sink = self.exchange
+        if paused != self.told and sink is not None:
+            self.told = paused
+            sink.upstream_paused(paused)
 
     def pause_reading(self) -> None:
         self.held = True
@@ -124,9 +152,17 @@ class H2Stream(UpstreamConnection, PartsSink):
         self.exchange = None
         if not self.closed:
             self.closed = True
+            self.give_back()
             if not (self.request_done and self.response_done):
                 self.session.reset(self.sid, ErrorCodes.CANCEL)
             self.session.forget(self)
+
+    def give_back(self) -> None:
+        """What was read but held back (a slow client) counts against the connection's
+        window too: acknowledge it when the stream ends, or the window shrinks for good."""
+        if self.withheld:
+            withheld, self.withheld = self.withheld, 0
+            self.session.acknowledge(self.sid, withheld)
 
     def reusable(self) -> bool:
         return False  # a stream serves one exchange; its session serves the next
@@ -174,9 +210,7 @@ class H2Stream(UpstreamConnection, PartsSink):
         blocked = len(out) > HOLD
         if blocked != self.blocked:
             self.blocked = blocked
-            sink = self.exchange
-            if sink is not None:
-                sink.upstream_paused(blocked)
+            self.signal()
 
     # -- the answer, as the session reads it --------------------------------------------
 
@@ -192,7 +226,8 @@ class H2Stream(UpstreamConnection, PartsSink):
             sink.response_head(status, head, True, PLAIN)
             return
         self.answered = True
-        if ended and not any(name == b"content-length" for name, _ in found):
+        bodiless = self.head_request or status in (204, 304)
+        if ended and not bodiless and not any(name == b"content-length" for name, _ in found):
             # A head that ends the stream (gRPC's trailers-only answer) has no body: say
             # so, or the exchange would frame it as one (chunked, an empty DATA frame).
             block = block[:-2] + b"\r\ncontent-length: 0\r\n"
@@ -207,7 +242,7 @@ class H2Stream(UpstreamConnection, PartsSink):
     def data(self, data: bytes, flow: int) -> None:
         self.progress += 1
         sink = self.exchange
-        if sink is not None:
+        if sink is not None and data:  # an empty piece would end a chunked body early
             sink.response_body(data)
             if self.exchange is sink:
                 sink.read_done()
@@ -232,14 +267,14 @@ class H2Stream(UpstreamConnection, PartsSink):
         sink = self.exchange
         self.exchange = None
         self.closed = True
+        self.give_back()
         self.session.forget(self)
         if sink is None:
             return
         if not self.answered and code == ErrorCodes.REFUSED_STREAM:
             sink.upstream_lost(True, False)  # never processed: it may go again
         else:
-            name = ErrorCodes(code).name if code in ErrorCodes._value2member_map_ else code
-            sink.upstream_failed("reset", f"upstream reset the stream ({name})")
+            sink.upstream_failed("reset", f"upstream reset the stream ({_code_name(code)})")
 
     def lost(self, kind: str, cause: str) -> None:
         """The session is gone."""
@@ -258,7 +293,7 @@ class H2Session:
     """One HTTP/2 connection to an upstream: an asyncio Protocol by its methods."""
 
     __slots__ = ("pool", "transport", "h2", "streams", "closed", "going_away", "pumping",
-                 "idle_since")  # fmt: skip
+                 "idle_since", "settled", "write_paused")  # fmt: skip
 
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
@@ -270,6 +305,8 @@ class H2Session:
         self.going_away = False
         self.pumping = False
         self.idle_since = 0.0
+        self.settled = False  # the upstream's first SETTINGS arrived (its stream limit)
+        self.write_paused = False  # the socket to the upstream is full
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -290,6 +327,8 @@ class H2Session:
         self.pump()
 
     def data_received(self, data: bytes) -> None:
+        if self.pumping:
+            self.pump()  # a GOAWAY read now would make h2 drop frames not yet written
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -337,6 +376,8 @@ class H2Session:
             if gone is not None:
                 gone.refused(event.error_code)
         elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            if isinstance(event, RemoteSettingsChanged):
+                self.settled = True
             for stream in list(self.streams.values()):
                 if stream.out:
                     stream.push()
@@ -347,15 +388,15 @@ class H2Session:
         """The upstream's GOAWAY: no new streams here; those above `last` were never
         read (they may go again); with NO_ERROR those up to it are still answered."""
         self.going_away = True
+        for sid, stream in list(self.streams.items()):
+            if sid > last:
+                stream.refused(ErrorCodes.REFUSED_STREAM)  # never read by the upstream
         if code != ErrorCodes.NO_ERROR:
-            self.fail("reset", f"upstream ended the connection ({ErrorCodes(code).name})")
+            self.fail("reset", f"upstream ended the connection ({_code_name(code)})")
             return
         # h2 takes any GOAWAY as the end: put it back in the open state a graceful
         # one leaves the connection in (RFC 9113 §6.8), to read the answers due.
         self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
-        for sid, stream in list(self.streams.items()):
-            if sid > last:
-                stream.refused(ErrorCodes.REFUSED_STREAM)
         self.settle()
 
     def eof_received(self) -> bool:
@@ -372,16 +413,14 @@ class H2Session:
         self.streams.clear()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         for stream in list(self.streams.values()):
-            sink = stream.exchange
-            if sink is not None:
-                sink.upstream_paused(True)
+            stream.signal()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         for stream in list(self.streams.values()):
-            sink = stream.exchange
-            if sink is not None:
-                sink.upstream_paused(False)
+            stream.signal()
 
     # -- streams ------------------------------------------------------------------------
 
@@ -389,7 +428,14 @@ class H2Session:
         """A new stream may open here."""
         if self.closed or self.going_away:
             return False
-        return len(self.streams) < self.h2.remote_settings.max_concurrent_streams
+        if self.h2.highest_outbound_stream_id >= LAST_STREAM_ID - 2:
+            self.going_away = True  # no stream id left: the next exchange dials anew
+            self.settle()
+            return False
+        limit = self.h2.remote_settings.max_concurrent_streams
+        if not self.settled:  # h2 says "unlimited" until the upstream's SETTINGS arrive
+            limit = min(limit, STREAMS_BEFORE_SETTINGS)
+        return len(self.streams) < limit
 
     def open(self) -> H2Stream:
         sid = self.h2.get_next_available_stream_id()
@@ -415,7 +461,9 @@ class H2Session:
             self.h2.send_headers(stream.sid, found, end_stream=end)
         except (StreamClosedError, ProtocolError) as exc:
             self.forget(stream)
-            stream.lost("protocol", f"the request cannot be sent in HTTP/2: {exc}")
+            # Later: this runs inside the leg's attach, which must finish first.
+            cause = f"the request cannot be sent in HTTP/2: {exc}"
+            asyncio.get_running_loop().call_soon(stream.lost, "protocol", cause)
             return
         self.later()
 
@@ -574,6 +622,8 @@ class H2Pool(Pool):
             session = await self.way.dial(self, timeout)
         finally:
             self.dialing = None
+        if session.closed:
+            raise ConnectionResetError("the upstream closed the new connection")
         self.refusals = 0
         self.down_until = 0.0
         self.sessions.append(session)
@@ -585,7 +635,9 @@ class H2Pool(Pool):
 
     def sweep(self, idle_before: float) -> None:
         for session in list(self.sessions):
-            if not session.streams and session.idle_since < idle_before:
+            if session.closed:
+                self.sessions.remove(session)
+            elif not session.streams and session.idle_since < idle_before:
                 session.close()
 
     def retire(self) -> None:
