@@ -78,7 +78,7 @@ _TIME = re.compile(r"time for request:\s+\S+\s+\S+\s+([0-9.]+)(us|ms|s)")
 
 def h2load(target: Target, args: argparse.Namespace, rnd: int, body: Path | None) -> Run:
     run = Run(target.name, rnd)
-    argv = ["h2load", "-D", str(args.duration), "-c", str(args.clients), "-m", str(args.streams),
+    argv = ["h2load", "-D", f"{args.duration:g}", "-c", str(args.clients), "-m", str(args.streams),
             "-t", "1", "-H", "x-user-id: u-1"]  # fmt: skip
     if body is not None:  # a gRPC unary call
         argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"]

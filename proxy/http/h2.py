@@ -329,6 +329,9 @@ class StreamSide(RequestReader, PartsSink):
     def send(self, data: bytes) -> None:
         if not self.over:
             self.answer.feed(data)
+            # Once for all the parts `data` held: a whole small answer goes out as one
+            # HEADERS and one DATA frame carrying END_STREAM.
+            self.push()
 
     def cut_off(self) -> None:
         self.conn.reset(self, ErrorCodes.INTERNAL_ERROR)
@@ -354,6 +357,7 @@ class StreamSide(RequestReader, PartsSink):
 
     def exchange_done(self, ex: Exchange, now: float) -> None:
         self.answer.finish()
+        self.push()
         if not self.over and not self.ending:
             self.cut_off()  # the exchange ended without a whole answer
         self.conn.stream_over(self)
@@ -392,13 +396,11 @@ class StreamSide(RequestReader, PartsSink):
 
     def body(self, data: bytes) -> None:
         if data and not self.over:
-            self.out += data
-            self.push()
+            self.out += data  # sent by `push`, once the exchange's bytes are read
 
     def ended(self, trailer_fields: Fields | None) -> None:
         self.trailer_fields = trailer_fields
         self.ending = True
-        self.push()
 
     def push(self) -> None:
         """Send what the client's windows allow; end the stream once all is sent."""
@@ -462,7 +464,15 @@ class Frames:
     __slots__ = ("h2", "transport", "streams", "closed", "completed", "pumping", "idle_since")
 
     def __init__(self) -> None:
-        config = H2Configuration(client_side=False, header_encoding=None)
+        # What is sent is the proxy's own (names in lower case, no hop-by-hop fields:
+        # proxy.http.parts), so h2's checks of outbound heads are skipped; every
+        # inbound check stays on.
+        config = H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = H2Connection(config=config)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.streams: dict[int, StreamSide] = {}

@@ -298,7 +298,14 @@ class H2Session:
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        config = H2Configuration(client_side=True, header_encoding=None)
+        # The requests sent are the proxy's own (proxy.http.parts): h2's checks of
+        # outbound heads are skipped, its checks of the upstream's answers stay on.
+        config = H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = H2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
