@@ -608,7 +608,7 @@ class H2Client(Frames):
 
     __slots__ = (
         "shared", "tap", "registry", "secure", "going_away", "last_id", "head_since",
-        "write_paused", "resets", "peer", "peer_bytes",
+        "write_paused", "resets", "peer", "peer_bytes", "greeted",
     )  # fmt: skip
 
     def __init__(self, shared: Shared, tap: MirrorTap | None, registry: set, secure: bool) -> None:
@@ -620,6 +620,7 @@ class H2Client(Frames):
         self.going_away = False
         self.last_id = 0  # after GOAWAY: the last stream served
         self.head_since = 0.0  # a header block is being received since (CONTINUATION frames)
+        self.greeted = False  # the client's SETTINGS followed its preface
         self.write_paused = 0.0
         self.resets = 0  # streams the client reset before their answer was over
         self.peer = ""
@@ -664,6 +665,12 @@ class H2Client(Frames):
         except ProtocolError:
             self.fail()  # h2 prepared the GOAWAY with the error's code
             return
+        if not self.greeted and events:
+            # The preface must be followed by SETTINGS (RFC 9113 §3.4); h2 lets it pass.
+            if not isinstance(events[0], RemoteSettingsChanged):
+                self.fail(ErrorCodes.PROTOCOL_ERROR)
+                return
+            self.greeted = True
         if self.header_block():
             return
         for event in events:
