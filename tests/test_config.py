@@ -1167,3 +1167,26 @@ def test_state_backend_settings(tmp_path: Path) -> None:
 )
 def test_bad_state_backend_settings(tmp_path: Path, state: str, message: str) -> None:
     assert problems(tmp_path, MINIMAL + f"state: {state}\n") == [message]
+
+
+def test_http2_upstreams_h2c_endpoints_and_protocol(tmp_path: Path) -> None:
+    green = "endpoints: [https://127.0.0.1:9002]\n    protocol: h2"
+    text = MINIMAL.replace(
+        "endpoints: [http://127.0.0.1:9001]", "endpoints: [h2c://127.0.0.1:9001]"
+    )
+    cfg = config.load(write(tmp_path, text.replace("endpoints: [http://127.0.0.1:9002]", green)))
+    blue, green = cfg.versions["blue"], cfg.versions["green"]
+    assert blue.protocol == "h2" and blue.endpoints[0].h2 and not blue.endpoints[0].tls
+    assert blue.endpoints[0].port == 9001
+    assert green.protocol == "h2" and green.endpoints[0].h2 and green.endpoints[0].tls
+    mixed = MINIMAL.replace(
+        "endpoints: [http://127.0.0.1:9001]",
+        "endpoints: [h2c://127.0.0.1:9001, http://127.0.0.1:9003]",
+    )
+    [problem] = problems(tmp_path, mixed)
+    assert problem.startswith("versions.blue.endpoints: mixes h2c:// with http://")
+    unknown = MINIMAL.replace(
+        "endpoints: [http://127.0.0.1:9002]", "endpoints: [http://127.0.0.1:9002]\n    protocol: h3"
+    )
+    [problem] = problems(tmp_path, unknown)
+    assert problem.startswith("versions.green.protocol: must be 'http/1.1' or 'h2', got 'h3'")

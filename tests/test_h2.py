@@ -7,12 +7,14 @@ reset rule, and GOAWAY then drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 
 import pytest
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.exceptions import StreamClosedError
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
@@ -394,3 +396,48 @@ async def test_a_method_that_begins_with_pri_is_still_http11(proxies, blue, gree
     writer.close()
     # Forwarded as the HTTP/1.1 request it is (aiohttp itself refuses the method).
     assert data.startswith(b"HTTP/1.1 ") and b"X-Turnout-Version: blue" in data, data
+
+
+async def test_an_upstream_that_stops_reading_holds_back_only_its_stream(proxies, upstreams, green):
+    async def handler(up: RawUpstream, reader, writer) -> None:
+        while (head := await up.read_head(reader)) is not None:
+            if head.startswith(b"POST /stuck"):
+                await asyncio.sleep(30)  # never reads the body
+                return
+            writer.write(OK)
+            await writer.drain()
+
+    blue = await upstreams.raw("blue", handler)
+    proxy = await proxies.start(h2c_config(blue, green))
+    c = await client(proxy)
+    stuck = c.request("/stuck", "POST", end=False)
+    upload = asyncio.ensure_future(c.upload(stuck, b"x" * 16_000_000, timeout=30))
+    try:
+        # The proxy stops reopening the stream's window once the upstream's socket is full.
+        async def stalled() -> bool:
+            before = c.conn.local_flow_control_window(stuck)
+            await asyncio.sleep(0.5)
+            return before == 0 == c.conn.local_flow_control_window(stuck)
+
+        await eventually(stalled, timeout=20)
+        assert not upload.done()
+        fast = await c.get("/fast")  # the same connection, another stream: served
+        assert fast.status == 200 and bytes(fast.body) == b"ok"
+        assert not upload.done() and c.answers[stuck].status == 0
+    finally:
+        upload.cancel()
+
+
+async def test_bodies_over_max_body_bytes_are_413_on_their_stream(proxies, blue, green):
+    proxy = await proxies.start(h2c_config(blue, green, limits={"max_body_bytes": 1000}))
+    c = await client(proxy)
+    sized = c.request("/sized", "POST", headers=[("content-length", "5000")], end=False)
+    with contextlib.suppress(StreamClosedError):  # answered, then reset: the rest not wanted
+        await c.upload(sized, b"y" * 5000)
+    assert (await c.answer(sized)).status == 413
+    streamed = c.request("/streamed", "POST", end=False)
+    with contextlib.suppress(StreamClosedError):
+        await c.upload(streamed, b"z" * 2000)
+    assert (await c.answer(streamed)).status == 413
+    assert (await c.get("/fine")).status == 200  # the connection serves on
+    assert [r.path for r in blue.requests] == ["/fine"]  # neither reached the upstream
