@@ -336,30 +336,13 @@ class Forwarding(UpstreamLeg):
             self.req = request_to(req, BUFFERED)
 
 
-class Exchange(Forwarding):
-    """One request and its response, between a ClientSide and an upstream connection.
-
-    Its two phases (proxy.phases) say where it is; `status` is the response's
-    code once its final head arrived.
-    """
+class Responding(Forwarding):
+    """The response side: from the upstream to the client (see Exchange)."""
 
     resp_mode = NONE
     resp_keep_alive = True
     pending = b""  # HEAD_HELD: the client's head, to go out with the first body bytes
     trailers = b""  # the upstream's trailer lines, relayed at the end of a chunked body
-    tunnel_buf = b""
-    up_seen = 0  # the upstream connection's `progress` at the last change seen
-    up_seen_at = 0.0
-
-    def arm_timer(self) -> None:
-        """Wait for the response head at most `response_timeout` from now."""
-        if not self.upgrade and not self.status:
-            self.wait_until(_clock() + self.snap.response_timeout)
-
-    def timed_out(self) -> None:
-        self.deadline = 0.0
-        if self.resp == AWAITING:
-            self.upstream_failed("timeout", "upstream response timeout", 504)
 
     # -- response (upstream -> client) ----------------------------------------------------
 
@@ -488,6 +471,32 @@ class Exchange(Forwarding):
             self.shadow.primary_done(True)
             self.shadow = None
         self.end(COMPLETE, self.status, None, now)
+
+    def end(self, phase: int, status: int, error: str | None, now: float = 0.0) -> None:
+        """The exchange is over (Exchange's: it counts, logs and tells the client)."""
+        raise NotImplementedError
+
+
+class Exchange(Responding):
+    """One request and its response, between a ClientSide and an upstream connection.
+
+    Its two phases (proxy.phases) say where it is; `status` is the response's
+    code once its final head arrived.
+    """
+
+    tunnel_buf = b""
+    up_seen = 0  # the upstream connection's `progress` at the last change seen
+    up_seen_at = 0.0
+
+    def arm_timer(self) -> None:
+        """Wait for the response head at most `response_timeout` from now."""
+        if not self.upgrade and not self.status:
+            self.wait_until(_clock() + self.snap.response_timeout)
+
+    def timed_out(self) -> None:
+        self.deadline = 0.0
+        if self.resp == AWAITING:
+            self.upstream_failed("timeout", "upstream response timeout", 504)
 
     # -- upgrade tunnel -----------------------------------------------------------------
 

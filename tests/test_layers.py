@@ -94,3 +94,23 @@ def test_the_circle_finder_finds_a_circle():
     graph.add_import(importer="a.c", imported="a.b")
     graph.add_import(importer="a.d", imported="a.b")
     assert _circles(graph) == [["a.b", "a.c"]]
+
+
+# The data plane: the listen, exchange and wire layers (README, "The layers").
+DATA_PLANE = ("http", "forward.py", "leg.py", "mirror.py", "shared.py")
+MAX_CLASS_LINES = 250
+
+
+def test_no_class_of_the_data_plane_is_over_250_lines():
+    import ast
+
+    found = {}
+    for entry in DATA_PLANE:
+        path = ROOT / "proxy" / entry
+        for source in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    found[f"{source.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert "forward.py:Exchange" in found and "h2.py:H2Client" in found  # it looked
+    over = {name: n for name, n in found.items() if n > MAX_CLASS_LINES}
+    assert over == {}

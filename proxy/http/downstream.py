@@ -67,16 +67,10 @@ class Served(Protocol):
         ...
 
 
-class ClientConnection(RequestReader):
-    """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
-    the loop only calls the methods, and a class with no Python base compiles to a
-    native class (see proxy/native.py). It is the `ClientSide` its exchanges talk to.
-
-    Made with what it shares with every connection of its listener: the
-    process's state, the mirror tap, the set of open connections it joins, and
-    whether the listener is TLS (its transport then is the TLS one, made after
-    the handshake: proxy.http.handshake).
-    """
+class ClientState(RequestReader):
+    """What a client connection holds (the exchange in flight, the pipelined queue, the
+    reasons reading is paused, its tunnel), its timeouts, and how it closes: the
+    lifecycle half of ClientConnection, which adds the Protocol and the exchanges."""
 
     __slots__ = (
         "registry", "transport", "current", "queue", "paused", "tunnel", "closed",
@@ -110,6 +104,96 @@ class ClientConnection(RequestReader):
         self.seen = 0  # `progress` at the last sweep that saw it change
         self.seen_at = 0.0
         self.write_paused = 0.0  # monotonic time the client stopped reading; 0: it reads
+
+    # -- flow control and lifecycle --------------------------------------------------------
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        was = self.paused
+        self.paused &= ~reason
+        if was and not self.paused and not self.closed:
+            self.transport.resume_reading()
+
+    def overdue(self, now: float, limits: Limits) -> None:
+        """Enforce the timeouts; the server's sweep calls this about once a second."""
+        if self.closed:
+            return
+        if self.progress != self.seen:
+            self.seen = self.progress
+            self.seen_at = now
+        if self.write_paused and now - self.write_paused > limits.send_timeout:
+            self.closed = True
+            abort(self.transport)  # it stopped reading: what it did not take is lost anyway
+            return
+        phase = self.phase
+        if phase == HEAD:
+            if self.head_since and now - self.head_since > limits.client_header_timeout:
+                self.stop(Reject(408, "request head not received within client_header_timeout"))
+                return
+        elif phase in (BODY_LENGTH, BODY_CHUNKED):
+            if self.paused:
+                self.seen_at = now  # the proxy holds the client back: not its delay
+            elif now - self.seen_at > limits.client_body_timeout:
+                self.stop(Reject(408, "request body stalled past client_body_timeout"))
+                return
+        ex = self.current
+        if ex is not None:
+            ex.stalled(now, limits.response_timeout, self.write_paused != 0.0)
+
+    def closing(self) -> bool:
+        return self.closed or self.shared.draining
+
+    def close(self) -> None:
+        """Close once what was queued has gone out, lingering as NGINX does.
+
+        Closing a socket with unread bytes makes the kernel answer with a reset,
+        which can destroy an answer (a 400, a 431, the last response before a
+        drain) before the client reads it. So our side is half-closed first, and
+        what the client still sends is read and dropped until it closes its side,
+        for at most LINGER seconds.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.phase = STOPPED
+        transport = self.transport
+        if self.eof or transport.is_closing() or not transport.can_write_eof():
+            close(transport)
+            return
+        self.paused = 0
+        linger(transport, LINGER)
+
+    def idle(self) -> bool:
+        return self.current is None and self.tunnel is None and not self.queue
+
+    def wind_down(self) -> None:
+        if self.idle():
+            self.close()  # a clean close: a request already on its way meets no reset
+        # else: exchange_done closes the connection, as the process is draining
+
+    def exchanges(self) -> list[Exchange]:
+        ex = self.tunnel or self.current
+        if ex is not None and (self.tunnel is not None or not ex.over()):
+            return [ex]
+        return []
+
+
+class ClientConnection(ClientState):
+    """An asyncio Protocol by its methods. It does not derive from asyncio.Protocol:
+    the loop only calls the methods, and a class with no Python base compiles to a
+    native class (see proxy/native.py). It is the `ClientSide` its exchanges talk to.
+
+    Made with what it shares with every connection of its listener: the
+    process's state, the mirror tap, the set of open connections it joins, and
+    whether the listener is TLS (its transport then is the TLS one, made after
+    the handshake: proxy.http.handshake).
+    """
+
+    __slots__ = ()
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -283,79 +367,3 @@ class ClientConnection(RequestReader):
         answer = error_response(reject.status, None, reject.cause, expose, reject.head_only)
         send(self.transport, answer)
         self.close()
-
-    # -- flow control and lifecycle --------------------------------------------------------
-
-    def pause_reading(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-        self.paused |= reason
-
-    def resume_reading(self, reason: int) -> None:
-        was = self.paused
-        self.paused &= ~reason
-        if was and not self.paused and not self.closed:
-            self.transport.resume_reading()
-
-    def overdue(self, now: float, limits: Limits) -> None:
-        """Enforce the timeouts; the server's sweep calls this about once a second."""
-        if self.closed:
-            return
-        if self.progress != self.seen:
-            self.seen = self.progress
-            self.seen_at = now
-        if self.write_paused and now - self.write_paused > limits.send_timeout:
-            self.closed = True
-            abort(self.transport)  # it stopped reading: what it did not take is lost anyway
-            return
-        phase = self.phase
-        if phase == HEAD:
-            if self.head_since and now - self.head_since > limits.client_header_timeout:
-                self.stop(Reject(408, "request head not received within client_header_timeout"))
-                return
-        elif phase in (BODY_LENGTH, BODY_CHUNKED):
-            if self.paused:
-                self.seen_at = now  # the proxy holds the client back: not its delay
-            elif now - self.seen_at > limits.client_body_timeout:
-                self.stop(Reject(408, "request body stalled past client_body_timeout"))
-                return
-        ex = self.current
-        if ex is not None:
-            ex.stalled(now, limits.response_timeout, self.write_paused != 0.0)
-
-    def closing(self) -> bool:
-        return self.closed or self.shared.draining
-
-    def close(self) -> None:
-        """Close once what was queued has gone out, lingering as NGINX does.
-
-        Closing a socket with unread bytes makes the kernel answer with a reset,
-        which can destroy an answer (a 400, a 431, the last response before a
-        drain) before the client reads it. So our side is half-closed first, and
-        what the client still sends is read and dropped until it closes its side,
-        for at most LINGER seconds.
-        """
-        if self.closed:
-            return
-        self.closed = True
-        self.phase = STOPPED
-        transport = self.transport
-        if self.eof or transport.is_closing() or not transport.can_write_eof():
-            close(transport)
-            return
-        self.paused = 0
-        linger(transport, LINGER)
-
-    def idle(self) -> bool:
-        return self.current is None and self.tunnel is None and not self.queue
-
-    def wind_down(self) -> None:
-        if self.idle():
-            self.close()  # a clean close: a request already on its way meets no reset
-        # else: exchange_done closes the connection, as the process is draining
-
-    def exchanges(self) -> list[Exchange]:
-        ex = self.tunnel or self.current
-        if ex is not None and (self.tunnel is not None or not ex.over()):
-            return [ex]
-        return []

@@ -289,14 +289,13 @@ class H2Stream(UpstreamConnection, PartsSink):
             sink.upstream_failed(kind, cause)
 
 
-class H2Session:
-    """One HTTP/2 connection to an upstream: an asyncio Protocol by its methods."""
+class SessionFrames:
+    """The sending half of an upstream HTTP/2 connection: what its streams ask of the
+    `h2` state machine, written to the transport once per turn of the loop."""
 
-    __slots__ = ("pool", "transport", "h2", "streams", "closed", "going_away", "pumping",
-                 "idle_since", "settled", "write_paused")  # fmt: skip
+    __slots__ = ("transport", "h2", "closed", "pumping")
 
-    def __init__(self, pool: H2Pool) -> None:
-        self.pool = pool
+    def __init__(self) -> None:
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         # The requests sent are the proxy's own (proxy.http.parts): h2's checks of
         # outbound heads are skipped, its checks of the upstream's answers stay on.
@@ -307,10 +306,92 @@ class H2Session:
             normalize_outbound_headers=False,
         )
         self.h2 = H2Connection(config=config)
-        self.streams: dict[int, H2Stream] = {}
         self.closed = False
-        self.going_away = False
         self.pumping = False
+
+    def forget(self, stream: H2Stream) -> None:
+        """`stream` is over here (the session's)."""
+        raise NotImplementedError
+
+    # -- frames ---------------------------------------------------------------------------
+
+    def headers(self, stream: H2Stream, found: Fields, end: bool) -> None:
+        try:
+            self.h2.send_headers(stream.sid, found, end_stream=end)
+        except (StreamClosedError, ProtocolError) as exc:
+            self.forget(stream)
+            # Later: this runs inside the leg's attach, which must finish first.
+            cause = f"the request cannot be sent in HTTP/2: {exc}"
+            asyncio.get_running_loop().call_soon(stream.lost, "protocol", cause)
+            return
+        self.later()
+
+    def data(self, stream: H2Stream, out: bytearray, last: bool) -> int:
+        h2 = self.h2
+        sid = stream.sid
+        size = len(out)
+        try:
+            room = min(h2.local_flow_control_window(sid), size)
+            frame = h2.max_outbound_frame_size
+            sent = 0
+            while sent < room:
+                n = min(frame, room - sent)
+                end = last and sent + n == size
+                h2.send_data(sid, bytes(out[sent : sent + n]), end_stream=end)
+                sent += n
+        except (StreamClosedError, ProtocolError):
+            return 0
+        if sent:
+            self.later()
+            if last and sent == size:
+                stream.request_done = True
+        return sent
+
+    def end(self, sid: int) -> None:
+        try:
+            self.h2.end_stream(sid)
+        except (StreamClosedError, ProtocolError):
+            return
+        self.later()
+
+    def reset(self, sid: int, code: int) -> None:
+        try:
+            self.h2.reset_stream(sid, code)
+        except (StreamClosedError, ProtocolError):
+            return
+        self.later()
+
+    def acknowledge(self, sid: int, flow: int) -> None:
+        if flow:
+            try:
+                self.h2.acknowledge_received_data(flow, sid)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self.later()
+
+    def later(self) -> None:
+        if not self.pumping and not self.closed:
+            self.pumping = True
+            asyncio.get_running_loop().call_soon(self.pump)
+
+    def pump(self) -> None:
+        self.pumping = False
+        data = self.h2.data_to_send()
+        if data and not self.closed and not self.transport.is_closing():
+            flush()
+            self.transport.write(data)
+
+
+class H2Session(SessionFrames):
+    """One HTTP/2 connection to an upstream: an asyncio Protocol by its methods."""
+
+    __slots__ = ("pool", "streams", "going_away", "idle_since", "settled", "write_paused")
+
+    def __init__(self, pool: H2Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.streams: dict[int, H2Stream] = {}
+        self.going_away = False
         self.idle_since = 0.0
         self.settled = False  # the upstream's first SETTINGS arrived (its stream limit)
         self.write_paused = False  # the socket to the upstream is full
@@ -460,74 +541,6 @@ class H2Session:
             self.idle_since = _monotonic()
             if self.going_away or self.pool.retired:
                 self.close()
-
-    # -- frames ---------------------------------------------------------------------------
-
-    def headers(self, stream: H2Stream, found: Fields, end: bool) -> None:
-        try:
-            self.h2.send_headers(stream.sid, found, end_stream=end)
-        except (StreamClosedError, ProtocolError) as exc:
-            self.forget(stream)
-            # Later: this runs inside the leg's attach, which must finish first.
-            cause = f"the request cannot be sent in HTTP/2: {exc}"
-            asyncio.get_running_loop().call_soon(stream.lost, "protocol", cause)
-            return
-        self.later()
-
-    def data(self, stream: H2Stream, out: bytearray, last: bool) -> int:
-        h2 = self.h2
-        sid = stream.sid
-        size = len(out)
-        try:
-            room = min(h2.local_flow_control_window(sid), size)
-            frame = h2.max_outbound_frame_size
-            sent = 0
-            while sent < room:
-                n = min(frame, room - sent)
-                end = last and sent + n == size
-                h2.send_data(sid, bytes(out[sent : sent + n]), end_stream=end)
-                sent += n
-        except (StreamClosedError, ProtocolError):
-            return 0
-        if sent:
-            self.later()
-            if last and sent == size:
-                stream.request_done = True
-        return sent
-
-    def end(self, sid: int) -> None:
-        try:
-            self.h2.end_stream(sid)
-        except (StreamClosedError, ProtocolError):
-            return
-        self.later()
-
-    def reset(self, sid: int, code: int) -> None:
-        try:
-            self.h2.reset_stream(sid, code)
-        except (StreamClosedError, ProtocolError):
-            return
-        self.later()
-
-    def acknowledge(self, sid: int, flow: int) -> None:
-        if flow:
-            try:
-                self.h2.acknowledge_received_data(flow, sid)
-            except (StreamClosedError, ProtocolError):
-                pass
-            self.later()
-
-    def later(self) -> None:
-        if not self.pumping and not self.closed:
-            self.pumping = True
-            asyncio.get_running_loop().call_soon(self.pump)
-
-    def pump(self) -> None:
-        self.pumping = False
-        data = self.h2.data_to_send()
-        if data and not self.closed and not self.transport.is_closing():
-            flush()
-            self.transport.write(data)
 
     # -- the end ------------------------------------------------------------------------
 
