@@ -199,6 +199,10 @@ async def test_a_grpc_call_to_an_http11_version_is_unavailable(proxies, echo, up
     with pytest.raises(grpc.RpcError) as raised:
         await asyncio.to_thread(call, proxy.port, "Unary", b"hi")
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The cause, in words the client shows.
+    assert raised.value.details() == (
+        "turnout: gRPC needs an HTTP/2 upstream: version green speaks HTTP/1.1"
+    )
     assert plain.requests == []  # never forwarded
     m = await proxy.metrics()
     assert m.get("turnout_grpc_responses_total", version="green", grpc_status="14") == 1

@@ -61,6 +61,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from typing import TYPE_CHECKING, Final
@@ -195,16 +196,35 @@ def _is_grpc(found: Fields) -> bool:
     return False
 
 
-def grpc_error(status: int, found: Fields) -> Fields:
-    """A trailers-only gRPC answer for an HTTP answer `status` (with `found`'s version)."""
+GRPC_BODY_KEPT: Final = 4096  # of an answer that is not gRPC: enough for the proxy's cause
+
+
+def grpc_error(status: int, found: Fields, body: bytes) -> Fields:
+    """A trailers-only gRPC answer for an HTTP answer `status` (with `found`'s version);
+    its message is the cause of a proxy-made answer (the JSON of proxy.answers)."""
+    message = f"turnout: HTTP {status}"
+    if body[:1] == b"{":
+        try:
+            cause = json.loads(body).get("cause")
+        except (ValueError, AttributeError):
+            cause = None
+        if isinstance(cause, str):
+            message = f"turnout: {cause}"
     out = [
         (b":status", b"200"),
         (b"content-type", b"application/grpc"),
         (b"grpc-status", b"%d" % grpc_for_http(status)),
-        (b"grpc-message", b"turnout: HTTP %d" % status),
+        (b"grpc-message", _percent(message)),
     ]
     out.extend(field for field in found if field[0] == b"x-turnout-version")
     return out
+
+
+def _percent(text: str) -> bytes:
+    """grpc-message's encoding: UTF-8, then every byte outside 0x20-0x7E, and %, as %XX."""
+    return b"".join(
+        bytes((c,)) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in text.encode()
+    )
 
 
 class StreamSide(RequestReader, PartsSink):
@@ -213,7 +233,7 @@ class StreamSide(RequestReader, PartsSink):
     __slots__ = (
         "conn", "sid", "ex", "answer", "head_only", "out", "ending", "trailer_fields", "held",
         "over", "withheld", "length", "received", "request_ended", "seen_at", "paused", "grpc",
-        "stuck_since",
+        "stuck_since", "plain",
     )  # fmt: skip
 
     def __init__(self, conn: H2Client, sid: int) -> None:
@@ -239,6 +259,8 @@ class StreamSide(RequestReader, PartsSink):
         self.paused = 0  # why the exchange wants this stream's request held (its pause bits)
         self.grpc = False  # a gRPC call: answers that are not gRPC become a grpc-status
         self.stuck_since = 0.0  # since when `out` waits on a shut window without progress
+        # A gRPC call's answer that is not gRPC: its status and fields, until its end
+        self.plain: tuple[int, Fields] | None = None
 
     # -- the request ----------------------------------------------------------------------
 
@@ -385,10 +407,11 @@ class StreamSide(RequestReader, PartsSink):
             mode = UNTIL_END
         if self.grpc and not _is_grpc(found):
             # Not a gRPC answer (a proxy-made error, an upstream speaking plain HTTP): a
-            # gRPC client gets a status it understands, as gRPC's HTTP table maps it.
-            self.ending = True
-            self.conn.headers(self, grpc_error(status, found), True)
-            return mode  # what follows is read and dropped: the stream is over
+            # gRPC client gets a status it understands, as gRPC's HTTP table maps it,
+            # once the body (the cause, for a proxy-made one) is read (see push).
+            self.plain = (status, found)
+            self.ending = mode == NO_BODY  # else `ended` says when its body is read
+            return mode
         if mode == NO_BODY:
             self.ending = True
         self.conn.headers(self, [(b":status", b"%d" % status), *found], mode == NO_BODY)
@@ -396,6 +419,8 @@ class StreamSide(RequestReader, PartsSink):
 
     def body(self, data: bytes) -> None:
         if data and not self.over:
+            if self.plain is not None and len(self.out) >= GRPC_BODY_KEPT:
+                return  # only its beginning is read, for a cause
             self.out += data  # sent by `push`, once the exchange's bytes are read
 
     def ended(self, trailer_fields: Fields | None) -> None:
@@ -405,6 +430,11 @@ class StreamSide(RequestReader, PartsSink):
     def push(self) -> None:
         """Send what the client's windows allow; end the stream once all is sent."""
         if self.over:
+            return
+        if self.plain is not None:  # a gRPC call answered in plain HTTP
+            if self.ending:
+                status, found = self.plain
+                self.conn.headers(self, grpc_error(status, found, bytes(self.out)), True)
             return
         out = self.out
         if out:
