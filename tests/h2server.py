@@ -28,7 +28,14 @@ Plan = Callable[["H2Upstream", "Session", int, Received], Awaitable[None]]
 class Session(asyncio.Protocol):
     def __init__(self, owner: H2Upstream) -> None:
         self.owner = owner
-        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        # Outbound checks off: a plan may answer as a hostile upstream would.
+        config = H2Configuration(
+            client_side=False,
+            header_encoding="utf-8",
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.conn = H2Connection(config)
         self.transport: asyncio.Transport | None = None
         self.received: dict[int, Received] = {}
         owner.connections += 1

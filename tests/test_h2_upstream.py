@@ -121,3 +121,46 @@ async def test_a_refused_stream_is_sent_again(proxies, h2up, green):
     # /two was refused on the connection in use, never processed: sent again, once.
     assert [r.headers[":path"] for r in blue.requests] == ["/one", "/two", "/two"]
     await c.close()
+
+
+def hostile(head: list[tuple[str, str]], body: bytes):
+    async def plan(up: H2Upstream, session: Session, sid: int, got: Received) -> None:
+        session.conn.send_headers(sid, head)
+        session.conn.send_data(sid, body, end_stream=True)
+        session.flush()
+
+    return plan
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nforged!"
+
+
+@pytest.mark.parametrize(
+    ("case", "head", "body"),
+    [
+        (
+            "DATA past content-length",
+            [(":status", "200"), ("content-length", "2")],
+            b"ok" + SMUGGLED,
+        ),
+        ("CRLF in a value", [(":status", "200"), ("x-a", "1\r\nContent-Length: 0")], SMUGGLED),
+        ("a status that is not one", [(":status", "2OO")], SMUGGLED),
+        ("transfer-encoding", [(":status", "200"), ("transfer-encoding", "chunked")], SMUGGLED),
+        ("an upper-case name", [(":status", "200"), ("Content-Length", "2")], b"ok" + SMUGGLED),
+    ],
+)
+async def test_a_hostile_h2_upstream_never_gets_bytes_past_the_framing(
+    proxies, h2up, green, case, head, body
+):
+    blue = await h2up(hostile(head, body))
+    proxy = await proxies.start(versions_config(blue.url, green.url))
+    c = await RawClient.connect(proxy.port)
+    await c.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    data = await asyncio.wait_for(c.reader.read(-1), 10)  # the proxy closes after the 502
+    await c.close()
+    # One well-framed error answer for the first request, and nothing of the upstream's.
+    assert data.startswith(b"HTTP/1.1 502 "), (case, data)
+    assert b"forged!" not in data and data.count(b"HTTP/1.1 ") == 1, (case, data)
+    assert b'"cause": "upstream HTTP/2 error: ' in data or b"malformed upstream" in data, data
+    m = await proxy.metrics()
+    assert m.get("turnout_upstream_errors_total", version="blue", kind="protocol") == 1

@@ -283,10 +283,10 @@ class H2Stream(UpstreamConnection, PartsSink):
         self.closed = True
         if sink is None:
             return
-        if not self.answered and not self.progress:
-            sink.upstream_lost(True, False)
+        if kind == "reset" and not self.answered and not self.progress:
+            sink.upstream_lost(True, False)  # closed before a byte: as a stale connection
         else:
-            sink.upstream_failed(kind, cause)
+            sink.upstream_failed(kind, cause)  # a protocol error is one, whenever it came
 
 
 class SessionFrames:
