@@ -18,6 +18,7 @@ COMPILED = [
     "proxy/http/reading.py",
     "proxy/http/upstream.py",
     "proxy/http/h2up.py",
+    "proxy/http/h2wire.py",
     "proxy/http/pools.py",
     "proxy/http/outbox.py",
     "proxy/http/parts.py",

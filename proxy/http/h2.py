@@ -66,8 +66,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Final
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -87,7 +86,8 @@ from ..forward import Exchange, MirrorTap
 from ..framing import FramingError
 from ..headers import HeaderError
 from ..shared import Shared
-from .outbox import abort, flush, linger
+from .h2wire import H2Wire
+from .outbox import abort, linger
 from .parts import ANOTHER_HEAD, CHUNKED_BODY, NO_BODY, UNTIL_END, Fields, PartsReader, PartsSink
 from .reading import Reject, RequestReader
 
@@ -184,6 +184,15 @@ def request_block(headers: Fields, ended: bool, limit: int) -> tuple[bytes, byte
     # An HTTP/2 client always takes trailers: the exchange then relays them.
     lines.append(b"\r\nte: trailers\r\n")  # the block ends with CRLF (scan_request)
     return method, path, b"".join(lines), length
+
+
+def answer_mode(status: int, length: int, chunked: bool, head_only: bool) -> int:
+    """How the body after a final answer head is framed (proxy.http.parts' values)."""
+    if head_only or status == 204 or status == 304:
+        return NO_BODY
+    if chunked:
+        return CHUNKED_BODY
+    return length if length >= 0 else UNTIL_END  # NO_BODY when the length is 0
 
 
 def _is_grpc(found: Fields) -> bool:
@@ -397,14 +406,7 @@ class StreamSide(RequestReader, PartsSink):
         if status < 200:
             self.conn.headers(self, [(b":status", b"%d" % status), *found], False)
             return ANOTHER_HEAD
-        if self.head_only or status == 204 or status == 304:
-            mode = NO_BODY
-        elif chunked:
-            mode = CHUNKED_BODY
-        elif length >= 0:
-            mode = length  # NO_BODY when 0
-        else:
-            mode = UNTIL_END
+        mode = answer_mode(status, length, chunked, self.head_only)
         if self.grpc and not _is_grpc(found):
             # Not a gRPC answer (a proxy-made error, an upstream speaking plain HTTP): a
             # gRPC client gets a status it understands, as gRPC's HTTP table maps it,
@@ -486,29 +488,17 @@ class StreamSide(RequestReader, PartsSink):
         ex.stalled(now, limits.response_timeout, self.held != 0)
 
 
-class Frames:
+class Frames(H2Wire):
     """The sending half of an HTTP/2 connection: what its streams ask of the `h2` state
     machine (heads, data within the windows, ends, resets, acknowledgements), written
     to the transport once per turn of the loop, and the streams still open."""
 
-    __slots__ = ("h2", "transport", "streams", "closed", "completed", "pumping", "idle_since")
+    __slots__ = ("streams", "completed", "idle_since")
 
     def __init__(self) -> None:
-        # What is sent is the proxy's own (names in lower case, no hop-by-hop fields:
-        # proxy.http.parts), so h2's checks of outbound heads are skipped; every
-        # inbound check stays on.
-        config = H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.h2 = H2Connection(config=config)
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        super().__init__(client_side=False)
         self.streams: dict[int, StreamSide] = {}
-        self.closed = False
         self.completed = 0  # streams answered whole
-        self.pumping = False  # a write of what h2 prepared is queued for this turn's end
         self.idle_since = _monotonic()
 
     def shut(self) -> None:
@@ -535,25 +525,12 @@ class Frames:
     def data(self, stream: StreamSide, out: bytearray, last: bool) -> int:
         """Send as much of `out` as the windows allow, ending the stream with it when it
         is `last` and all of it goes; how much was sent."""
-        h2 = self.h2
-        sid = stream.sid
-        size = len(out)
-        try:
-            room = min(h2.local_flow_control_window(sid), size)
-            frame = h2.max_outbound_frame_size
-            sent = 0
-            while sent < room:
-                n = min(frame, room - sent)
-                end = last and sent + n == size
-                h2.send_data(sid, bytes(out[sent : sent + n]), end_stream=end)
-                sent += n
-        except (StreamClosedError, ProtocolError):
+        sent = self.send_within(stream.sid, out, last)
+        if sent < 0:
             stream.lost()
             return 0
-        if sent:
-            self.later()
-            if last and sent == size:
-                self.ended(stream)
+        if sent and last and sent == len(out):
+            self.ended(stream)
         return sent
 
     def finish(self, stream: StreamSide, trailer_fields: Fields | None) -> None:
@@ -578,29 +555,14 @@ class Frames:
         if not stream.request_ended:
             # Answered before the request was whole: the rest is not wanted (RFC 9113
             # §8.1: RST_STREAM with NO_ERROR after a complete response).
-            try:
-                self.h2.reset_stream(stream.sid, ErrorCodes.NO_ERROR)
-            except (StreamClosedError, ProtocolError):
-                pass
+            self.reset_sid(stream.sid, ErrorCodes.NO_ERROR)
         self.stream_over(stream)
 
     def reset(self, stream: StreamSide, code: int) -> None:
         if not stream.over:
             stream.over = True
-            try:
-                self.h2.reset_stream(stream.sid, code)
-            except (StreamClosedError, ProtocolError):
-                pass
-            self.later()
+            self.reset_sid(stream.sid, code)
         self.stream_over(stream)
-
-    def acknowledge(self, sid: int, flow: int) -> None:
-        if flow:
-            try:
-                self.h2.acknowledge_received_data(flow, sid)
-            except (StreamClosedError, ProtocolError):
-                pass
-            self.later()
 
     def stream_over(self, stream: StreamSide) -> None:
         """Forget `stream` once it is over on both counts: its frames (ended or reset)
@@ -615,21 +577,6 @@ class Frames:
             self.idle_since = _monotonic()
             if self.going():
                 self.shut()
-
-    # -- writing ------------------------------------------------------------------------
-
-    def later(self) -> None:
-        """Write what h2 prepared at the end of this turn (once, whatever was prepared)."""
-        if not self.pumping and not self.closed:
-            self.pumping = True
-            asyncio.get_running_loop().call_soon(self.pump)
-
-    def pump(self) -> None:
-        self.pumping = False
-        data = self.h2.data_to_send()
-        if data and not self.closed and not self.transport.is_closing():
-            flush()  # what the outbox holds for this transport goes first
-            self.transport.write(data)
 
 
 class H2Client(Frames):

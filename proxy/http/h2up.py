@@ -38,8 +38,7 @@ import ssl
 import time
 from typing import Final
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -58,7 +57,7 @@ from h2.settings import SettingCodes, Settings
 from ..config import Endpoint
 from ..framing import PLAIN, FramingError, response_framing
 from ..tls import TlsFailure, describe
-from .outbox import flush
+from .h2wire import H2Wire
 from .parts import CHUNKED_BODY, NO_BODY, Fields, PartsReader, PartsSink
 from .upstream import TCP, Pool, ResponseSink, UpstreamConnection
 
@@ -154,7 +153,7 @@ class H2Stream(UpstreamConnection, PartsSink):
             self.closed = True
             self.give_back()
             if not (self.request_done and self.response_done):
-                self.session.reset(self.sid, ErrorCodes.CANCEL)
+                self.session.reset_sid(self.sid, ErrorCodes.CANCEL)
             self.session.forget(self)
 
     def give_back(self) -> None:
@@ -289,25 +288,14 @@ class H2Stream(UpstreamConnection, PartsSink):
             sink.upstream_failed(kind, cause)  # a protocol error is one, whenever it came
 
 
-class SessionFrames:
+class SessionFrames(H2Wire):
     """The sending half of an upstream HTTP/2 connection: what its streams ask of the
     `h2` state machine, written to the transport once per turn of the loop."""
 
-    __slots__ = ("transport", "h2", "closed", "pumping")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        # The requests sent are the proxy's own (proxy.http.parts): h2's checks of
-        # outbound heads are skipped, its checks of the upstream's answers stay on.
-        config = H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.h2 = H2Connection(config=config)
-        self.closed = False
-        self.pumping = False
+        super().__init__(client_side=True)
 
     def forget(self, stream: H2Stream) -> None:
         """`stream` is over here (the session's)."""
@@ -327,24 +315,11 @@ class SessionFrames:
         self.later()
 
     def data(self, stream: H2Stream, out: bytearray, last: bool) -> int:
-        h2 = self.h2
-        sid = stream.sid
-        size = len(out)
-        try:
-            room = min(h2.local_flow_control_window(sid), size)
-            frame = h2.max_outbound_frame_size
-            sent = 0
-            while sent < room:
-                n = min(frame, room - sent)
-                end = last and sent + n == size
-                h2.send_data(sid, bytes(out[sent : sent + n]), end_stream=end)
-                sent += n
-        except (StreamClosedError, ProtocolError):
+        sent = self.send_within(stream.sid, out, last)
+        if sent < 0:
             return 0
-        if sent:
-            self.later()
-            if last and sent == size:
-                stream.request_done = True
+        if sent and last and sent == len(out):
+            stream.request_done = True
         return sent
 
     def end(self, sid: int) -> None:
@@ -353,33 +328,6 @@ class SessionFrames:
         except (StreamClosedError, ProtocolError):
             return
         self.later()
-
-    def reset(self, sid: int, code: int) -> None:
-        try:
-            self.h2.reset_stream(sid, code)
-        except (StreamClosedError, ProtocolError):
-            return
-        self.later()
-
-    def acknowledge(self, sid: int, flow: int) -> None:
-        if flow:
-            try:
-                self.h2.acknowledge_received_data(flow, sid)
-            except (StreamClosedError, ProtocolError):
-                pass
-            self.later()
-
-    def later(self) -> None:
-        if not self.pumping and not self.closed:
-            self.pumping = True
-            asyncio.get_running_loop().call_soon(self.pump)
-
-    def pump(self) -> None:
-        self.pumping = False
-        data = self.h2.data_to_send()
-        if data and not self.closed and not self.transport.is_closing():
-            flush()
-            self.transport.write(data)
 
 
 class H2Session(SessionFrames):
@@ -431,7 +379,7 @@ class H2Session(SessionFrames):
             except FramingError as fe:  # an answer the exchange cannot relay
                 stream = self.streams.get(getattr(event, "stream_id", 0))
                 if stream is not None:
-                    self.reset(stream.sid, ErrorCodes.PROTOCOL_ERROR)
+                    self.reset_sid(stream.sid, ErrorCodes.PROTOCOL_ERROR)
                     stream.lost("protocol", f"malformed upstream response: {fe.cause}")
                     self.forget(stream)
         self.pump()

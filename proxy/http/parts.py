@@ -60,30 +60,28 @@ class PartsSink(Protocol):
 def fields(block: bytes, start: int) -> Fields:
     """The fields of a head's lines (each ending CRLF) from `start`, named in lower
     case, without the hop-by-hop ones (but `te: trailers`)."""
+    return read_fields(block, start)[0]
+
+
+def read_fields(block: bytes, start: int) -> tuple[Fields, int, bool]:
+    """(the fields, as `fields` gives them; the Content-Length or -1; whether the body
+    is chunked), in one pass over the lines."""
     out: Fields = []
+    length = -1
+    chunked = False
     for line in block[start:].split(b"\r\n"):
         if not line:
             continue
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         value = value.strip()
-        if name and (name not in HOP_BY_HOP or (name == b"te" and value == b"trailers")):
-            out.append((name, value))
-    return out
-
-
-def _framing(block: bytes, start: int) -> tuple[int, bool]:
-    """(Content-Length or -1, chunked) of a head's lines."""
-    length = -1
-    chunked = False
-    for line in block[start:].split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
         if name == b"content-length":
             length = int(value)
         elif name == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
-    return length, chunked
+        if name and (name not in HOP_BY_HOP or (name == b"te" and value == b"trailers")):
+            out.append((name, value))
+    return out, length, chunked
 
 
 class PartsReader:
@@ -155,8 +153,8 @@ class PartsReader:
 
     def head(self, block: bytes) -> None:
         sle = block.find(b"\r\n")
-        length, chunked = _framing(block, sle + 2)
-        mode = self.sink.head(block[:sle], fields(block, sle + 2), length, chunked)
+        found, length, chunked = read_fields(block, sle + 2)
+        mode = self.sink.head(block[:sle], found, length, chunked)
         if mode == ANOTHER_HEAD:
             return
         if mode == CHUNKED_BODY:
