@@ -311,7 +311,23 @@ class ProxyProcess:
         timeout: float = 15.0,
         env: dict[str, str] | None = None,
     ) -> None:
-        """Start the process (`env`: its whole environment) and wait for /readyz."""
+        """Start the process (`env`: its whole environment) and wait for /readyz.
+
+        The ports were free when chosen, but anything on the machine may bind one
+        before the proxy does: then new ones are chosen and it starts again (twice at
+        most), so a test fails only for what it tests."""
+        for attempt in range(3):
+            if await self._spawn(session, timeout, env, last=attempt == 2):
+                return
+
+    async def _spawn(
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float,
+        env: dict[str, str] | None,
+        last: bool,
+    ) -> bool:
+        """One start; False when a port was taken meanwhile and another try is due."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "-c", str(self.config_path)],
@@ -324,13 +340,27 @@ class ProxyProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if not last and "address already in use" in self.log():
+                    self.rebind()
+                    return False
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 async with session.get(self.admin_url + "/readyz") as r:
                     if r.status == 200:
-                        return
+                        return True
             await asyncio.sleep(0.02)
         raise RuntimeError(f"proxy not ready within {timeout}s:\n{self.log()}")
+
+    def rebind(self) -> None:
+        """Move the proxy's listen and admin addresses in its config to new free ports."""
+        old = (self.port, self.admin_port)
+        self.port, self.admin_port = free_ports(2)
+        text = self.config_path.read_text()
+        for was, now in zip(old, (self.port, self.admin_port), strict=True):
+            text = text.replace(f"{LOOPBACK}:{was}", f"{LOOPBACK}:{now}")
+        tmp = self.config_path.with_name(f".{self.config_path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)
 
     def log(self) -> str:
         try:
