@@ -53,6 +53,7 @@ IMPORTS = [
     ("+ aiohttp (admin API)", "import aiohttp.web"),
     ("+ prometheus_client", "import prometheus_client"),
     ("proxy.server (what `turnout run` imports)", "import proxy.server, proxy.cli"),
+    ("+ redis-py (only with `state.backend: redis`)", "import redis.asyncio"),
 ]
 
 

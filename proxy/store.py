@@ -47,13 +47,13 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import state
 from .state import State, StateError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("turnout.store")
 
@@ -80,7 +80,14 @@ class Redis:
         self.lease = lease
         self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.keys = {name: key_prefix + name for name in ("events", "audit")}
-        self.client = aioredis.Redis.from_url(
+        # redis-py is loaded here, by the one process kind that uses it: it adds about
+        # 8 MiB to a process, which a proxy keeping its state in a file never pays.
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError, WatchError
+
+        self.failures: tuple[type[Exception], ...] = (RedisError, OSError)
+        self.conflict: type[Exception] = WatchError  # the watched state moved
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
             retry_on_timeout=False, health_check_interval=0,
         )  # fmt: skip
@@ -177,7 +184,7 @@ class Redis:
                         if events:
                             pipe.ltrim(self.keys["events"], 0, MAX_EVENTS - 1)
                         await pipe.execute()
-                    except WatchError:
+                    except self.conflict:
                         restore(before)
                         continue
                     except BaseException:
@@ -192,7 +199,7 @@ class Redis:
             raise Unavailable(
                 f"the change could not be written: {RETRIES} attempts in a row met another"
             )
-        except (RedisError, OSError) as err:
+        except self.failures as err:
             self.disconnected(err)
             raise Unavailable(self.error or "unreachable") from err
 
@@ -219,7 +226,7 @@ class Redis:
     async def events(self, limit: int) -> list[dict]:
         try:
             raw = await self.client.lrange(self.keys["events"], 0, limit - 1)
-        except (RedisError, OSError) as err:
+        except self.failures as err:
             self.disconnected(err)
             raise Unavailable(self.error or "unreachable") from err
         out = []
@@ -239,7 +246,7 @@ class Redis:
                 pipe.lpush(self.keys["events"], json.dumps(ev, default=str))
                 pipe.ltrim(self.keys["events"], 0, MAX_EVENTS - 1)
                 await pipe.execute()
-        except (RedisError, OSError) as err:
+        except self.failures as err:
             self.disconnected(err)
 
     def audit(self, line: str) -> None:
@@ -254,7 +261,7 @@ class Redis:
         lines = list(self.pending_audit)
         try:
             await self.client.rpush(self.keys["audit"], *lines)
-        except (RedisError, OSError) as err:
+        except self.failures as err:
             self.disconnected(err)
             return
         for _ in lines:
@@ -302,7 +309,7 @@ class Redis:
                 # Hand the lease on at once rather than at its expiry.
                 tag = self.state_key.removeprefix(f"{self.prefix}state:")
                 await self.client.eval(_RELEASE_LEASE, 1, f"{self.prefix}lease:{tag}", self.me)
-        except (RedisError, OSError):
+        except self.failures:
             pass
         await self.client.aclose()
 

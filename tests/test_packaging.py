@@ -220,6 +220,35 @@ def test_python_m_proxy_help_works() -> None:
         assert command in result.stdout
 
 
+# What `turnout run` imports, then the state store it builds for each backend: redis-py
+# (about 8 MiB of a process's RSS) is loaded by the Redis backend alone.
+_STORE_PROBE = """
+import sys
+import proxy.cli, proxy.server
+from proxy.config import parse
+before = sorted(m for m in sys.modules if m.split(".")[0] == "redis")
+base = (
+    "listen: 127.0.0.1:1\\nstable: blue\\ncanary: green\\nversions:\\n"
+    "  blue: {endpoints: [http://127.0.0.1:2]}\\n  green: {endpoints: [http://127.0.0.1:3]}\\n"
+)
+file_store = proxy.server.fleet_store(parse(base, "/nonexistent/turnout.yaml"))
+after_file = sorted(m for m in sys.modules if m.split(".")[0] == "redis")
+doc = base + "state: {backend: redis, redis: {url: 'redis://127.0.0.1:1/0'}}\\n"
+redis_store = proxy.server.fleet_store(parse(doc, "/nonexistent/turnout.yaml"))
+print(before, after_file, file_store, type(redis_store).__name__, "redis.asyncio" in sys.modules)
+"""
+
+
+@pytest.mark.live
+def test_redis_py_is_loaded_only_by_a_proxy_whose_state_is_in_redis() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _STORE_PROBE],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "[]", "None", "Redis", "True"], result.stdout
+
+
 # ------------------------------------------------------------------- Makefile and CI
 
 
