@@ -10,7 +10,8 @@
 #   make build      compile the forwarding path again (after editing one of its modules)
 #   make lint       ruff check + ruff format --check + mypy over all of proxy/ + the layers contract
 #   make bench      Turnout vs NGINX with wrk at 256, 64 and 1 connections, then memory per connection,
-#                   then HTTP/2 and gRPC with h2load (installs nginx, wrk and h2load when root)
+#                   the core's own µs a request in-process, then HTTP/2 and gRPC with h2load
+#                   (installs nginx, wrk and h2load when root)
 #   make soak       fault soak: reloads, canary crash, kill -9, broken state, 5,000 connections
 #                   (SOAK_ARGS="--quick" for the small sizes, "--only reloads" for one scenario)
 #   make guard      the guard's simulations: its calibration, then the comparison with
@@ -114,6 +115,7 @@ bench: venv
 	fi
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.inproc
 	$(BIN)/python -m bench.h2
 
 soak: venv
