@@ -2,15 +2,18 @@
 
     python -m bench.inproc [--requests 50000] [--rounds 5]
 
-It drives the real core in this process, as tests/core_harness.py does: a
-ClientConnection, its Exchange and a pooled UpstreamConnection of each version
-on fake transports (writes are counted, not kept). Each request is a GET with
-one of 10,000 user ids in X-User-Id (so the sticky hash is computed), routed
-10 % to green, answered by a 100-byte response in one read, as the `turnout`
-target of bench/run.py. What it times is everything Turnout's code does for a
-request between the two reads and the two writes: the system calls, uvloop's
-reads and the kernel are not in it, so the figure is steady where wrk's are
-not, and the two builds' difference is the cost of interpreting the layers.
+It drives the real core in this process, as tests/core_harness.py does: 64
+ClientConnections, and 64 pooled UpstreamConnections of each version, on fake
+transports (what is written is counted, not kept). A turn of the loop is played
+as a busy proxy's is: a request read on every client connection, the turn's
+writes made (proxy.http.outbox), then every upstream's answer read and those
+writes made. Each request is a GET with one of 10,000 user ids in X-User-Id (so
+the sticky hash is computed), routed 10 % to green, answered by a 100-byte
+response in one read, as for the `turnout` target of bench/run.py. What it
+times is everything Turnout's code does for a request between the reads and the
+writes: the system calls, uvloop's reads and the kernel are not in it, so the
+figure is steady where wrk's are not, and the two builds' difference is the
+cost of interpreting the layers.
 
 Each build runs in a process of its own (`TURNOUT_PURE=1` for the pure one);
 the best of `--rounds` rounds is reported, in µs a request.
@@ -45,7 +48,7 @@ RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 04 Dec 2026 21:39:07 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\n\r\n"
 ) + b"b" * 100
-YIELD_EVERY = 64  # requests between two turns of the loop (as a busy loop batches reads)
+CONNECTIONS = 64  # client connections, each with a request in every turn of the loop
 
 
 async def measure(requests: int, rounds: int) -> tuple[float, dict]:
@@ -61,48 +64,54 @@ async def measure(requests: int, rounds: int) -> tuple[float, dict]:
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)  # as proxy.server sets them
     h = Harness(CONFIG)
-    upstreams = [h.seed("10.0.0.1:80"), h.seed("10.0.0.2:80")]
+    upstreams = [h.seed(key) for key in ("10.0.0.1:80", "10.0.0.2:80") for _ in range(CONNECTIONS)]
+    clients = []
     for up in upstreams:
         up.transport.__class__ = CountingTransport
         up.transport.answers = 0
-    conn = ClientConnection(h.shared, h.tap, h.registry, False)
-    client = CountingTransport(conn, ("127.0.0.1", 40000))
-    client.answers = 0
-    conn.connection_made(client)
+    for i in range(CONNECTIONS):
+        conn = ClientConnection(h.shared, h.tap, h.registry, False)
+        transport = CountingTransport(conn, ("127.0.0.1", 40000 + i))
+        transport.answers = 0
+        conn.connection_made(transport)
+        clients.append((conn, transport))
     heads = [
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-User-Id: user-%d\r\n\r\n" % i
         for i in range(USERS)
     ]
 
-    def one(i: int) -> None:
-        conn.data_received(heads[i % USERS])
+    def turn(first: int) -> None:
+        """What one busy turn of the loop does: a request read on every connection, the
+        writes of the turn made, then every answer read, and those writes made."""
+        for i, (conn, _) in enumerate(clients):
+            conn.data_received(heads[(first + i) % USERS])
         outbox.flush()
         for up in upstreams:
             if up.conn.exchange is not None:
                 up.conn.data_received(RESPONSE)
-                break
-        else:
-            raise RuntimeError("the request reached no upstream connection")
         outbox.flush()
 
     async def run(n: int) -> float:
+        """µs a request over `n` turns."""
         start = time.perf_counter()
-        for i in range(n):
-            one(i)
-            if i % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-        return (time.perf_counter() - start) / n * 1e6
+        for t in range(n):
+            turn(t * CONNECTIONS)
+            await asyncio.sleep(0)  # the turn's end: the handles it scheduled run
+        return (time.perf_counter() - start) / (n * CONNECTIONS) * 1e6
 
-    await run(2_000)  # warm: spellings, sized heads, the adaptive interpreter
-    best = min([await run(requests) for _ in range(rounds)])
-    return best, {"requests": dict(h.requests()), "answered": client.answers}
+    turns = max(1, requests // CONNECTIONS)
+    await run(50)  # warm: spellings, sized heads, the adaptive interpreter
+    best = min([await run(turns) for _ in range(rounds)])
+    done = (50 + turns * rounds) * CONNECTIONS
+    answered = sum(t.answers for _, t in clients)
+    return best, {"requests": dict(h.requests()), "answered": answered, "expected": done}
 
 
 def child(requests: int, rounds: int) -> None:
     import uvloop
 
     best, counted = uvloop.run(measure(requests, rounds))
-    expected = 2_000 + requests * rounds
+    expected = counted["expected"]
     total = sum(counted["requests"].values())
     if total != expected or counted["answered"] != expected:
         raise SystemExit(f"inproc: {total} exchanges counted, {expected} expected: {counted}")
